@@ -1,0 +1,137 @@
+"""Crafting settings: what a PESC MoE layer looks like and which layers get one.
+
+`CraftConfig` is a plain dataclass so it round-trips through JSON (the crafted model's config file) and YAML
+(training recipes) without sparsecraft's Python objects. Validation raises `ConfigError` with one line that
+names the field and the value, because these errors reach the command line as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
+DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "loop")
+COMBINE_FORMS = ("residual", "per_slot")
+ROUTER_DTYPES = ("float32", "model")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+class ConfigError(ValueError):
+    """A crafting setting is invalid; the message is one line meant for the user."""
+
+
+@dataclass
+class CraftConfig:
+    """PESC crafting settings.
+
+    Attributes:
+        num_experts: number of adapter experts E per crafted layer.
+        top_k: experts each token is routed to (k <= E).
+        adapter_dim: bottleneck width r of each adapter (`W_down: [r, h]`, `W_up: [h, r]`).
+        scaling: s in `A_e(F) = s * W_up_e GELU(W_down_e dropout(F))`.
+        activation: adapter non-linearity; exact GELU as in PESC by default.
+        dropout: dropout on the adapter input (0.1 in the reference training code); off in eval mode.
+        routing: `topk_softmax` (PESC/Camelidae: softmax over the k kept logits) or `softmax_topk`
+            (Mixtral/Sparsetral: softmax over all E, then top-k).
+        normalize_topk: for `softmax_topk`, renormalise the k kept probabilities to sum to 1.
+        router_dtype: `float32` (default, for training) or `model` (router in the model's dtype, which is what
+            the published bf16 checkpoints computed).
+        combine: `residual` computes `F + sum_j g_j A_j(F)`; `per_slot` computes `sum_j g_j (F + A_j(F))` as the
+            published code does (identical in fp32, differs in bf16 where gates do not sum to exactly 1).
+        aux_loss_coef: alpha of the Switch load-balancing loss added to `loss` when labels are given.
+        z_loss_coef: coefficient of the router z-loss (0 disables it being added; it is still reported).
+        layers: `"all"`, `"every:N"` (layers 0, N, 2N, ...), or an explicit list of layer indices.
+        dispatch: `auto` picks by shape; `dense`, `grouped`, `sorted`, `loop` force one path.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    adapter_dim: int = 64
+    scaling: float = 1.0
+    activation: str = "gelu"
+    dropout: float = 0.1
+    routing: str = "topk_softmax"
+    normalize_topk: bool = True
+    router_dtype: str = "float32"
+    combine: str = "residual"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    layers: Any = "all"
+    dispatch: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` with a one-line message for the first bad field."""
+        for name in ("num_experts", "top_k", "adapter_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if not isinstance(self.scaling, (int, float)) or self.scaling <= 0:
+            raise ConfigError(f"scaling must be a positive number, got {self.scaling!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        _check_choice("routing", self.routing, ROUTING_ORDERS)
+        _check_choice("dispatch", self.dispatch, DISPATCH_PATHS)
+        _check_choice("combine", self.combine, COMBINE_FORMS)
+        _check_choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        parse_layer_spec(self.layers, num_layers=None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CraftConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown crafting setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def parse_layer_spec(spec: Any, num_layers: int | None) -> list[int] | None:
+    """Turn a layer selection into sorted layer indices.
+
+    `spec` is `"all"`, `"every:N"`, a comma-separated string `"0,2,5"` or a list of ints. With `num_layers=None`
+    only the syntax is checked and None is returned.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "all":
+            return None if num_layers is None else list(range(num_layers))
+        if text.startswith("every:"):
+            step_text = text.split(":", 1)[1]
+            if not step_text.isdigit() or int(step_text) <= 0:
+                raise ConfigError(f"layers 'every:N' needs a positive integer N, got {spec!r}")
+            return None if num_layers is None else list(range(0, num_layers, int(step_text)))
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            raise ConfigError(f"layers must be 'all', 'every:N' or a list like '0,2,5'; got {spec!r}")
+        spec = [int(p) for p in parts]
+    if not isinstance(spec, (list, tuple)) or not spec or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in spec
+    ):
+        raise ConfigError(f"layers must be 'all', 'every:N' or a non-empty list of integers; got {spec!r}")
+    if num_layers is None:
+        return None
+    resolved = sorted({i + num_layers if i < 0 else i for i in spec})
+    bad = [i for i in resolved if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"layer index {bad[0]} is out of range for a model with {num_layers} decoder layers")
+    return resolved

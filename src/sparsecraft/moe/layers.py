@@ -1,0 +1,148 @@
+"""The PESC MoE block and how it attaches to a model's own FFN module.
+
+The block is one function of (FFN input `x`, FFN output `F`): it never computes the FFN itself, so it works for
+any family's MLP (SwiGLU, GeGLU, fused gate_up, 4-bit or LoRA-wrapped). It is attached by adding a `moe`
+child to the existing MLP module and switching that module to a subclass whose forward is
+`moe(x, super().forward(x))`. State-dict keys of the base weights stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..config import CraftConfig
+from .experts import AdapterExperts, dispatch
+from .router import route
+
+
+@dataclass
+class RoutingRecord:
+    """Routing of one MoE layer in one forward: logits `[N, E]` fp32, indices `[N, k]`, N = B*T tokens."""
+
+    layer: int
+    logits: torch.Tensor
+    indices: torch.Tensor
+    num_tokens_per_row: int
+
+
+@dataclass
+class RoutingRecorder:
+    """Collects every crafted layer's routing during one top-level forward (shared by all layers of a model).
+
+    Only active between `start` and `stop`, so recomputation during gradient-checkpointed backward records
+    nothing.
+    """
+
+    active: bool = False
+    records: list = field(default_factory=list)
+
+    def start(self) -> None:
+        self.records = []
+        self.active = True
+
+    def stop(self) -> list:
+        self.active = False
+        records, self.records = self.records, []
+        return records
+
+
+class PescMoE(nn.Module):
+    """Router + adapter experts on a shared FFN output.
+
+    `forward(x, ffn_out)` with `x, ffn_out: [..., h]` returns `ffn_out + s * sum_j g_j A_j(dropout(ffn_out))`
+    (or the per-slot form, see `CraftConfig.combine`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: CraftConfig,
+        layer_index: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        router_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, device=device, dtype=router_dtype)
+        self.experts = AdapterExperts(config.num_experts, hidden_size, config.adapter_dim, device, dtype)
+        self.dropout = nn.Dropout(config.dropout)
+        self.recorder: RoutingRecorder | None = None
+
+    def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        shape = ffn_out.shape
+        x_flat = x.reshape(-1, shape[-1])
+        f_flat = ffn_out.reshape(-1, shape[-1])
+        compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x.dtype
+        gates, indices, logits = route(
+            x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk, compute_dtype
+        )
+        if self.recorder is not None and self.recorder.active:
+            self.recorder.records.append(
+                RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
+            )
+        adapter_dtype = self.experts.down.dtype
+        adapter_in = self.dropout(f_flat.to(adapter_dtype))
+        delta = dispatch(
+            adapter_in,
+            gates,
+            indices,
+            self.experts.down,
+            self.experts.up,
+            cfg.activation,
+            cfg.scaling,
+            cfg.dispatch,
+        ).to(ffn_out.dtype)
+        if cfg.combine == "per_slot":
+            # sum_j g_j (F + A_j) = (sum_j g_j) F + sum_j g_j A_j, with the gate sum rounded in the model dtype
+            out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta
+        else:
+            out = f_flat + delta
+        return out.view(shape)
+
+
+_PESC_MLP_CLASSES: dict[type, type] = {}
+
+
+def _pesc_mlp_forward(self, x, *args, **kwargs):
+    ffn_out = super(type(self), self).forward(x, *args, **kwargs)
+    if not isinstance(ffn_out, torch.Tensor):
+        raise TypeError(
+            f"{type(self).__mro__[1].__name__}.forward returned {type(ffn_out).__name__}; PESC needs an FFN "
+            "that returns one tensor"
+        )
+    return self.moe(x, ffn_out)
+
+
+def pesc_mlp_class(base_cls: type) -> type:
+    """The subclass of an MLP class whose forward adds the PESC experts (cached, one per base class)."""
+    if base_cls not in _PESC_MLP_CLASSES:
+        _PESC_MLP_CLASSES[base_cls] = type(
+            f"Pesc{base_cls.__name__}",
+            (base_cls,),
+            {"forward": _pesc_mlp_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
+        )
+    return _PESC_MLP_CLASSES[base_cls]
+
+
+def attach_pesc(mlp: nn.Module, moe: PescMoE) -> None:
+    """Turn `mlp` into a PESC block in place: adds `mlp.moe` and swaps its class."""
+    mlp.add_module("moe", moe)
+    mlp.__class__ = pesc_mlp_class(type(mlp))
+
+
+def is_pesc_mlp(module: nn.Module) -> bool:
+    return hasattr(type(module), "_sparsecraft_base_class") and isinstance(getattr(module, "moe", None), PescMoE)
+
+
+def detach_pesc(mlp: nn.Module) -> PescMoE:
+    """Undo `attach_pesc`: restore the original class and return the removed `moe` block."""
+    moe = mlp.moe
+    mlp.__class__ = type(mlp)._sparsecraft_base_class
+    del mlp._modules["moe"]
+    return moe

@@ -1,0 +1,119 @@
+"""Router losses in the model's own forward path.
+
+A crafted causal LM is switched to a subclass of its own class whose forward runs the original forward while a
+`RoutingRecorder` collects each PESC layer's routing, then adds `aux_loss_coef * L_balance + z_loss_coef * L_z`
+to `loss` when labels are given. So whoever calls the model (Trainer, accelerate, lm-eval, a user's loop, a
+peft wrapper) trains the router, and padding is known from the attention mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .layers import RoutingRecord
+from .losses import expert_counts, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class PescCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the router z-loss and per-layer expert counts.
+
+    Attributes:
+        aux_loss: load-balancing loss averaged over crafted layers (without its coefficient), fp32 scalar.
+        router_z_loss: router z-loss averaged over crafted layers (without its coefficient), fp32 scalar.
+        expert_counts: `[num_crafted_layers, E]` int64, (token, slot) assignments per expert over real tokens.
+        loss: LM loss + `aux_loss_coef * aux_loss + z_loss_coef * router_z_loss` when labels were given.
+    """
+
+    router_z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
+
+
+def token_mask_for(record: RoutingRecord, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool `[N]` mask of real tokens for a layer's flattened routing, from a 2-D attention mask.
+
+    With a KV cache the mask covers past + current positions; the current tokens are its last columns. Masks
+    of any other shape (4-D custom masks) are not interpreted: every token counts.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    seq = record.num_tokens_per_row
+    mask = attention_mask[:, -seq:].reshape(-1).to(device=record.logits.device, dtype=torch.bool)
+    return mask if mask.numel() == record.logits.shape[0] else None
+
+
+def router_losses(
+    records: list[RoutingRecord], num_experts: int, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Balance loss and z-loss averaged over layers, and `[L, E]` expert counts, all over real tokens only."""
+    device = records[0].logits.device
+    balance, z, counts = [], [], []
+    for rec in records:
+        mask = token_mask_for(rec, attention_mask)
+        balance.append(load_balancing_loss(rec.logits, rec.indices, num_experts, mask).to(device))
+        z.append(router_z_loss(rec.logits, mask).to(device))
+        counts.append(expert_counts(rec.indices, num_experts, mask).to(device))
+    return torch.stack(balance).mean(), torch.stack(z).mean(), torch.stack(counts)
+
+
+_PESC_LM_CLASSES: dict[type, type] = {}
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _argument(cls: type, name: str, args: tuple, kwargs: dict):
+    if name in kwargs:
+        return kwargs[name]
+    sig = _SIGNATURES.setdefault(cls, inspect.signature(cls.forward))
+    params = list(sig.parameters)[1:]  # drop self
+    if name in params and params.index(name) < len(args):
+        return args[params.index(name)]
+    return None
+
+
+def _pesc_lm_forward(self, *args, **kwargs):
+    base_cls = type(self)._sparsecraft_base_class
+    return_dict = kwargs.pop("return_dict", None)
+    want_logits = kwargs.pop("output_router_logits", None)
+    labels = _argument(base_cls, "labels", args, kwargs)
+    attention_mask = _argument(base_cls, "attention_mask", args, kwargs)
+    recorder = self._sparsecraft_recorder
+    recorder.start()
+    try:
+        out = base_cls.forward(self, *args, return_dict=True, **kwargs)
+    finally:
+        records = recorder.stop()
+    craft_cfg = self._sparsecraft_config
+    need_losses = labels is not None or self.training or bool(want_logits)
+    aux = z = counts = None
+    loss = out.loss
+    if records and need_losses:
+        aux, z, counts = router_losses(records, craft_cfg.num_experts, attention_mask)
+        if loss is not None:
+            loss = loss + craft_cfg.aux_loss_coef * aux.to(loss.device) + craft_cfg.z_loss_coef * z.to(loss.device)
+    result = PescCausalLMOutput(
+        loss=loss,
+        aux_loss=aux,
+        router_z_loss=z,
+        expert_counts=counts,
+        logits=out.logits,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        router_logits=tuple(r.logits for r in records) if want_logits else None,
+    )
+    return result.to_tuple() if return_dict is False else result
+
+
+def pesc_lm_class(base_cls: type) -> type:
+    """Subclass of a causal-LM class whose forward adds the router losses (cached per base class)."""
+    if base_cls not in _PESC_LM_CLASSES:
+        _PESC_LM_CLASSES[base_cls] = type(
+            f"Pesc{base_cls.__name__}",
+            (base_cls,),
+            {"forward": _pesc_lm_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
+        )
+    return _PESC_LM_CLASSES[base_cls]

@@ -1,0 +1,47 @@
+"""Top-k routing: which experts each token uses and with what gate.
+
+The router is a bias-free linear map `W_r: [E, h]` on the FFN input. Routing runs in fp32 by default whatever the
+model dtype, because top-k over bf16 logits flips choices for near-ties (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    top_k: int,
+    order: str = "topk_softmax",
+    normalize_topk: bool = True,
+    compute_dtype: torch.dtype | None = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route tokens to experts.
+
+    Args:
+        x: router input `[N, h]`.
+        weight: router weight `[E, h]`.
+        top_k: number of experts per token.
+        order: `topk_softmax` (softmax over the k kept logits, PESC) or `softmax_topk` (softmax over all E, then
+            top-k, Mixtral/Sparsetral), optionally renormalised with `normalize_topk`.
+        compute_dtype: dtype of the matmul and softmax; None keeps the dtype of `x`.
+
+    Returns:
+        gates `[N, k]` (in `compute_dtype`, larger gate first), expert indices `[N, k]` (int64), and router
+        logits `[N, E]` in fp32 for the auxiliary losses.
+    """
+    dtype = compute_dtype or x.dtype
+    logits = F.linear(x.to(dtype), weight.to(dtype))
+    if order == "topk_softmax":
+        top_logits, indices = torch.topk(logits, top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1)
+    elif order == "softmax_topk":
+        probs = torch.softmax(logits, dim=-1)
+        gates, indices = torch.topk(probs, top_k, dim=-1)
+        if normalize_topk:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"unknown routing order {order!r}")
+    return gates, indices, logits.float()
