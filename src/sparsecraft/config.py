@@ -18,8 +18,7 @@ ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 
 
-class ConfigError(ValueError):
-    """A crafting setting is invalid; the message is one line meant for the user."""
+from .errors import ConfigError
 
 
 @dataclass

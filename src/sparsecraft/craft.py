@@ -11,15 +11,12 @@ import torch
 import torch.nn as nn
 
 from .config import CraftConfig, ConfigError, parse_layer_spec
+from .errors import CraftError
 from .moe.layers import PescMoE, RoutingRecorder, attach_pesc, detach_pesc, is_pesc_mlp
 from .moe.model import pesc_lm_class
 
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
 _ATTENTION_HINTS = ("attn", "attention")
-
-
-class CraftError(ValueError):
-    """The model cannot be crafted as asked; the message says what was expected."""
 
 
 def text_config(model_or_config):
