@@ -1,7 +1,23 @@
-"""sparsecraft: craft dense decoder LMs into parameter-efficient Mixture-of-Experts (PESC) and tune them."""
+"""sparsecraft: craft dense decoder LMs into parameter-efficient Mixture-of-Experts (PESC) and tune them.
 
-from .config import ConfigError, CraftConfig
-from .craft import CraftError, craft, crafted_layers, is_crafted, new_parameters, uncraft
+    import sparsecraft
+    model = sparsecraft.craft_from("smollm2-135m", sparsecraft.CraftConfig(num_experts=8, top_k=2))
+    sparsecraft.save(model, "out/pesc")
+    model = sparsecraft.load("out/pesc")
+"""
+
+from .auto import register as _register
+from .checkpoint.crafted import load_crafted, save_crafted as save
+from .config import CraftConfig
+from .craft import craft, crafted_layers, is_crafted, new_parameters, uncraft
+from .errors import CheckpointError, ConfigError, CraftError, SparsecraftError
+from .loading import craft_from, load
+
+_register()
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "CraftConfig", "CraftError", "craft", "crafted_layers", "is_crafted", "new_parameters", "uncraft"]
+__all__ = [
+    "CheckpointError", "ConfigError", "CraftConfig", "CraftError", "SparsecraftError",
+    "craft", "craft_from", "crafted_layers", "is_crafted", "load", "load_crafted", "new_parameters", "save",
+    "uncraft",
+]

@@ -1,0 +1,225 @@
+"""sparsecraft's own on-disk format for crafted models.
+
+A crafted directory is self-describing and holds no pickle:
+
+    config.json                 model_type "sparsecraft": crafting settings, the base's config, where the base is
+    sparsecraft.safetensors     the new weights only (routers, adapters), sparsecraft's stacked key names
+    tokenizer files             copied from the base when it has a tokenizer
+    base/                       only with standalone=True: the base model as a plain transformers directory
+
+Referenced directories point at their base (a built-in name, an absolute directory or GGUF file) instead of
+copying it. Loading = load the base with `from_pretrained` (so every from_pretrained option works: dtype,
+device_map, 4-bit quantization), craft it with the saved settings, then load the new weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import CraftConfig
+from ..craft import craft, craft_config_of, is_crafted, new_parameters, text_config
+from ..errors import CheckpointError, ConfigError
+from ..sources import BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
+from .atomic import atomic_directory
+
+MODEL_TYPE = "sparsecraft"
+WEIGHTS_NAME = "sparsecraft.safetensors"
+BASE_SUBDIR = "base"
+FORMAT_VERSION = 1
+# config fields compared between the saved base config and the base found at load time
+_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+
+
+def base_source_of(model) -> BaseSource | None:
+    """The base a model was crafted from, when sparsecraft loaded it (None for a model object built by hand)."""
+    return getattr(model, "_sparsecraft_base", None)
+
+
+def save_crafted(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    base: BaseSource | str | None = None,
+    standalone: bool = False,
+    tokenizer=None,
+) -> Path:
+    """Write a crafted model to `out_dir` (atomically: a temp dir renamed into place).
+
+    Args:
+        base: the base to refer to; defaults to the one the model was loaded from. Required unless standalone.
+        standalone: also write the base weights (`base/`) so the directory loads with no other file.
+        tokenizer: saved beside the weights; defaults to the base's tokenizer when one can be found.
+    """
+    if not is_crafted(model):
+        raise CheckpointError("save_crafted needs a crafted model; use sparsecraft.craft first")
+    source = resolve_base(base) if isinstance(base, (str, os.PathLike)) else (base or base_source_of(model))
+    if source is None and not standalone:
+        raise CheckpointError("this model does not know its base: pass base=PATH or standalone=True")
+    cfg = craft_config_of(model)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in new_parameters(model).items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
+        if standalone:
+            _save_base(model, tmp / BASE_SUBDIR)
+            base_entry = {"spec": BASE_SUBDIR, "relative": True, "gguf_file": None}
+        else:
+            base_entry = {"spec": source.spec, "directory": source.directory, "gguf_file": source.gguf_file}
+        config = {
+            "model_type": MODEL_TYPE,
+            "architectures": ["SparsecraftForCausalLM"],
+            "sparsecraft_format": FORMAT_VERSION,
+            "method": "pesc",
+            "base": base_entry,
+            "base_architecture": type(model)._sparsecraft_base_class.__name__,
+            "base_config": _config_dict(model),
+            "craft": cfg.to_dict(),
+            "crafted_layers": list(model._sparsecraft_layers),
+            "weights": WEIGHTS_NAME,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        tok = tokenizer if tokenizer is not None else (load_tokenizer(source) if source is not None else None)
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+    return out_dir
+
+
+def _config_dict(model) -> dict:
+    data = text_config(model).to_dict()
+    data.pop("quantization_config", None)
+    return data
+
+
+def _save_base(model, directory: Path) -> None:
+    """The base part of a crafted model as a plain transformers directory (new weights left out)."""
+    base_state = {k: v for k, v in model.state_dict().items() if ".moe." not in f".{k}"}
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_cfg = getattr(model.config, "quantization_config", None)
+    is_gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
+    if is_gguf:
+        # GGUF weights were de-quantised on load; what we hold is a plain dense model
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    try:
+        # the base class's save_pretrained: a crafted model's own save_pretrained writes this format
+        type(model)._sparsecraft_base_class.save_pretrained(model, str(directory), state_dict=base_state)
+    finally:
+        if is_gguf:
+            model.hf_quantizer = quantizer
+            model.config.quantization_config = quant_cfg
+    config_path = directory / "config.json"
+    data = json.loads(config_path.read_text())
+    data["architectures"] = [type(model)._sparsecraft_base_class.__name__]
+    config_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """config.json of a model directory, with one-line errors for missing or unreadable files."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} is not a model directory: no config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+
+
+def is_crafted_dir(path: str | os.PathLike) -> bool:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        return json.loads(config_path.read_text()).get("model_type") == MODEL_TYPE
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def resolve_saved_base(path: Path, entry: dict) -> BaseSource:
+    """Where a crafted directory's base is; a one-line error when it has gone missing."""
+    if entry.get("relative"):
+        base_dir = path / entry["spec"]
+        if not base_dir.is_dir():
+            raise CheckpointError(f"standalone model at {path} is missing its {entry['spec']}/ folder")
+        return resolve_base(base_dir)
+    spec = entry.get("spec")
+    try:
+        return resolve_base(spec)
+    except CheckpointError:
+        directory, gguf = entry.get("directory"), entry.get("gguf_file")
+        candidate = os.path.join(directory, gguf) if directory and gguf else directory
+        if candidate and os.path.exists(candidate):
+            return resolve_base(candidate)
+        raise CheckpointError(
+            f"crafted model at {path} refers to base '{spec}', which is missing; restore it, or re-save with "
+            "--standalone"
+        ) from None
+
+
+def load_crafted(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    **from_pretrained_kwargs,
+):
+    """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model."""
+    path = Path(path)
+    config = read_config(path)
+    for key in ("base", "craft", "base_config"):
+        if key not in config:
+            raise CheckpointError(f"{path}/config.json is a sparsecraft config without '{key}'")
+    try:
+        craft_cfg = CraftConfig.from_dict(config["craft"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
+    source = resolve_saved_base(path, config["base"])
+    _check_base_shapes(path, source, config["base_config"])
+    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    layers = config.get("crafted_layers") or craft_cfg.layers
+    craft(model, craft_cfg, layers=layers)
+    load_new_weights(model, path / config.get("weights", WEIGHTS_NAME))
+    model._sparsecraft_base = source
+    model._sparsecraft_path = str(path)
+    return model.eval()
+
+
+def _check_base_shapes(path: Path, source: BaseSource, saved: dict) -> None:
+    found = text_config(load_base_config(source))
+    for field in _SHAPE_FIELDS:
+        if field in saved and getattr(found, field, None) != saved[field]:
+            raise CheckpointError(
+                f"base '{source.spec}' has {field}={getattr(found, field, None)} but {path} was crafted from a "
+                f"base with {field}={saved[field]}"
+            )
+
+
+def load_new_weights(model, weights_path: Path) -> None:
+    """Copy router/adapter tensors from a safetensors file into a crafted model, checking names and shapes."""
+    if not weights_path.is_file():
+        raise CheckpointError(f"missing weights file {weights_path}")
+    expected = new_parameters(model)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - set(expected))
+            if missing or unexpected:
+                what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+                raise CheckpointError(f"{weights_path} does not match the crafting config: {what}")
+            with torch.no_grad():
+                for name, param in expected.items():
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise CheckpointError(
+                            f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                            f"{tuple(param.shape)}"
+                        )
+                    param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights_path} is corrupted or truncated: {exc}") from exc

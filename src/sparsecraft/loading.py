@@ -1,0 +1,71 @@
+"""One entry point to get a model: `load` for anything sparsecraft can read, `craft_from` for base + craft."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import CraftConfig
+from .craft import craft
+from .errors import CheckpointError
+from .sources import load_base_model, resolve_base
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+    **from_pretrained_kwargs,
+):
+    """Load a model ready for inference (eval mode).
+
+    `path` is a sparsecraft directory (referenced or standalone), a published Camelidae / Qwen2idae /
+    Sparsetral directory, or a dense base (transformers directory, GGUF file, built-in name such as
+    `smollm2-135m`). `dtype`, `device` and other keyword arguments go to `from_pretrained` of the base.
+    Pickled `.bin` weights are read only with `allow_pickle=True`.
+    """
+    from .checkpoint.crafted import is_crafted_dir, load_crafted, read_config
+
+    text = str(path)
+    if os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json")):
+        if is_crafted_dir(text):
+            return load_crafted(text, dtype=dtype, device=device, **from_pretrained_kwargs)
+        from .checkpoint.published import detect_published_layout, load_published
+
+        if detect_published_layout(read_config(text)):
+            return load_published(text, allow_pickle=allow_pickle, dtype=dtype, device=device)
+        _refuse_pickle_only(Path(text), allow_pickle)
+    source = resolve_base(text)
+    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    model._sparsecraft_base = source
+    return model.eval()
+
+
+def _refuse_pickle_only(path: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and any(path.glob("*.bin")) and not allow_pickle:
+        raise CheckpointError(
+            f"{path} holds only pickled .bin weights, which can run code when loaded; pass --allow-pickle "
+            "(allow_pickle=True) if you trust it, then re-save it as safetensors"
+        )
+
+
+def craft_from(
+    base: str | os.PathLike,
+    config: CraftConfig | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    **from_pretrained_kwargs,
+):
+    """Load a dense base (directory, GGUF file or built-in name) and craft it. Returns the crafted model."""
+    source = resolve_base(base)
+    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    craft(model, config or CraftConfig(), seed=seed)
+    model._sparsecraft_base = source
+    return model
