@@ -1,0 +1,78 @@
+"""`sparsecraft craft BASE OUT`: craft a base into a PESC model and save it; `--dry-run` sizes it from the config."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..config import CraftConfig
+from ..errors import CheckpointError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("craft", help="turn a dense model into a PESC mixture of experts",
+                       description="Craft BASE (directory, .gguf file, or built-in name such as smollm2-135m).")
+    p.add_argument("base", help="base model: directory, .gguf file, config.json, or built-in name")
+    p.add_argument("out", nargs="?", help="output directory (not needed with --dry-run)")
+    add_craft_arguments(p)
+    p.add_argument("--standalone", action="store_true", help="copy the base weights into OUT")
+    p.add_argument("--dtype", default=None, help="dtype to load the base in (float32, bfloat16, float16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the new weights' initialisation")
+    p.add_argument("--dry-run", action="store_true",
+                   help="report parameters and training memory from the config alone (meta device, no weights)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for the --dry-run memory estimate")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the --dry-run memory estimate")
+    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank for the --dry-run memory estimate")
+    p.set_defaults(run=run)
+
+
+def add_craft_arguments(p: argparse.ArgumentParser) -> None:
+    d = CraftConfig()
+    p.add_argument("--experts", type=int, default=d.num_experts, help="number of experts E")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="experts per token k")
+    p.add_argument("--adapter-dim", type=int, default=d.adapter_dim, help="adapter bottleneck width r")
+    p.add_argument("--scaling", type=float, default=d.scaling, help="adapter output scaling s")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="adapter input dropout (training only)")
+    p.add_argument("--activation", default=d.activation, help="adapter activation (gelu, gelu_tanh, silu, relu)")
+    p.add_argument("--routing", default=d.routing, help="topk_softmax (PESC) or softmax_topk (Mixtral)")
+    p.add_argument("--router-dtype", default=d.router_dtype, help="float32 or model")
+    p.add_argument("--layers", default="all", help="'all', 'every:N' or a list like 0,2,5")
+    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef, help="load-balancing loss weight")
+    p.add_argument("--z-loss-coef", type=float, default=d.z_loss_coef, help="router z-loss weight")
+
+
+def craft_config_from_args(args) -> CraftConfig:
+    return CraftConfig(
+        num_experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim, scaling=args.scaling,
+        dropout=args.dropout, activation=args.activation, routing=args.routing, router_dtype=args.router_dtype,
+        layers=args.layers, aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef,
+    )
+
+
+def run(args) -> int:
+    cfg = craft_config_from_args(args)  # validate settings before any loading
+    if args.dry_run:
+        from ..report import dry_run
+
+        for name in ("batch_size", "seq_len", "lora_rank"):
+            if getattr(args, name) <= 0:
+                raise CheckpointError(f"--{name.replace('_', '-')} must be positive")
+        start = time.perf_counter()
+        report = dry_run(args.base, cfg, batch_size=args.batch_size, seq_len=args.seq_len, lora_rank=args.lora_rank)
+        print(report.format())
+        print(f"(dry run from the config alone in {time.perf_counter() - start:.2f} s)")
+        return 0
+    if not args.out:
+        raise CheckpointError("craft needs an output directory (or --dry-run)")
+    from ..checkpoint.crafted import save_crafted
+    from ..loading import craft_from
+    from ..report import parameter_report
+
+    start = time.perf_counter()
+    model = craft_from(args.base, cfg, dtype=args.dtype, seed=args.seed)
+    print(parameter_report(model).format())
+    out = save_crafted(model, args.out, standalone=args.standalone)
+    kind = "standalone" if args.standalone else f"referring to base {args.base}"
+    print(f"crafted model written to {out} ({kind}) in {time.perf_counter() - start:.1f} s")
+    print(f"try it: sparsecraft generate {out} --prompt \"What is 12 * 7?\"")
+    return 0

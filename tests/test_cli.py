@@ -1,0 +1,149 @@
+"""The command line: the craft and generate jobs work, and every bad input gives one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsecraft
+from sparsecraft.checkpoint.crafted import WEIGHTS_NAME
+from sparsecraft.cli import main
+from conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    path = tmp_path / "base"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+def test_craft_writes_directory_and_reports_parameters(capsys, base_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "craft", base_dir, tmp_path / "out", "--experts", 4, "--top-k", 2,
+                           "--adapter-dim", 8, "--scaling", 0.25)
+    assert code == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["craft"]["scaling"] == 0.25 and config["craft"]["num_experts"] == 4
+    assert (tmp_path / "out" / WEIGHTS_NAME).is_file()
+    added = 3 * (4 * 2 * 32 * 8 + 4 * 32)
+    assert f"{added:,}" in out
+    assert "sparsecraft generate" in out
+
+
+def test_craft_then_generate_greedy_matches_library(capsys, base_dir, tmp_path):
+    run_cli(capsys, "craft", base_dir, tmp_path / "out", "--experts", 4, "--adapter-dim", 8)
+    code, out, _ = run_cli(capsys, "generate", tmp_path / "out", "--prompt", "2+2=", "--max-new-tokens", 6,
+                           "--no-stream")
+    assert code == 0
+    model = sparsecraft.load(tmp_path / "out")
+    tok = tiny_tokenizer()
+    from sparsecraft.generation import generate_text
+
+    assert out.rstrip("\n") == generate_text(model, tok, "2+2=", max_new_tokens=6)
+
+
+def test_generate_streams_and_samples(capsys, base_dir):
+    code, out, _ = run_cli(capsys, "generate", base_dir, "--prompt", "hi", "--max-new-tokens", 5, "--sample",
+                           "--seed", 1)
+    assert code == 0
+    code2, out2, _ = run_cli(capsys, "generate", base_dir, "--prompt", "hi", "--max-new-tokens", 5, "--sample",
+                             "--seed", 1)
+    assert out == out2  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--top-k", "9", "--experts", "8"], "top_k (9) cannot exceed num_experts (8)"),
+        (["--adapter-dim", "0"], "adapter_dim must be a positive integer"),
+        (["--experts", "-2"], "num_experts must be a positive integer"),
+        (["--scaling", "0"], "scaling must be a positive number"),
+        (["--layers", "0,7"], "layer index 7 is out of range"),
+        (["--routing", "random"], "routing must be one of"),
+    ],
+)
+def test_craft_bad_settings(capsys, base_dir, tmp_path, args, message):
+    code, _, err = run_cli(capsys, "craft", base_dir, tmp_path / "out", *args)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_craft_missing_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "craft", tmp_path / "nope", tmp_path / "out")
+    assert_one_line_error(code, err, "model path not found")
+
+
+def test_craft_directory_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    code, _, err = run_cli(capsys, "craft", tmp_path / "junk", tmp_path / "out")
+    assert_one_line_error(code, err, "not a model directory")
+
+
+def test_craft_unknown_architecture(capsys, tmp_path):
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    code, _, err = run_cli(capsys, "craft", tmp_path / "weird", tmp_path / "out")
+    assert_one_line_error(code, err, "cannot read the model config")
+
+
+def test_craft_model_that_is_already_moe(capsys, tmp_path):
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mixtral")
+    code, _, err = run_cli(capsys, "craft", tmp_path / "mixtral", tmp_path / "out")
+    assert_one_line_error(code, err, "cannot craft")
+
+
+def test_generate_with_missing_base(capsys, base_dir, tmp_path):
+    run_cli(capsys, "craft", base_dir, tmp_path / "out", "--experts", 4, "--adapter-dim", 8)
+    base_dir.rename(tmp_path / "elsewhere")
+    code, _, err = run_cli(capsys, "generate", tmp_path / "out", "--prompt", "x")
+    assert_one_line_error(code, err, "which is missing")
+
+
+def test_generate_with_truncated_weights(capsys, base_dir, tmp_path):
+    run_cli(capsys, "craft", base_dir, tmp_path / "out", "--experts", 4, "--adapter-dim", 8)
+    path = tmp_path / "out" / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    code, _, err = run_cli(capsys, "generate", tmp_path / "out", "--prompt", "x")
+    assert_one_line_error(code, err, "corrupted or truncated")
+
+
+def test_generate_with_wrong_shapes(capsys, base_dir, tmp_path):
+    run_cli(capsys, "craft", base_dir, tmp_path / "out", "--experts", 4, "--adapter-dim", 8)
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["craft"]["adapter_dim"] = 16
+    config_path.write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "generate", tmp_path / "out", "--prompt", "x")
+    assert_one_line_error(code, err, "has shape")
+
+
+def test_entry_point_exit_code_and_single_line():
+    proc = subprocess.run([sys.executable, "-m", "sparsecraft", "craft", "/no/such/dir", "/tmp/x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model path not found")
+    assert "Traceback" not in proc.stderr
