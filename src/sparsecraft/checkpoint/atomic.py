@@ -27,7 +27,11 @@ def atomic_directory(target: str | os.PathLike):
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous version back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

@@ -106,10 +106,12 @@ def _save_base(model, directory: Path) -> None:
         # GGUF weights were de-quantised on load; what we hold is a plain dense model
         model.hf_quantizer = None
         del model.config.quantization_config
+    architectures = model.config.architectures
     try:
         # the base class's save_pretrained: a crafted model's own save_pretrained writes this format
         type(model)._sparsecraft_base_class.save_pretrained(model, str(directory), state_dict=base_state)
     finally:
+        model.config.architectures = architectures  # save_pretrained sets it to the Pesc* class name
         if is_gguf:
             model.hf_quantizer = quantizer
             model.config.quantization_config = quant_cfg
