@@ -103,7 +103,7 @@ def test_craft_unknown_architecture(capsys, tmp_path):
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     code, _, err = run_cli(capsys, "craft", tmp_path / "weird", tmp_path / "out")
-    assert_one_line_error(code, err, "cannot read the model config")
+    assert_one_line_error(code, err, "model type `no-such-model`")
 
 
 def test_craft_model_that_is_already_moe(capsys, tmp_path):
