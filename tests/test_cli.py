@@ -147,3 +147,26 @@ def test_entry_point_exit_code_and_single_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model path not found")
     assert "Traceback" not in proc.stderr
+
+
+def test_convert_pickled_camelidae_to_safetensors_and_back(capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_published import logits_of, make_published
+
+    path, _, _ = make_published(tmp_path, "camelidae")
+    tiny_tokenizer().save_pretrained(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    torch.save(tensors, path / "pytorch_model.bin")
+    code, _, err = run_cli(capsys, "convert", path, tmp_path / "sc")
+    assert_one_line_error(code, err, "--allow-pickle")
+    code, out, _ = run_cli(capsys, "convert", path, tmp_path / "sc", "--allow-pickle")
+    assert code == 0 and "sparsecraft layout" in out
+    expected = logits_of(sparsecraft.load(path, allow_pickle=True))
+    assert torch.equal(logits_of(sparsecraft.load(tmp_path / "sc")), expected)
+    code, _, _ = run_cli(capsys, "convert", tmp_path / "sc", tmp_path / "back", "--to", "camelidae")
+    assert code == 0 and not list((tmp_path / "back").glob("*.bin"))
+    assert torch.equal(logits_of(sparsecraft.load(tmp_path / "back")), expected)
+    code, out, _ = run_cli(capsys, "generate", tmp_path / "sc", "--prompt", "hi", "--max-new-tokens", 3)
+    assert code == 0

@@ -11,10 +11,11 @@ import os
 import sys
 
 from ..errors import SparsecraftError
+from . import convert as convert_cmd
 from . import craft as craft_cmd
 from . import generate as generate_cmd
 
-COMMANDS = {"craft": craft_cmd, "generate": generate_cmd}
+COMMANDS = {"craft": craft_cmd, "generate": generate_cmd, "convert": convert_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,52 @@
+"""`sparsecraft convert SRC OUT --to LAYOUT`: move a PESC model between sparsecraft's format and the published
+Camelidae / Sparsetral layouts (and off pickled .bin shards)."""
+
+from __future__ import annotations
+
+LAYOUTS = ("sparsecraft", "camelidae", "sparsetral")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert between sparsecraft and the published Camelidae/Sparsetral layouts")
+    p.add_argument("src", help="a crafted sparsecraft directory or a published Camelidae/Qwen2idae/Sparsetral one")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", choices=LAYOUTS, default="sparsecraft", help="layout to write (default sparsecraft)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin shards (can run code)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..checkpoint.crafted import save_crafted
+    from ..checkpoint.published import export_published
+    from ..craft import is_crafted
+    from ..errors import CheckpointError
+    from ..loading import load
+
+    model = load(args.src, allow_pickle=args.allow_pickle)
+    if not is_crafted(model):
+        raise CheckpointError(f"{args.src} is a dense model; craft it first (sparsecraft craft)")
+    if args.to == "sparsecraft":
+        import os
+
+        if os.path.exists(args.out) and not args.overwrite:
+            raise CheckpointError(f"{args.out} exists; pass --overwrite to replace it")
+        # a published checkpoint carries its base inside, so the converted model is standalone
+        standalone = getattr(model, "_sparsecraft_base", None) is None
+        out = save_crafted(model, args.out, standalone=standalone)
+    else:
+        out = export_published(model, args.out, layout=args.to, overwrite=args.overwrite)
+    _copy_tokenizer(args.src, out, model)
+    print(f"wrote {args.to} layout to {out}")
+    return 0
+
+
+def _copy_tokenizer(src, out, model) -> None:
+    """Keep the tokenizer with the converted model when the source has one (a missing one is not an error)."""
+    from ..errors import CheckpointError
+    from ..generation import load_tokenizer_for
+
+    try:
+        load_tokenizer_for(src, model).save_pretrained(str(out))
+    except (CheckpointError, OSError, ValueError):
+        pass
