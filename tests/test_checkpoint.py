@@ -144,3 +144,21 @@ def test_pickle_only_directory_needs_allow_pickle(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(sparsecraft.CheckpointError, match="pickled .bin"):
         sparsecraft.load(tmp_path)
+
+
+def test_save_pretrained_of_crafted_model_writes_loadable_directory(crafted, tmp_path):
+    model, _ = crafted
+    model.save_pretrained(tmp_path / "sp")
+    assert (tmp_path / "sp" / "base").is_dir()  # standalone by default: base weights may have been trained
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "sp")
+    assert torch.equal(_logits(auto), _logits(model))
+
+
+def test_crafting_an_eval_model_keeps_new_modules_in_eval(tmp_path):
+    model = tiny_model("llama").eval()
+    sparsecraft.craft(model, num_experts=4, top_k=2, adapter_dim=8, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        for _, mlp in sparsecraft.crafted_layers(model):
+            mlp.moe.experts.up.normal_()
+        assert torch.equal(model(IDS).logits, model(IDS).logits)  # no dropout noise

@@ -8,6 +8,7 @@ names the field and the value, because these errors reach the command line as th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,13 +73,15 @@ class CraftConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if not isinstance(self.scaling, (int, float)) or self.scaling <= 0:
+        if not _is_number(self.scaling) or not 0 < self.scaling < math.inf:
             raise ConfigError(f"scaling must be a positive number, got {self.scaling!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.normalize_topk, bool):
+            raise ConfigError(f"normalize_topk must be true or false, got {self.normalize_topk!r}")
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not _is_number(value) or not 0 <= value < math.inf:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         _check_choice("routing", self.routing, ROUTING_ORDERS)
         _check_choice("dispatch", self.dispatch, DISPATCH_PATHS)
@@ -97,6 +100,10 @@ class CraftConfig:
         if unknown:
             raise ConfigError(f"unknown crafting setting(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -71,6 +71,13 @@ def find_ffn(layer: nn.Module, hidden: int) -> tuple[str, nn.Module]:
     ]
     if len(candidates) == 1:
         return candidates[0]
+    for name, child in children.items():
+        if not any(h in name.lower() for h in _ATTENTION_HINTS) and _looks_like_moe(child):
+            raise CraftError(
+                f"cannot craft {type(layer).__name__}: its '{name}' ({type(child).__name__}) is already a mixture "
+                f"of experts; PESC expects a dense feed-forward child (linear layers mapping hidden_size={hidden} "
+                "to a wider size and back)"
+            )
     found = ", ".join(f"{n} ({type(c).__name__})" for n, c in children.items())
     problem = "found several" if candidates else "found none"
     raise CraftError(
@@ -79,14 +86,22 @@ def find_ffn(layer: nn.Module, hidden: int) -> tuple[str, nn.Module]:
     )
 
 
+def _looks_like_moe(module: nn.Module) -> bool:
+    """A module holding stacked (3-D) expert weights or a list of sub-modules (experts), PESC blocks excepted."""
+    if is_pesc_mlp(module):
+        return False
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList) or any(p.dim() == 3 for p in sub.parameters(recurse=False)):
+            return True
+    return False
+
+
 def _check_not_moe(name: str, ffn: nn.Module) -> None:
-    for sub_name, sub in ffn.named_modules():
-        stacked = any(p.dim() == 3 for p in sub.parameters(recurse=False))
-        if isinstance(sub, nn.ModuleList) or stacked:
-            raise CraftError(
-                f"cannot craft: '{name}' ({type(ffn).__name__}) is already a mixture of experts; PESC expects a "
-                "dense FFN"
-            )
+    if _looks_like_moe(ffn):
+        raise CraftError(
+            f"cannot craft: '{name}' ({type(ffn).__name__}) is already a mixture of experts; PESC expects a "
+            "dense FFN"
+        )
 
 
 def _module_dtype(model: nn.Module) -> torch.dtype:
@@ -107,12 +122,12 @@ def is_crafted(model: nn.Module) -> bool:
 def crafted_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """`[(layer_index, pesc_mlp), ...]` for every crafted layer of a crafted model."""
     _, layers = find_decoder_layers(model)
-    hidden = text_config(model).hidden_size
     out = []
     for i, layer in enumerate(layers):
-        _, ffn = find_ffn(layer, hidden)
-        if is_pesc_mlp(ffn):
-            out.append((i, ffn))
+        # look only for PESC children: layers left alone need not have a recognisable dense FFN
+        pesc = [child for child in layer.children() if is_pesc_mlp(child)]
+        if pesc:
+            out.append((i, pesc[0]))
     return out
 
 
@@ -140,6 +155,8 @@ def craft(
         config = CraftConfig(**overrides)
     elif overrides:
         config = CraftConfig.from_dict({**config.to_dict(), **overrides})
+    else:
+        config = CraftConfig.from_dict(config.to_dict())  # a private copy: later changes stay with this model
     config.validate()
     if is_crafted(model):
         raise CraftError("model is already crafted; load the dense base to craft it again")
@@ -153,20 +170,24 @@ def craft(
     new_dtype = adapter_dtype or model_dtype
     router_dtype = _resolve_dtype(config.router_dtype, model_dtype)
     recorder = RoutingRecorder()
-    generator_state = torch.random.get_rng_state() if seed is not None else None
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
-        for index in chosen:
-            name, ffn = find_ffn(layers[index], hidden)
-            _check_not_moe(f"{layers_name}.{index}.{name}", ffn)
+    # Check every chosen layer before changing any, so a failure leaves the model as it was.
+    targets = []
+    for index in chosen:
+        name, ffn = find_ffn(layers[index], hidden)
+        if is_pesc_mlp(ffn):
+            raise CraftError(f"'{layers_name}.{index}.{name}' already has PESC experts; load the dense base")
+        _check_not_moe(f"{layers_name}.{index}.{name}", ffn)
+        targets.append((index, ffn))
+    # fork_rng restores the global CPU (and CUDA) generators afterwards, so a seed does not leak out
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for index, ffn in targets:
             device = next((p.device for p in ffn.parameters()), None)
             moe = PescMoE(hidden, config, index, device=device, dtype=new_dtype, router_dtype=router_dtype)
             moe.recorder = recorder
+            moe.train(ffn.training)  # new modules start in train mode; follow the model (dropout off in eval)
             attach_pesc(ffn, moe)
-    finally:
-        if generator_state is not None:
-            torch.random.set_rng_state(generator_state)
     model._sparsecraft_config = config
     model._sparsecraft_recorder = recorder
     model._sparsecraft_layers = chosen

@@ -121,8 +121,10 @@ def dispatch(
     fn = _PATHS.get(path)
     if fn is None:
         raise ValueError(f"unknown dispatch path {path!r}; choose from {', '.join(_PATHS)}")
-    gates = gates.to(x.dtype)
-    return fn(x, gates, indices, down, up, activation_fn(activation)) * scaling
+    # s is folded into the [N, k] gates instead of scaling the [N, h] result (equal up to rounding; one pass less)
+    if scaling != 1.0:
+        gates = gates * scaling
+    return fn(x, gates.to(x.dtype), indices, down, up, activation_fn(activation))
 
 
 def _loop(x, gates, indices, down, up, act):
@@ -144,7 +146,8 @@ def _dense(x, gates, indices, down, up, act):
     gate_mask = torch.zeros(num_tokens, num_experts, dtype=x.dtype, device=x.device)
     gate_mask = gate_mask.scatter_add(1, indices, gates)
     h = act(F.linear(x, down.reshape(num_experts * adapter_dim, hidden)))
-    h = (h.view(num_tokens, num_experts, adapter_dim) * gate_mask.unsqueeze(-1)).view(num_tokens, -1)
+    h = h.view(num_tokens, num_experts, adapter_dim) * gate_mask.unsqueeze(-1)
+    h = h.view(num_tokens, num_experts * adapter_dim)  # explicit width: also valid for zero tokens
     # up[e, :, j] is row e*r+j of the stacked up-projection
     return h @ up.transpose(1, 2).reshape(num_experts * adapter_dim, hidden)
 
@@ -171,8 +174,21 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> bool:
+    """Whether `torch._grouped_mm` can run both projections for these shapes on this device.
+
+    Its kernels need row strides that are multiples of 16 bytes (so `h` and `r` times the element size), a
+    float32/bfloat16/float16 dtype on the CPU, and at least one row (it reduces over the offsets).
+    """
+    if not hasattr(torch, "_grouped_mm") or num_rows == 0:
+        return False
+    if x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    itemsize = x.element_size()
+    if (x.shape[-1] * itemsize) % 16 or (adapter_dim * itemsize) % 16:
         return False
     if x.device.type == "cuda":
         # CUDA grouped GEMM needs bf16 on sm90+ in current torch releases.
@@ -181,15 +197,16 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 def _grouped(x, gates, indices, down, up, act):
-    if not _grouped_mm_available(x):
+    if not _grouped_mm_available(x, indices.numel(), down.shape[1]):
         return _sorted(x, gates, indices, down, up, act)
     token, gate, counts = _sort_by_expert(indices, gates, down.shape[0])
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x.index_select(0, token)
-    h = _ContiguousGrad.apply(torch._grouped_mm(xs, down.transpose(1, 2), offs=offs))
+    # down.transpose(1, 2) and up.transpose(1, 2) are views ([E, h, r] and [E, r, h]): no weight copies
+    h = _ContiguousGrad.apply(torch._grouped_mm(xs, down.contiguous().transpose(1, 2), offs=offs))
     h = act(h) * gate.unsqueeze(-1)
-    y = _ContiguousGrad.apply(torch._grouped_mm(h, up.transpose(1, 2), offs=offs))
-    return torch.zeros_like(x).index_add(0, token, y)
+    y = _ContiguousGrad.apply(torch._grouped_mm(h, up.contiguous().transpose(1, 2), offs=offs))
+    return x.new_zeros(x.shape).index_add_(0, token, y)
 
 
 def _sorted(x, gates, indices, down, up, act):
@@ -203,7 +220,7 @@ def _sorted(x, gates, indices, down, up, act):
         h = act(F.linear(xe, w_down)) * ge.unsqueeze(-1)
         pieces.append(F.linear(h, w_up))
     y = torch.cat(pieces, 0)
-    return torch.zeros_like(x).index_add(0, token, y)
+    return x.new_zeros(x.shape).index_add_(0, token, y)
 
 
 _PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted}

@@ -20,12 +20,32 @@ from .router import route
 
 @dataclass
 class RoutingRecord:
-    """Routing of one MoE layer in one forward: logits `[N, E]` fp32, indices `[N, k]`, N = B*T tokens."""
+    """Routing of one MoE layer in one forward: logits `[N, E]` fp32, indices `[N, k]`, N = B*T tokens.
+
+    `router_input` (the detached router input, in the router's compute dtype) and `router_weight` are kept only
+    when the logits were computed without autograd while the router trains, which is what happens inside a
+    reentrant gradient checkpoint (its forward runs under `no_grad`); `logits_for_loss` then recomputes the
+    logits so that the balance loss still reaches the router weight.
+    """
 
     layer: int
     logits: torch.Tensor
     indices: torch.Tensor
     num_tokens_per_row: int
+    router_input: torch.Tensor | None = None
+    router_weight: torch.Tensor | None = None
+
+    def logits_for_loss(self) -> torch.Tensor:
+        """The fp32 logits for the router losses, with a gradient w.r.t. the router whenever one is possible."""
+        if (
+            self.router_input is not None
+            and self.router_weight is not None
+            and not self.logits.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            weight = self.router_weight.to(self.router_input.dtype)
+            return torch.nn.functional.linear(self.router_input, weight).float()
+        return self.logits
 
 
 @dataclass
@@ -83,9 +103,12 @@ class PescMoE(nn.Module):
             x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk, compute_dtype
         )
         if self.recorder is not None and self.recorder.active:
-            self.recorder.records.append(
-                RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
-            )
+            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
+            if not logits.requires_grad and self.training and self.router.weight.requires_grad:
+                # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
+                record.router_input = x_flat.detach().to(compute_dtype)
+                record.router_weight = self.router.weight
+            self.recorder.records.append(record)
         adapter_dtype = self.experts.down.dtype
         adapter_in = self.dropout(f_flat.to(adapter_dtype))
         delta = dispatch(

@@ -10,7 +10,7 @@ import torch
 
 
 def _valid(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return t if mask is None else t[mask]
+    return t if mask is None else t[mask.to(device=t.device, dtype=torch.bool)]
 
 
 def load_balancing_loss(

@@ -54,8 +54,9 @@ def router_losses(
     balance, z, counts = [], [], []
     for rec in records:
         mask = token_mask_for(rec, attention_mask)
-        balance.append(load_balancing_loss(rec.logits, rec.indices, num_experts, mask).to(device))
-        z.append(router_z_loss(rec.logits, mask).to(device))
+        logits = rec.logits_for_loss()
+        balance.append(load_balancing_loss(logits, rec.indices, num_experts, mask).to(device))
+        z.append(router_z_loss(logits, mask).to(device))
         counts.append(expert_counts(rec.indices, num_experts, mask).to(device))
     return torch.stack(balance).mean(), torch.stack(z).mean(), torch.stack(counts)
 
@@ -64,11 +65,21 @@ _PESC_LM_CLASSES: dict[type, type] = {}
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
+def _signature(cls: type) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return _SIGNATURES[cls]
+
+
+def _accepts(cls: type, name: str) -> bool:
+    params = _signature(cls).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _argument(cls: type, name: str, args: tuple, kwargs: dict):
     if name in kwargs:
         return kwargs[name]
-    sig = _SIGNATURES.setdefault(cls, inspect.signature(cls.forward))
-    params = list(sig.parameters)[1:]  # drop self
+    params = list(_signature(cls).parameters)[1:]  # drop self
     if name in params and params.index(name) < len(args):
         return args[params.index(name)]
     return None
@@ -82,10 +93,14 @@ def _pesc_lm_forward(self, *args, **kwargs):
     attention_mask = _argument(base_cls, "attention_mask", args, kwargs)
     recorder = self._sparsecraft_recorder
     recorder.start()
+    if _accepts(base_cls, "return_dict"):
+        kwargs["return_dict"] = True
     try:
-        out = base_cls.forward(self, *args, return_dict=True, **kwargs)
+        out = base_cls.forward(self, *args, **kwargs)
     finally:
         records = recorder.stop()
+    if not hasattr(out, "logits"):
+        return out  # not a transformers causal-LM output: nothing to attach the router losses to
     craft_cfg = self._sparsecraft_config
     need_losses = labels is not None or self.training or bool(want_logits)
     aux = z = counts = None
@@ -108,12 +123,38 @@ def _pesc_lm_forward(self, *args, **kwargs):
     return result.to_tuple() if return_dict is False else result
 
 
+def _pesc_activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+    """Default to non-reentrant checkpointing (also when given `{}`, as peft's k-bit preparation passes).
+
+    The router losses are computed from logits recorded during the forward. A reentrant checkpoint runs that
+    forward under `no_grad`, so the balance loss could then only reach the router weight (see
+    `RoutingRecord.logits_for_loss`), not the layers below it. An explicit `use_reentrant=True` is respected.
+    """
+    checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+    checkpoint_kwargs.setdefault("use_reentrant", False)
+    base_cls = type(self)._sparsecraft_base_class
+    return base_cls._activation_checkpointing_enable(self, checkpoint_kwargs, *args, **kwargs)
+
+
+def _pesc_save_pretrained(self, save_directory, *, standalone: bool = True, **kwargs):
+    """Write a sparsecraft directory (loads with `sparsecraft.load` or, after `import sparsecraft`,
+    `AutoModelForCausalLM.from_pretrained`). Standalone by default, since the base weights may have been
+    changed; `standalone=False` refers to the base instead. transformers' other options are ignored."""
+    from ..checkpoint.crafted import save_crafted
+
+    return save_crafted(self, save_directory, standalone=standalone)
+
+
 def pesc_lm_class(base_cls: type) -> type:
     """Subclass of a causal-LM class whose forward adds the router losses (cached per base class)."""
     if base_cls not in _PESC_LM_CLASSES:
-        _PESC_LM_CLASSES[base_cls] = type(
-            f"Pesc{base_cls.__name__}",
-            (base_cls,),
-            {"forward": _pesc_lm_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
-        )
+        members = {
+            "forward": _pesc_lm_forward,
+            "save_pretrained": _pesc_save_pretrained,
+            "_sparsecraft_base_class": base_cls,
+            "__module__": __name__,
+        }
+        if hasattr(base_cls, "_activation_checkpointing_enable"):
+            members["_activation_checkpointing_enable"] = _pesc_activation_checkpointing_enable
+        _PESC_LM_CLASSES[base_cls] = type(f"Pesc{base_cls.__name__}", (base_cls,), members)
     return _PESC_LM_CLASSES[base_cls]
