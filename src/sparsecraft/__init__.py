@@ -12,6 +12,7 @@ from .config import CraftConfig
 from .craft import craft, crafted_layers, is_crafted, new_parameters, uncraft
 from .errors import CheckpointError, ConfigError, CraftError, SparsecraftError
 from .loading import craft_from, load
+from .moe.upcycle import upcycle
 from .report import dry_run, parameter_report
 
 _register()
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "CraftConfig", "CraftError", "SparsecraftError",
     "craft", "craft_from", "crafted_layers", "dry_run", "is_crafted", "load", "load_crafted", "new_parameters",
-    "parameter_report", "save",
+    "parameter_report", "save", "upcycle",
     "uncraft",
 ]

@@ -14,6 +14,7 @@ from .config import CraftConfig, ConfigError, parse_layer_spec
 from .errors import CraftError
 from .moe.layers import PescMoE, RoutingRecorder, attach_pesc, detach_pesc, is_pesc_mlp
 from .moe.model import pesc_lm_class
+from .moe.upcycle import is_upcycled_mlp
 
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
 _ATTENTION_HINTS = ("attn", "attention")
@@ -125,7 +126,7 @@ def crafted_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     out = []
     for i, layer in enumerate(layers):
         # look only for PESC children: layers left alone need not have a recognisable dense FFN
-        pesc = [child for child in layer.children() if is_pesc_mlp(child)]
+        pesc = [child for child in layer.children() if is_pesc_mlp(child) or is_upcycled_mlp(child)]
         if pesc:
             out.append((i, pesc[0]))
     return out
@@ -199,6 +200,8 @@ def uncraft(model: nn.Module) -> nn.Module:
     """Remove every PESC block and return the dense model (in place)."""
     if not is_crafted(model):
         raise CraftError("model is not crafted")
+    if getattr(model, "_sparsecraft_method", "pesc") == "upcycle":
+        raise CraftError("an upcycled model has no dense FFN to restore; load the dense base instead")
     for _, ffn in crafted_layers(model):
         detach_pesc(ffn)
     model.__class__ = type(model)._sparsecraft_base_class

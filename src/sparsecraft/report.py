@@ -22,6 +22,7 @@ from .craft import craft, find_decoder_layers
 from .errors import CheckpointError
 from .memory import MemoryEstimate, estimate_training_memory, gib, is_added_name, logical_numel, lora_targets_of
 from .moe.layers import PescMoE
+from .moe.upcycle import UpcycledMoE
 
 __all__ = ["ParameterReport", "parameter_report", "DryRunReport", "dry_run", "short_count"]
 
@@ -107,7 +108,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """
     # (k, E) of each crafted block by module name, to weight its adapters by the fraction a token uses
     ratios = {name: (m.config.top_k, m.experts.num_experts) for name, m in model.named_modules()
-              if isinstance(m, PescMoE)}
+              if isinstance(m, (PescMoE, UpcycledMoE))}
     total = routers = adapters = lora = trainable = 0
     active_adapters = Fraction(0)
     for name, p in model.named_parameters():

@@ -5,7 +5,11 @@ A crafted directory is self-describing and holds no pickle:
     config.json                 model_type "sparsecraft": crafting settings, the base's config, where the base is
     sparsecraft.safetensors     the new weights only (routers, adapters), sparsecraft's stacked key names
     tokenizer files             copied from the base when it has a tokenizer
+    lora/                       only for LoRA-tuned models: a peft adapter directory, merged into the base on load
     base/                       only with standalone=True: the base model as a plain transformers directory
+
+`method` is `pesc` (adapter experts), `upcycle` (FFN copies as experts; the weights file then holds the expert
+FFNs) or `dense` (no MoE: the dense-LoRA baseline, base + lora/ only).
 
 Referenced directories point at their base (a built-in name, an absolute directory or GGUF file) instead of
 copying it. Loading = load the base with `from_pretrained` (so every from_pretrained option works: dtype,
@@ -30,6 +34,7 @@ from .atomic import atomic_directory
 
 MODEL_TYPE = "sparsecraft"
 WEIGHTS_NAME = "sparsecraft.safetensors"
+LORA_SUBDIR = "lora"
 BASE_SUBDIR = "base"
 FORMAT_VERSION = 1
 # config fields compared between the saved base config and the base found at load time
@@ -48,6 +53,8 @@ def save_crafted(
     base: BaseSource | str | None = None,
     standalone: bool = False,
     tokenizer=None,
+    lora_model=None,
+    extra: dict | None = None,
 ) -> Path:
     """Write a crafted model to `out_dir` (atomically: a temp dir renamed into place).
 
@@ -55,17 +62,25 @@ def save_crafted(
         base: the base to refer to; defaults to the one the model was loaded from. Required unless standalone.
         standalone: also write the base weights (`base/`) so the directory loads with no other file.
         tokenizer: saved beside the weights; defaults to the base's tokenizer when one can be found.
+        lora_model: a peft model wrapping `model`; its LoRA adapter is saved in `lora/` and merged on load.
+        extra: more JSON fields for config.json (e.g. the training recipe).
+
+    A model that is not crafted is saved as method `dense` (base + optional LoRA), the baseline's format.
     """
-    if not is_crafted(model):
-        raise CheckpointError("save_crafted needs a crafted model; use sparsecraft.craft first")
+    method = method_of(model)
+    if method == "dense" and lora_model is None:
+        raise CheckpointError("save_crafted needs a crafted model (or a LoRA-tuned one); use sparsecraft.craft first")
     source = resolve_base(base) if isinstance(base, (str, os.PathLike)) else (base or base_source_of(model))
     if source is None and not standalone:
         raise CheckpointError("this model does not know its base: pass base=PATH or standalone=True")
-    cfg = craft_config_of(model)
+    cfg = craft_config_of(model) if method != "dense" else None
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in new_parameters(model).items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
+        if method != "dense":
+            tensors = {name: p.detach().to("cpu").contiguous() for name, p in new_parameters(model).items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
+        if lora_model is not None:
+            lora_model.save_pretrained(str(tmp / LORA_SUBDIR))
         if standalone:
             _save_base(model, tmp / BASE_SUBDIR)
             base_entry = {"spec": BASE_SUBDIR, "relative": True, "gguf_file": None}
@@ -75,19 +90,32 @@ def save_crafted(
             "model_type": MODEL_TYPE,
             "architectures": ["SparsecraftForCausalLM"],
             "sparsecraft_format": FORMAT_VERSION,
-            "method": "pesc",
+            "method": method,
             "base": base_entry,
-            "base_architecture": type(model)._sparsecraft_base_class.__name__,
+            "base_architecture": _base_class(model).__name__,
             "base_config": _config_dict(model),
-            "craft": cfg.to_dict(),
-            "crafted_layers": list(model._sparsecraft_layers),
-            "weights": WEIGHTS_NAME,
+            "craft": cfg.to_dict() if cfg else None,
+            "crafted_layers": list(model._sparsecraft_layers) if cfg else [],
+            "weights": WEIGHTS_NAME if cfg else None,
+            "lora": LORA_SUBDIR if lora_model is not None else None,
+            **(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         tok = tokenizer if tokenizer is not None else (load_tokenizer(source) if source is not None else None)
         if tok is not None:
             tok.save_pretrained(str(tmp))
     return out_dir
+
+
+def method_of(model) -> str:
+    """`pesc`, `upcycle` or `dense` (a model sparsecraft did not change)."""
+    if not is_crafted(model):
+        return "dense"
+    return getattr(model, "_sparsecraft_method", "pesc")
+
+
+def _base_class(model) -> type:
+    return getattr(type(model), "_sparsecraft_base_class", type(model))
 
 
 def _config_dict(model) -> dict:
@@ -99,6 +127,11 @@ def _config_dict(model) -> dict:
 def _save_base(model, directory: Path) -> None:
     """The base part of a crafted model as a plain transformers directory (new weights left out)."""
     base_state = {k: v for k, v in model.state_dict().items() if ".moe." not in f".{k}"}
+    if method_of(model) == "upcycle":
+        from ..moe.upcycle import dense_ffn_state
+
+        # the upcycled layers' dense FFN keys are gone; write expert 0 there so base/ is a complete checkpoint
+        base_state.update(dense_ffn_state(model))
     quantizer = getattr(model, "hf_quantizer", None)
     quant_cfg = getattr(model.config, "quantization_config", None)
     is_gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
@@ -109,7 +142,7 @@ def _save_base(model, directory: Path) -> None:
     architectures = model.config.architectures
     try:
         # the base class's save_pretrained: a crafted model's own save_pretrained writes this format
-        type(model)._sparsecraft_base_class.save_pretrained(model, str(directory), state_dict=base_state)
+        _base_class(model).save_pretrained(model, str(directory), state_dict=base_state)
     finally:
         model.config.architectures = architectures  # save_pretrained sets it to the Pesc* class name
         if is_gguf:
@@ -117,7 +150,7 @@ def _save_base(model, directory: Path) -> None:
             model.config.quantization_config = quant_cfg
     config_path = directory / "config.json"
     data = json.loads(config_path.read_text())
-    data["architectures"] = [type(model)._sparsecraft_base_class.__name__]
+    data["architectures"] = [_base_class(model).__name__]
     config_path.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -173,22 +206,49 @@ def load_crafted(
     """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model."""
     path = Path(path)
     config = read_config(path)
-    for key in ("base", "craft", "base_config"):
-        if key not in config:
+    method = config.get("method", "pesc")
+    if method not in ("pesc", "upcycle", "dense"):
+        raise CheckpointError(f"{path}/config.json names an unknown method {method!r}")
+    for key in ("base", "base_config") + (("craft",) if method != "dense" else ()):
+        if not config.get(key):
             raise CheckpointError(f"{path}/config.json is a sparsecraft config without '{key}'")
-    try:
-        craft_cfg = CraftConfig.from_dict(config["craft"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
+    craft_cfg = None
+    if method != "dense":
+        try:
+            craft_cfg = CraftConfig.from_dict(config["craft"])
+        except (ConfigError, TypeError) as exc:
+            raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
     source = resolve_saved_base(path, config["base"])
     _check_base_shapes(path, source, config["base_config"])
     model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
-    layers = config.get("crafted_layers") or craft_cfg.layers
-    craft(model, craft_cfg, layers=layers)
-    load_new_weights(model, path / config.get("weights", WEIGHTS_NAME))
+    if method != "dense":
+        layers = config.get("crafted_layers") or craft_cfg.layers
+        if method == "upcycle":
+            from ..moe.upcycle import upcycle
+
+            upcycle(model, craft_cfg, layers=layers)
+        else:
+            craft(model, craft_cfg, layers=layers)
+        load_new_weights(model, path / (config.get("weights") or WEIGHTS_NAME))
+    if config.get("lora"):
+        model = _merge_lora(model, path / config["lora"])
     model._sparsecraft_base = source
     model._sparsecraft_path = str(path)
     return model.eval()
+
+
+def _merge_lora(model, lora_dir: Path):
+    """Apply a saved peft LoRA adapter and merge it into the base weights (de-quantising 4-bit ones)."""
+    from peft import PeftModel
+
+    if not lora_dir.is_dir():
+        raise CheckpointError(f"missing LoRA adapter folder {lora_dir}")
+    peft_model = PeftModel.from_pretrained(model, str(lora_dir))
+    merged = peft_model.merge_and_unload()
+    for attr in ("_sparsecraft_base",):
+        if hasattr(model, attr):
+            setattr(merged, attr, getattr(model, attr))
+    return merged
 
 
 def _check_base_shapes(path: Path, source: BaseSource, saved: dict) -> None:
