@@ -13,9 +13,13 @@ import sys
 from ..errors import SparsecraftError
 from . import convert as convert_cmd
 from . import craft as craft_cmd
+from . import export as export_cmd
 from . import generate as generate_cmd
+from . import train as train_cmd
 
-COMMANDS = {"craft": craft_cmd, "generate": generate_cmd, "convert": convert_cmd}
+COMMANDS = {
+    "craft": craft_cmd, "train": train_cmd, "generate": generate_cmd, "export": export_cmd, "convert": convert_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

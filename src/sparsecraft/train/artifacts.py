@@ -1,0 +1,47 @@
+"""What a training run leaves behind: the trained model in sparsecraft's format, and a merged standalone export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..checkpoint.crafted import save_crafted
+from ..craft import is_crafted
+from ..errors import CheckpointError
+
+
+def save_trained(built, out_dir: str | os.PathLike, recipe) -> Path:
+    """Save a trained model: base reference + router/adapters (or upcycled experts) + the LoRA adapter.
+
+    The base weights are frozen during training, so referring to the base is exact; `sparsecraft export`
+    writes a standalone copy with LoRA merged.
+    """
+    lora_model = built.model if recipe.lora.enabled else None
+    return save_crafted(built.inner, out_dir, base=built.source, tokenizer=built.tokenizer, lora_model=lora_model,
+                        extra={"recipe": recipe.to_dict()})
+
+
+def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+    """Load a trained model (LoRA merged into de-quantised base weights) and write it standalone.
+
+    Crafted models become a standalone sparsecraft directory; dense ones a plain transformers directory.
+    """
+    from ..checkpoint.atomic import atomic_directory
+    from ..generation import load_tokenizer_for
+    from ..loading import load
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty")
+    model = load(path, dtype=dtype)
+    try:
+        tokenizer = load_tokenizer_for(path, model)
+    except CheckpointError:
+        tokenizer = None
+    if is_crafted(model):
+        return save_crafted(model, out_dir, standalone=True, tokenizer=tokenizer)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir

@@ -1,0 +1,149 @@
+"""Training checkpoints that survive being killed mid-write, and resume from the last complete one.
+
+A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors), optimizer and
+scheduler state, every rank's RNG state and `state.json` (step, tokens seen). It is written into
+`.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
+always complete; a kill during the write leaves only the `.tmp` folder, which the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+STATE_NAME = "state.json"
+_PREFIX = "step-"
+# Test hook: seconds to sleep after writing and before the rename, so a test can kill a real process mid-save.
+_DELAY_ENV = "SPARSECRAFT_TEST_SAVE_DELAY"
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    """Every RNG a step consumes (dropout, sampling), as JSON-able lists: no pickle in checkpoints."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=lambda: None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically. Every rank calls it (each saves its RNG); rank 0 writes the rest.
+
+    Args:
+        trainable: name -> tensor of every trainable parameter (unwrapped names).
+        state: JSON-serialisable progress (step, tokens seen, ...).
+        barrier: synchronises ranks (accelerator.wait_for_everyone) between the phases.
+    """
+    root = checkpoint_root(output_dir)
+    final = root / f"{_PREFIX}{step:06d}"
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    (tmp / f"rng_{rank}.json").write_text(json.dumps(rng_state()))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
+    barrier()
+    if rank == 0:
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; returns its state dict."""
+    state = json.loads((path / STATE_NAME).read_text())
+    if state.get("world_size", 1) != world_size:
+        raise CheckpointError(
+            f"{path} was written by {state.get('world_size')} processes; resume with the same number ({world_size})"
+        )
+    tensors = load_file(str(path / "trainable.safetensors"))
+    if set(tensors) != set(trainable):
+        missing = sorted(set(trainable) - set(tensors))
+        raise CheckpointError(f"{path} does not match this recipe's trainable parameters (e.g. {missing[:1]})")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(json.loads((path / f"rng_{rank}.json").read_text()))
+    return state

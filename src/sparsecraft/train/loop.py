@@ -1,0 +1,245 @@
+"""The training run a recipe describes, top to bottom: data -> model -> optimizer -> steps -> checkpoints -> model.
+
+Multi-process: run it under `accelerate launch` or `torchrun`; accelerate wraps the model for DDP (or FSDP /
+DeepSpeed from an accelerate config). Each rank reads its own slice of every global batch (see batches.py).
+The LM loss is normalised by the number of target tokens in the whole global step, so any split of a global
+batch over processes and accumulation steps gives the same gradient as one process taking it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .batches import BatchPlan
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
+from .recipe import Recipe
+from .setup import build_model, trainable_parameters
+
+
+@dataclass
+class StepStats:
+    lm_loss: float
+    aux_loss: float | None
+    z_loss: float | None
+    tokens: int
+    counts: torch.Tensor | None
+
+
+def _scheduler(recipe: Recipe, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.optim.schedule]
+    warmup = math.ceil(recipe.optim.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
+
+
+def count_targets(batch: dict) -> int:
+    """Positions the shifted LM loss scores: labels[:, 1:] != -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def train_step(model, batches: list[dict], accelerator, craft_cfg) -> StepStats:
+    """Forward/backward over one optimizer step's micro-batches (gradients accumulate; no optimizer step)."""
+    local_targets = sum(count_targets(b) for b in batches)
+    global_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
+    # DDP averages gradients over ranks, so each rank divides by global/world: the result is the global mean
+    num_items = max(global_targets, 1) / accelerator.num_processes
+    accum = len(batches)
+    lm_sum, aux_sum, z_sum, tokens, counts = 0.0, 0.0, 0.0, 0, None
+    for j, batch in enumerate(batches):
+        sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            out = model(**_model_inputs(batch), num_items_in_batch=num_items)
+            router = 0.0
+            if getattr(out, "aux_loss", None) is not None:
+                router = craft_cfg.aux_loss_coef * out.aux_loss + craft_cfg.z_loss_coef * out.router_z_loss
+            # out.loss adds the router terms once per micro-step; average them over the accumulation instead
+            loss = out.loss - router * (1 - 1 / accum)
+        accelerator.backward(loss)
+        lm_sum += float((out.loss - router).detach()) * num_items
+        if getattr(out, "aux_loss", None) is not None:
+            aux_sum += float(out.aux_loss) / accum
+            z_sum += float(out.router_z_loss) / accum
+            c = out.expert_counts.detach().cpu()
+            counts = c if counts is None else counts + c
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    totals = accelerator.reduce(torch.tensor([lm_sum, aux_sum, z_sum, tokens], device=accelerator.device,
+                                             dtype=torch.float64), "sum")
+    has_router = counts is not None
+    return StepStats(
+        lm_loss=float(totals[0]) / max(global_targets, 1),
+        aux_loss=float(totals[1]) / accelerator.num_processes if has_router else None,
+        z_loss=float(totals[2]) / accelerator.num_processes if has_router else None,
+        tokens=int(totals[3]),
+        counts=counts,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches: int = 0) -> dict:
+    """Held-out LM loss (token mean) overall and per source, sharded over ranks."""
+    if dataset is None or len(dataset) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    if max_batches:
+        batches = batches[:max_batches]
+    for idx in batches:
+        samples = [dataset[i] for i in idx]
+        for sample in samples:  # per-sample losses so that each source gets its own mean
+            batch = _to_device(collator([sample]), accelerator.device)
+            with accelerator.autocast():
+                logits = model(**{k: v for k, v in _model_inputs(batch).items() if k != "labels"}).logits
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                reduction="sum",
+            )
+            n = int((labels != -100).sum())
+            for key in ("all", sample.get("source", "all")):
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += float(loss)
+                acc[1] += n
+    keys = sorted(sums)
+    gathered = accelerator.gather_for_metrics([(k, sums[k]) for k in keys], use_gather_object=True) \
+        if accelerator.num_processes > 1 else [(k, sums[k]) for k in keys]
+    merged: dict[str, list[float]] = {}
+    for key, (s, n) in gathered:
+        acc = merged.setdefault(key, [0.0, 0.0])
+        acc[0] += s
+        acc[1] += n
+    model.train(was_training)
+    return {f"eval_loss/{k}" if k != "all" else "eval_loss": v[0] / max(v[1], 1) for k, v in merged.items()}
+
+
+def run(recipe: Recipe, *, resume: bool = False) -> dict:
+    """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from ..data import DataConfig, load_records, prepare_data
+    from .artifacts import save_trained
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    output = Path(recipe.output_dir)
+    last = latest_checkpoint(output) if resume else None
+    if resume and last is None and main:
+        print(f"no complete checkpoint in {output}/checkpoints; starting from scratch")
+    if not resume and latest_checkpoint(output) is not None:
+        raise ConfigError(f"{output} already holds checkpoints: pass --resume to continue, or another output_dir")
+
+    data_cfg = DataConfig.from_dict(recipe.data)
+    load_records(data_cfg)  # unusable data is an error before any model is loaded
+    set_seed(recipe.train.seed)
+    built = build_model(recipe, device=accelerator.device)
+    prepared = prepare_data(data_cfg, built.tokenizer)
+    if main:
+        print(prepared.report.format())
+    craft_cfg = built.inner._sparsecraft_config if hasattr(built.inner, "_sparsecraft_config") else None
+
+    model = accelerator.prepare_model(built.model)
+    params = trainable_parameters(built.model)
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
+        weight_decay=recipe.optim.weight_decay,
+    )
+    plan = BatchPlan(len(prepared.train), recipe.train.batch_size, accelerator.num_processes,
+                     accelerator.process_index, recipe.train.grad_accum, recipe.train.seed)
+    if plan.micro_steps_per_epoch == 0:
+        raise ConfigError(f"{len(prepared.train)} training samples cannot fill one global batch of "
+                          f"{plan.global_micro_batch}; lower train.batch_size")
+    total_steps = plan.total_steps(recipe.train.epochs, recipe.train.max_steps)
+    scheduler = _scheduler(recipe, optimizer, total_steps)
+    start, state = 0, {"tokens": 0, "seconds": 0.0}
+    metrics = MetricsLog(output, enabled=main, tensorboard=recipe.logging.tensorboard)
+    if last is not None:
+        state = load_checkpoint(last, params, optimizer, scheduler, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes)
+        start = state["step"]
+        if main:
+            truncate_after(metrics.path, start)
+            print(f"resumed from {last} (step {start} of {total_steps})")
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+
+    model.train()
+    bar = progress_bar(total_steps, start, enabled=main and recipe.logging.progress)
+    tokens, seconds = state.get("tokens", 0), state.get("seconds", 0.0)
+    first_loss = state.get("first_loss")
+    last_stats = None
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        batches = [_to_device(prepared.collator([prepared.train[i] for i in idx]), accelerator.device)
+                   for idx in plan.rank_indices(step)]
+        stats = train_step(model, batches, accelerator, craft_cfg)
+        grad_norm = None
+        if recipe.optim.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), recipe.optim.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tokens += stats.tokens
+        seconds += dt
+        first_loss = stats.lm_loss if first_loss is None else first_loss
+        last_stats = stats
+        done = step + 1
+        record = {"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": stats.lm_loss,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": stats.tokens / dt if dt > 0 else None}
+        if stats.aux_loss is not None:
+            record.update(aux_loss=stats.aux_loss, z_loss=stats.z_loss, load_imbalance=load_imbalance(stats.counts),
+                          expert_load=expert_load(stats.counts))
+        if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done < total_steps:
+            record.update(evaluate(model, prepared.eval, prepared.collator, recipe.train.batch_size, accelerator,
+                                   recipe.train.eval_batches))
+        if done % recipe.logging.every == 0 or done == total_steps:
+            metrics.log(record)
+        bar.set_postfix(loss=f"{stats.lm_loss:.3f}", aux=f"{stats.aux_loss:.3f}" if stats.aux_loss else "-",
+                        tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        bar.update(1)
+        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
+            save_checkpoint(output, done, params, optimizer, scheduler,
+                            {"tokens": tokens, "seconds": seconds, "first_loss": first_loss},
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep)
+    bar.close()
+    final_eval = evaluate(model, prepared.eval, prepared.collator, recipe.train.batch_size, accelerator,
+                          recipe.train.eval_batches)
+    summary = {
+        "method": recipe.method, "steps": total_steps, "first_loss": first_loss,
+        "final_loss": last_stats.lm_loss if last_stats else None, "tokens": tokens, "train_seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None, **final_eval,
+        "trainable_params": sum(p.numel() for p in params.values()),
+        "world_size": accelerator.num_processes,
+    }
+    if main:
+        metrics.log({"step": total_steps, **{k: v for k, v in final_eval.items()}})
+        metrics.close()
+        model_dir = save_trained(built, output / "model", recipe)
+        summary["model_dir"] = str(model_dir)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,56 @@
+"""NF4 base weights through bitsandbytes.
+
+Bases that `from_pretrained` can quantise on load use `BitsAndBytesConfig` (the memory-efficient path). GGUF
+bases cannot (transformers refuses to combine GGUF and quantisation), so their de-quantised Linear layers are
+swapped for `bnb.nn.Linear4bit` in place. Either way it happens BEFORE crafting, so routers and adapters are
+never quantised; `lm_head` stays in 16/32 bit as bitsandbytes leaves it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+SKIP_MODULES = ("lm_head",)
+
+
+def bnb_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(SKIP_MODULES),
+    )
+
+
+def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = SKIP_MODULES) -> int:
+    """Replace every `nn.Linear` (except `skip` names and sparsecraft's `.moe.` modules) by an NF4
+    double-quantised `Linear4bit` holding the same weights. Returns how many layers were replaced."""
+    import bitsandbytes as bnb
+
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.split(".")[-1] not in skip and ".moe." not in f".{name}."
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        device = linear.weight.device
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+            quant_type="nf4", compress_statistics=True, device="meta",
+        )
+        weight = bnb.nn.Params4bit(
+            linear.weight.data.to("cpu", torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
+            compress_statistics=True,
+        )
+        q.weight = weight._quantize(device) if device.type != "meta" else weight
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        setattr(parent, child, q)
+    model.is_loaded_in_4bit = True  # what peft's k-bit preparation looks for
+    return len(targets)

@@ -1,0 +1,228 @@
+"""Training recipes: one YAML file holds a whole run; any field can be overridden as `a.b=value`.
+
+The recipe only names things the code exposes: every section is a dataclass below, unknown fields and wrong
+types are one-line `ConfigError`s raised before any data or model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import CraftConfig
+from ..errors import ConfigError
+
+METHODS = ("pesc", "dense", "upcycle")
+QUANTIZATIONS = ("nf4", "none")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft on attention (and optionally the shared FFN). Defaults from the PESC reference."""
+
+    enabled: bool = True
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    ffn: bool = False  # also LoRA on the shared FFN (gate/up/down), as the reference training did
+    ffn_targets: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "gate_up_proj"])
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 0.3
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 4  # per process, per micro-step
+    grad_accum: int = 1
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batches: int = 0  # 0: the whole held-out split
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 50  # optimizer steps; 0 disables intermediate checkpoints
+    keep: int = 2
+
+
+@dataclass
+class LoggingSettings:
+    every: int = 1
+    tensorboard: bool = True  # when tensorboard is installed
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    """A whole training run."""
+
+    model: str = "smollm2-135m"
+    method: str = "pesc"
+    output_dir: str = "runs/sparsecraft"
+    quantization: str = "nf4"
+    adapter_dtype: str = "float32"  # router/adapters: float32 or bfloat16, never quantised
+    craft: dict = field(default_factory=dict)  # CraftConfig fields
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: dict = field(default_factory=dict)  # sparsecraft.data.DataConfig fields
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def validate(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("adapter_dtype", self.adapter_dtype, ("float32", "bfloat16"))
+        _choice("train.precision", self.train.precision, PRECISIONS)
+        _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        for name, value in (("train.batch_size", self.train.batch_size), ("train.grad_accum", self.train.grad_accum),
+                            ("lora.r", self.lora.r), ("checkpoint.keep", self.checkpoint.keep),
+                            ("logging.every", self.logging.every)):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.train.max_steps < 0 or self.train.epochs <= 0:
+            raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
+        if self.optim.lr <= 0 or not 0 <= self.optim.warmup_ratio < 1 or self.optim.max_grad_norm < 0:
+            raise ConfigError("optim: lr must be > 0, warmup_ratio in [0, 1), max_grad_norm >= 0")
+        if self.method != "dense":
+            self.craft_config()  # validates the craft section
+        if not self.data.get("sources"):
+            raise ConfigError("data.sources is empty: name at least one data file (or pass data=FILE)")
+        from ..data import DataConfig
+
+        DataConfig.from_dict(self.data)
+
+    def craft_config(self) -> CraftConfig:
+        return CraftConfig.from_dict(self.craft)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp) -> Any:
+    """Check `value` against the annotated type `tp`, allowing int where float is expected."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(tp, Any)
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(path, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} has the wrong type")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{path} must be int, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{path} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown recipe field {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["a.b=1", "data=x.jsonl"]` -> nested dict; values parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. max_steps=10)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+# Shorthands a user types often: `max_steps=10` means `train.max_steps=10`.
+_SHORTHANDS = {
+    "max_steps": ("train", "max_steps"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"), "seed": ("train", "seed"), "lr": ("optim", "lr"),
+    "experts": ("craft", "num_experts"), "top_k": ("craft", "top_k"), "adapter_dim": ("craft", "adapter_dim"),
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if key in _SHORTHANDS and not isinstance(value, dict):
+            section, name = _SHORTHANDS[key]
+            out[section] = _merge(out.get(section) or {}, {name: value})
+        elif key == "data" and not isinstance(value, dict):
+            # data=FILE replaces the sources with one file of detected format
+            out["data"] = {**(out.get("data") or {}), "sources": [{"path": str(value)}], "eval_sources": []}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe and apply `key=value` overrides (relative paths are relative to the working directory)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = _merge(data, parse_overrides(overrides or []))
+    recipe = _build(Recipe, data)
+    recipe.validate()
+    return recipe

@@ -1,0 +1,102 @@
+"""Recipe -> trainable model: load the base (NF4 or not), apply the method (pesc | upcycle | dense), add LoRA
+through peft, and leave exactly router, adapters/experts and LoRA trainable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..craft import craft, is_crafted
+from ..errors import ConfigError
+from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
+from .quantize import bnb_config, quantize_linears_nf4
+from .recipe import Recipe
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module  # what the loop trains: a peft model when LoRA is on, else the (crafted) transformers model
+    inner: nn.Module  # the transformers model inside (crafted, with LoRA layers injected when LoRA is on)
+    tokenizer: object
+    source: BaseSource
+    compute_dtype: torch.dtype
+
+
+def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware supports it (CUDA with bf16) for `auto`; fp32 on the CPU, where bf16 matmuls are
+    emulated on most machines and slower than fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_base(recipe: Recipe, source: BaseSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    if recipe.quantization == "nf4":
+        if source.gguf_file:
+            model = load_base_model(source, dtype=torch.float32)
+            quantize_linears_nf4(model.to(device), compute_dtype=dtype)
+            return model
+        return load_base_model(source, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device})
+    return load_base_model(source, dtype=dtype).to(device)
+
+
+def lora_targets(recipe: Recipe, model: nn.Module) -> list[str]:
+    """Module-name suffixes for LoRA that exist in this model (FFN names only when `lora.ffn`)."""
+    wanted = list(recipe.lora.targets) + (list(recipe.lora.ffn_targets) if recipe.lora.ffn else [])
+    present = {name.split(".")[-1] for name, m in model.named_modules() if ".moe." not in f".{name}."}
+    found = [t for t in wanted if t in present]
+    if not found:
+        raise ConfigError(f"none of the LoRA targets {wanted} exist in {type(model).__name__}")
+    return found
+
+
+def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltModel:
+    """Load, quantise, craft/upcycle, LoRA-wrap and freeze according to the recipe."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    device = torch.device(device)
+    source = resolve_base(recipe.model)
+    dtype = compute_dtype_for(recipe.train.precision, device)
+    model = _load_base(recipe, source, dtype, device)
+    model._sparsecraft_base = source
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter_dtype = torch.float32 if recipe.adapter_dtype == "float32" else torch.bfloat16
+    if recipe.method == "pesc":
+        craft(model, recipe.craft_config(), seed=recipe.train.seed, adapter_dtype=adapter_dtype)
+    elif recipe.method == "upcycle":
+        from ..moe.upcycle import upcycle
+
+        upcycle(model, recipe.craft_config(), seed=recipe.train.seed)
+    if recipe.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    inner = model
+    if recipe.lora.enabled:
+        config = LoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=lora_targets(recipe, inner), bias="none", task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(inner, config)
+    for name, p in inner.named_parameters():
+        if ".moe." in f".{name}":
+            p.requires_grad_(True)
+    if recipe.train.gradient_checkpointing:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.config.use_cache = False
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise ConfigError(f"base {recipe.model} has no tokenizer; training needs one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    assert recipe.method == "dense" or is_crafted(inner)
+    return BuiltModel(model=model, inner=inner, tokenizer=tokenizer, source=source, compute_dtype=dtype)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
