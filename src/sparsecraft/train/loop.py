@@ -47,7 +47,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
+    # no KV cache in training: transformers only detects packed samples (position_ids resets) without one
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
+    return {**inputs, "use_cache": False}
 
 
 def count_targets(batch: dict) -> int:
@@ -79,7 +81,7 @@ def train_step(model, batches: list[dict], accelerator, craft_cfg) -> StepStats:
             z_sum += float(out.router_z_loss) / accum
             c = out.expert_counts.detach().cpu()
             counts = c if counts is None else counts + c
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
     totals = accelerator.reduce(torch.tensor([lm_sum, aux_sum, z_sum, tokens], device=accelerator.device,
                                              dtype=torch.float64), "sum")
     has_router = counts is not None
@@ -137,7 +139,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ..data import DataConfig, load_records, prepare_data
+    from ..data import DataConfig, load_records, prepare_data, resolve_template
     from .artifacts import save_trained
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -150,10 +152,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         raise ConfigError(f"{output} already holds checkpoints: pass --resume to continue, or another output_dir")
 
     data_cfg = DataConfig.from_dict(recipe.data)
-    load_records(data_cfg)  # unusable data is an error before any model is loaded
+    loaded = load_records(data_cfg)  # unusable data is an error before any model is loaded
     set_seed(recipe.train.seed)
     built = build_model(recipe, device=accelerator.device)
-    prepared = prepare_data(data_cfg, built.tokenizer)
+    prepared = prepare_data(data_cfg, built.tokenizer, loaded=loaded)
+    # generation must prompt the way training formatted the data
+    built.tokenizer.chat_template = resolve_template(built.tokenizer, data_cfg.template)
     if main:
         print(prepared.report.format())
     craft_cfg = built.inner._sparsecraft_config if hasattr(built.inner, "_sparsecraft_config") else None

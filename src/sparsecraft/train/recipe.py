@@ -146,6 +146,11 @@ def _coerce(path: str, value: Any, tp) -> Any:
         raise ConfigError(f"{path}: {value!r} has the wrong type")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{path} must be int, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
@@ -171,20 +176,21 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`["a.b=1", "data=x.jsonl"]` -> nested dict; values parsed as YAML scalars/lists."""
-    nested: dict = {}
+def parse_overrides(items: list[str]) -> list[dict]:
+    """`["a.b=1", "data=x.jsonl"]` -> one nested dict per item, applied in order; values parsed as YAML."""
+    parsed = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. max_steps=10)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        for part in reversed(key.strip().split(".")):
+            value = {part: value}
+        parsed.append(value)
+    return parsed
 
 
 # Shorthands a user types often: `max_steps=10` means `train.max_steps=10`.
@@ -195,17 +201,17 @@ _SHORTHANDS = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, top: bool = True) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if key in _SHORTHANDS and not isinstance(value, dict):
+        if top and key in _SHORTHANDS and not isinstance(value, dict):
             section, name = _SHORTHANDS[key]
-            out[section] = _merge(out.get(section) or {}, {name: value})
-        elif key == "data" and not isinstance(value, dict):
+            out[section] = _merge(out.get(section) or {}, {name: value}, top=False)
+        elif top and key == "data" and not isinstance(value, dict):
             # data=FILE replaces the sources with one file of detected format
             out["data"] = {**(out.get("data") or {}), "sources": [{"path": str(value)}], "eval_sources": []}
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, top=False)
         else:
             out[key] = value
     return out
@@ -222,7 +228,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    data = _merge(data, parse_overrides(overrides or []))
+    for override in parse_overrides(overrides or []):
+        data = _merge(data, override)
     recipe = _build(Recipe, data)
     recipe.validate()
     return recipe

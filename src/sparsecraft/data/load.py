@@ -1,0 +1,106 @@
+"""`load_records`: files → validated conversations → the mixed train split and the held-out split.
+
+Needs no tokenizer and no model, so bad data fails before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from itertools import chain, islice
+from pathlib import Path
+
+from datasets import Dataset, concatenate_datasets
+
+from .config import DataConfig, DataError, DataSource
+from .files import iter_records
+from .formats import BadRecord, detect_file_format, normalise
+from .mixing import draw, plan_counts, rng_for, split_eval
+from .report import DataReport, SourceReport
+
+DETECT_FROM = 16  # records looked at to detect a file's layout
+
+_TRAIN_DRAW, _EVAL_SPLIT, _EVAL_DRAW = 0, 1, 2  # RNG purposes
+
+
+def load_source(source: DataSource, split: str = "train") -> tuple[list[dict], SourceReport]:
+    """The usable conversations of one file (`{"messages": [...], "source": name}`) and its report.
+
+    Raises `DataError` when the layout cannot be detected or no record is usable.
+    """
+    path = Path(source.path)
+    report = SourceReport(name=source.display_name, path=str(path), format=source.format, split=split)
+    items = iter_records(path)
+    head = list(islice(items, DETECT_FROM * 4))  # room for bad lines before the first records
+    if source.format == "auto":
+        fmt = detect_file_format([r for _, r in head if not isinstance(r, BadRecord)][:DETECT_FROM])
+        if fmt is None:
+            keys = next((sorted(r) for _, r in head if isinstance(r, dict)), None)
+            seen = (f"first record keys: {', '.join(keys)}" if keys is not None
+                    else "no JSON object in the first records")
+            raise DataError(f"{path}: cannot tell the record format ({seen}); set format: to one of "
+                            "sharegpt, messages, alpaca, metamath, magicoder, camelidae")
+        report.format = fmt
+    records = []
+    for where, record in chain(head, items):
+        report.read += 1
+        if isinstance(record, BadRecord):
+            report.skip(record.reason, f"{path}:{where}", record.detail)
+            continue
+        try:
+            messages = normalise(record, report.format)
+        except BadRecord as bad:
+            report.skip(bad.reason, f"{path}:{where}", bad.detail)
+            continue
+        records.append({"messages": messages, "source": report.name})
+    report.valid = len(records)
+    if not records:
+        why = "the file holds no record"
+        if report.examples:
+            why = f"skipped {sum(report.skipped.values())}: {report.skipped_summary()}; first: {report.examples[0]}"
+        raise DataError(f"{path}: no usable {report.format} record out of {report.read} ({why})")
+    return records, report
+
+
+def _mix(pools: list[list[dict]], sources: list[DataSource], reports: list[SourceReport], total: int | None,
+         seed: int, purpose: int, split: str, notes: list[str]) -> Dataset:
+    """Draw each source's planned count, concatenate, shuffle."""
+    counts, caps = plan_counts(sources, [len(p) for p in pools], total)
+    notes += caps
+    parts = []
+    for i, (pool, count, report) in enumerate(zip(pools, counts, reports)):
+        setattr(report, split, count)
+        indices = draw(len(pool), count, rng_for(seed, i, purpose))
+        parts.append(Dataset.from_list(pool).select(indices) if count else None)
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise DataError(f"data: the {split} split is empty")
+    return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+
+
+def load_records(config: DataConfig) -> tuple[Dataset, Dataset | None, DataReport]:
+    """(train records, held-out records or None, report). Records have columns `messages` (list of
+    `{role, content}`) and `source`. Deterministic for `config.seed`."""
+    report = DataReport()
+    loaded = [load_source(s) for s in config.sources]
+    pools = [records for records, _ in loaded]
+    reports = [r for _, r in loaded]
+    report.sources += reports
+    eval_ds = None
+    if config.eval_sources:
+        eval_loaded = [load_source(s, split="eval") for s in config.eval_sources]
+        report.sources += [r for _, r in eval_loaded]
+        eval_ds = _mix([r for r, _ in eval_loaded], config.eval_sources, [r for _, r in eval_loaded], None,
+                       config.seed, _EVAL_DRAW, "eval", report.notes)
+    elif config.eval_fraction > 0:
+        eval_parts = []
+        for i, (records, src_report) in enumerate(zip(pools, reports)):
+            train_idx, eval_idx = split_eval(len(records), config.eval_fraction, rng_for(config.seed, i, _EVAL_SPLIT))
+            eval_parts += [records[j] for j in eval_idx]
+            src_report.eval = len(eval_idx)
+            if len(eval_idx) == 0:
+                src_report.notes.append("too few records to hold any out for eval")
+            pools[i] = [records[j] for j in train_idx]
+        eval_ds = Dataset.from_list(eval_parts).shuffle(seed=config.seed).flatten_indices() if eval_parts else None
+    train_ds = _mix(pools, config.sources, reports, config.total, config.seed, _TRAIN_DRAW, "train", report.notes)
+    report.train_records = len(train_ds)
+    report.eval_records = len(eval_ds) if eval_ds is not None else 0
+    return train_ds, eval_ds, report
