@@ -58,6 +58,8 @@ class RoutingRecorder:
 
     active: bool = False
     records: list = field(default_factory=list)
+    # set by the training loop under multi-process training: router losses over the global batch
+    sync_across_processes: bool = False
 
     def start(self) -> None:
         self.records = []

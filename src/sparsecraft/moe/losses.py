@@ -13,8 +13,26 @@ def _valid(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t if mask is None else t[mask.to(device=t.device, dtype=torch.bool)]
 
 
+def _global_sum(t: torch.Tensor, sync: bool) -> torch.Tensor:
+    """Sum over processes when `sync` and torch.distributed is up (no gradient flows through it)."""
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _world(sync: bool) -> int:
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def load_balancing_loss(
-    logits: torch.Tensor, indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    indices: torch.Tensor,
+    num_experts: int,
+    mask: torch.Tensor | None = None,
+    sync: bool = False,
 ) -> torch.Tensor:
     """Switch Transformer loss `E * sum_i f_i * P_i` (without the coefficient alpha).
 
@@ -22,6 +40,8 @@ def load_balancing_loss(
         logits: router logits `[N, E]`.
         indices: chosen experts `[N, k]`.
         mask: bool `[N]`, True for real (non-padding) tokens; None means all tokens count.
+        sync: compute `f_i` and the token count over all processes (every rank must call it), and scale so that
+            DDP's gradient averaging yields exactly the gradient of the loss over the global batch.
 
     Returns:
         A scalar fp32 tensor; 1.0 for perfectly uniform routing, up to E when all tokens go to one expert.
@@ -30,21 +50,26 @@ def load_balancing_loss(
     """
     logits = _valid(logits.float(), mask)
     indices = _valid(indices, mask)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
     probs = torch.softmax(logits, dim=-1)
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)
-    fraction = counts / indices.numel()
-    mean_prob = probs.mean(dim=0)
+    stats = _global_sum(torch.cat([counts, counts.new_tensor([logits.shape[0]])]), sync)
+    counts, num_tokens = stats[:-1], stats[-1]
+    if num_tokens == 0:
+        return logits.sum() * 0.0
+    fraction = counts / (num_tokens * indices.shape[-1])
+    mean_prob = probs.sum(dim=0) / num_tokens * _world(sync)
     return num_experts * torch.sum(fraction * mean_prob)
 
 
-def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of `logsumexp(logits)^2`. `logits: [N, E]`, `mask: [N]`."""
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None, sync: bool = False) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of `logsumexp(logits)^2`. `logits: [N, E]`, `mask: [N]`.
+
+    With `sync`, the mean is over the tokens of all processes (see `load_balancing_loss`)."""
     logits = _valid(logits.float(), mask)
-    if logits.shape[0] == 0:
+    num_tokens = _global_sum(logits.new_tensor(float(logits.shape[0])), sync)
+    if num_tokens == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / num_tokens * _world(sync)
 
 
 def expert_counts(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:

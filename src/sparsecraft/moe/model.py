@@ -47,16 +47,18 @@ def token_mask_for(record: RoutingRecord, attention_mask: torch.Tensor | None) -
 
 
 def router_losses(
-    records: list[RoutingRecord], num_experts: int, attention_mask: torch.Tensor | None
+    records: list[RoutingRecord], num_experts: int, attention_mask: torch.Tensor | None, sync: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Balance loss and z-loss averaged over layers, and `[L, E]` expert counts, all over real tokens only."""
+    """Balance loss and z-loss averaged over layers, and `[L, E]` expert counts, all over real tokens only.
+
+    `sync`: statistics over all processes' tokens (multi-process training; every rank must take part)."""
     device = records[0].logits.device
     balance, z, counts = [], [], []
     for rec in records:
         mask = token_mask_for(rec, attention_mask)
         logits = rec.logits_for_loss()
-        balance.append(load_balancing_loss(logits, rec.indices, num_experts, mask).to(device))
-        z.append(router_z_loss(logits, mask).to(device))
+        balance.append(load_balancing_loss(logits, rec.indices, num_experts, mask, sync).to(device))
+        z.append(router_z_loss(logits, mask, sync).to(device))
         counts.append(expert_counts(rec.indices, num_experts, mask).to(device))
     return torch.stack(balance).mean(), torch.stack(z).mean(), torch.stack(counts)
 
@@ -106,7 +108,8 @@ def _pesc_lm_forward(self, *args, **kwargs):
     aux = z = counts = None
     loss = out.loss
     if records and need_losses:
-        aux, z, counts = router_losses(records, craft_cfg.num_experts, attention_mask)
+        sync = recorder.sync_across_processes and self.training
+        aux, z, counts = router_losses(records, craft_cfg.num_experts, attention_mask, sync)
         if loss is not None:
             loss = loss + craft_cfg.aux_loss_coef * aux.to(loss.device) + craft_cfg.z_loss_coef * z.to(loss.device)
     result = PescCausalLMOutput(

@@ -77,8 +77,8 @@ def train_step(model, batches: list[dict], accelerator, craft_cfg) -> StepStats:
         accelerator.backward(loss)
         lm_sum += float((out.loss - router).detach()) * num_items
         if getattr(out, "aux_loss", None) is not None:
-            aux_sum += float(out.aux_loss) / accum
-            z_sum += float(out.router_z_loss) / accum
+            aux_sum += float(out.aux_loss.detach()) / accum
+            z_sum += float(out.router_z_loss.detach()) / accum
             c = out.expert_counts.detach().cpu()
             counts = c if counts is None else counts + c
         tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
@@ -87,6 +87,7 @@ def train_step(model, batches: list[dict], accelerator, craft_cfg) -> StepStats:
     has_router = counts is not None
     return StepStats(
         lm_loss=float(totals[0]) / max(global_targets, 1),
+        # under multi-process training each rank's value is scaled by the world size; the mean is the global loss
         aux_loss=float(totals[1]) / accelerator.num_processes if has_router else None,
         z_loss=float(totals[2]) / accelerator.num_processes if has_router else None,
         tokens=int(totals[3]),
@@ -161,6 +162,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     if main:
         print(prepared.report.format())
     craft_cfg = built.inner._sparsecraft_config if hasattr(built.inner, "_sparsecraft_config") else None
+    if craft_cfg is not None:
+        # the load-balancing loss sees the global micro-batch, as one process would
+        built.inner._sparsecraft_recorder.sync_across_processes = accelerator.num_processes > 1
 
     model = accelerator.prepare_model(built.model)
     params = trainable_parameters(built.model)

@@ -87,7 +87,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         if ".moe." in f".{name}":
             p.requires_grad_(True)
     if recipe.train.gradient_checkpointing:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.activation_checkpointing_enable({"use_reentrant": False})
         inner.config.use_cache = False
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
