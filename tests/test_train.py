@@ -86,12 +86,21 @@ def test_recipe_file_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("method", ["pesc", "dense", "upcycle"])
 def test_each_method_reduces_loss_and_saves_loadable_model(workdir, tmp_path, method):
-    summary = run(load_recipe(None, recipe_args(workdir, tmp_path / method, f"method={method}")))
+    summary = run(load_recipe(None, recipe_args(workdir, tmp_path / method, f"method={method}",
+                                                 "data.eval_fraction=0.25")))
     assert summary["final_loss"] < summary["first_loss"] - 0.2
+    assert summary["eval_loss"] < summary["initial_eval_loss"]  # held-out loss measured before and after
+    assert summary["eval_loss/data"] == pytest.approx(summary["eval_loss"])  # one source: per-source = overall
     model = sparsecraft.load(summary["model_dir"])
     assert sparsecraft.is_crafted(model) == (method != "dense")
     config = json.loads((Path(summary["model_dir"]) / "config.json").read_text())
     assert config["method"] == method and config["lora"] == "lora"
+
+
+def test_packed_training_reduces_loss(workdir, tmp_path):
+    summary = run(load_recipe(None, recipe_args(workdir, tmp_path / "packed", "data.packing=true",
+                                                 "data.eval_fraction=0.25")))
+    assert summary["final_loss"] < summary["first_loss"] - 0.2 and summary["eval_loss"] < summary["initial_eval_loss"]
 
 
 def test_pesc_trains_only_router_adapters_and_lora(workdir, tmp_path):

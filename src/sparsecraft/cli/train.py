@@ -20,9 +20,10 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run_recipe(recipe, resume=args.resume)
     if "model_dir" in summary:
-        loss = summary.get("eval_loss")
-        print(f"trained {recipe.method} for {summary['steps']} steps: loss {summary['first_loss']:.3f} -> "
-              f"{summary['final_loss']:.3f}" + (f", held-out {loss:.3f}" if loss is not None else ""))
+        loss, before = summary.get("eval_loss"), summary.get("initial_eval_loss")
+        held_out = f", held-out loss {before:.3f} -> {loss:.3f}" if loss is not None and before is not None else ""
+        print(f"trained {recipe.method} for {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
+              f"train loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{held_out}")
         print(f"model written to {summary['model_dir']}; logs in {recipe.output_dir}/metrics.jsonl")
         print(f"try it: sparsecraft generate {summary['model_dir']} --prompt \"What is 15% of 240?\"")
     return 0

@@ -109,19 +109,18 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
         batches = batches[:max_batches]
     for idx in batches:
         samples = [dataset[i] for i in idx]
-        for sample in samples:  # per-sample losses so that each source gets its own mean
-            batch = _to_device(collator([sample]), accelerator.device)
-            with accelerator.autocast():
-                logits = model(**{k: v for k, v in _model_inputs(batch).items() if k != "labels"}).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                reduction="sum",
-            )
-            n = int((labels != -100).sum())
+        batch = _to_device(collator(samples), accelerator.device)
+        with accelerator.autocast():
+            logits = model(**{k: v for k, v in _model_inputs(batch).items() if k != "labels"}).logits
+        labels = batch["labels"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # [B, T-1]
+        row_loss, row_count = token_loss.sum(-1), (labels != -100).sum(-1)
+        for sample, loss, n in zip(samples, row_loss.tolist(), row_count.tolist()):
             for key in ("all", sample.get("source", "all")):
                 acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += float(loss)
+                acc[0] += loss
                 acc[1] += n
     keys = sorted(sums)
     gathered = accelerator.gather_for_metrics([(k, sums[k]) for k in keys], use_gather_object=True) \
@@ -140,7 +139,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ..data import DataConfig, load_records, prepare_data, resolve_template
+    from ..data import DataConfig, PaddingCollator, load_records, prepare_data, resolve_template
+    from ..data.collate import pad_id_of
     from .artifacts import save_trained
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -159,6 +159,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     prepared = prepare_data(data_cfg, built.tokenizer, loaded=loaded)
     # generation must prompt the way training formatted the data
     built.tokenizer.chat_template = resolve_template(built.tokenizer, data_cfg.template)
+    eval_collator = PaddingCollator(pad_id_of(built.tokenizer))  # per-sample losses need unpacked rows
     if main:
         print(prepared.report.format())
     craft_cfg = built.inner._sparsecraft_config if hasattr(built.inner, "_sparsecraft_config") else None
@@ -192,6 +193,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
 
+    initial_eval = state.get("initial_eval")
+    if initial_eval is None:
+        initial_eval = evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
+                                recipe.train.eval_batches)
+        if main and initial_eval:
+            metrics.log({"step": 0, **initial_eval})
     model.train()
     bar = progress_bar(total_steps, start, enabled=main and recipe.logging.progress)
     tokens, seconds = state.get("tokens", 0), state.get("seconds", 0.0)
@@ -221,7 +228,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
             record.update(aux_loss=stats.aux_loss, z_loss=stats.z_loss, load_imbalance=load_imbalance(stats.counts),
                           expert_load=expert_load(stats.counts))
         if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done < total_steps:
-            record.update(evaluate(model, prepared.eval, prepared.collator, recipe.train.batch_size, accelerator,
+            record.update(evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
                                    recipe.train.eval_batches))
         if done % recipe.logging.every == 0 or done == total_steps:
             metrics.log(record)
@@ -230,16 +237,18 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         bar.update(1)
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
             save_checkpoint(output, done, params, optimizer, scheduler,
-                            {"tokens": tokens, "seconds": seconds, "first_loss": first_loss},
+                            {"tokens": tokens, "seconds": seconds, "first_loss": first_loss,
+                             "initial_eval": initial_eval},
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep)
     bar.close()
-    final_eval = evaluate(model, prepared.eval, prepared.collator, recipe.train.batch_size, accelerator,
+    final_eval = evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
                           recipe.train.eval_batches)
     summary = {
         "method": recipe.method, "steps": total_steps, "first_loss": first_loss,
         "final_loss": last_stats.lm_loss if last_stats else None, "tokens": tokens, "train_seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None, **final_eval,
+        **{f"initial_{k}": v for k, v in (initial_eval or {}).items()},
         "trainable_params": sum(p.numel() for p in params.values()),
         "world_size": accelerator.num_processes,
     }
