@@ -149,6 +149,30 @@ def test_nf4_qlora_pesc_trains_on_cpu(workdir, tmp_path):
     assert summary["final_loss"] < summary["first_loss"] - 0.2
 
 
+def test_nf4_gradients_unchanged_by_an_eval_forward(workdir, tmp_path):
+    """bitsandbytes repacks NF4 weights for its CPU inference kernel on the first eval forward (on AVX512-BF16
+    machines), after which training gradients go through a kernel without autograd; held-out evaluation during
+    training must not change the gradients."""
+    from accelerate.utils import set_seed
+
+    recipe = load_recipe(None, recipe_args(workdir, tmp_path / "q", "quantization=nf4"))
+    ids = torch.randint(5, 100, (2, 12))
+    grads = []
+    for evaluate_first in (False, True):
+        set_seed(0)
+        built = build_model(recipe)
+        if evaluate_first:
+            built.model.eval()
+            with torch.no_grad():
+                built.model(input_ids=ids)
+        built.model.train()
+        built.model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in built.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_bad_data_fails_before_the_model_loads(capsys, workdir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": 1, "response": "x"}\nnot json\n{"query": "q", "response": ""}\n')

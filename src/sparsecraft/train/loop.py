@@ -137,7 +137,7 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
 def run(recipe: Recipe, *, resume: bool = False) -> dict:
     """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from ..data import DataConfig, PaddingCollator, load_records, prepare_data, resolve_template
     from ..data.collate import pad_id_of
@@ -167,12 +167,16 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         # the load-balancing loss sees the global micro-batch, as one process would
         built.inner._sparsecraft_recorder.sync_across_processes = accelerator.num_processes > 1
 
-    model = accelerator.prepare_model(built.model)
     params = trainable_parameters(built.model)
     optimizer = torch.optim.AdamW(
         params.values(), lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
         weight_decay=recipe.optim.weight_decay,
     )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # these engines own the optimizer; prepared together (not exercised on this CPU-only project's CI)
+        model, optimizer = accelerator.prepare(built.model, optimizer)
+    else:
+        model = accelerator.prepare_model(built.model)  # DDP (or nothing on one process)
     plan = BatchPlan(len(prepared.train), recipe.train.batch_size, accelerator.num_processes,
                      accelerator.process_index, recipe.train.grad_accum, recipe.train.seed)
     if plan.micro_steps_per_epoch == 0:

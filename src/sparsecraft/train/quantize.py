@@ -26,6 +26,31 @@ def bnb_config(compute_dtype: torch.dtype):
     )
 
 
+def keep_trainable_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its CPU inference kernel.
+
+    bitsandbytes 0.50 converts a `Linear4bit`'s weights in place to a CPU-only packed layout the first time it
+    runs in eval mode on an AVX512-BF16 CPU, and never converts back: later training forwards go through
+    `gemv_4bit`, which has no autograd kernel, so gradients through the layer are silently wrong. A held-out
+    evaluation during training would trigger it. Returns the number of layers changed.
+    """
+    import bitsandbytes as bnb
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state
+                )
+            changed += 1
+    return changed
+
+
 def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = SKIP_MODULES) -> int:
     """Replace every `nn.Linear` (except `skip` names and sparsecraft's `.moe.` modules) by an NF4
     double-quantised `Linear4bit` holding the same weights. Returns how many layers were replaced."""

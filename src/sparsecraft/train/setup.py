@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..craft import craft, is_crafted
 from ..errors import ConfigError
 from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
-from .quantize import bnb_config, quantize_linears_nf4
+from .quantize import bnb_config, keep_trainable_layout, quantize_linears_nf4
 from .recipe import Recipe
 
 
@@ -76,6 +76,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         upcycle(model, recipe.craft_config(), seed=recipe.train.seed)
     if recipe.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_trainable_layout(model)
     inner = model
     if recipe.lora.enabled:
         config = LoraConfig(
