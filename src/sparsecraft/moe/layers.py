@@ -71,6 +71,27 @@ class RoutingRecorder:
         return records
 
 
+def route_and_record(block: nn.Module, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route `x_flat: [N, h]` with `block.router` and record the routing for the model-level losses.
+
+    Shared by every MoE block (PESC, upcycled): `block` has `config`, `router`, `recorder`, `layer_index`.
+    Returns gates `[N, k]` and expert indices `[N, k]`.
+    """
+    cfg = block.config
+    compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x_flat.dtype
+    gates, indices, logits = route(x_flat, block.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
+                                   compute_dtype)
+    recorder = block.recorder
+    if recorder is not None and recorder.active:
+        record = RoutingRecord(block.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
+        if not logits.requires_grad and block.training and block.router.weight.requires_grad:
+            # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
+            record.router_input = x_flat.detach().to(compute_dtype)
+            record.router_weight = block.router.weight
+        recorder.records.append(record)
+    return gates, indices
+
+
 class PescMoE(nn.Module):
     """Router + adapter experts on a shared FFN output.
 
@@ -100,17 +121,7 @@ class PescMoE(nn.Module):
         shape = ffn_out.shape
         x_flat = x.reshape(-1, shape[-1])
         f_flat = ffn_out.reshape(-1, shape[-1])
-        compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x.dtype
-        gates, indices, logits = route(
-            x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk, compute_dtype
-        )
-        if self.recorder is not None and self.recorder.active:
-            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
-            if not logits.requires_grad and self.training and self.router.weight.requires_grad:
-                # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
-                record.router_input = x_flat.detach().to(compute_dtype)
-                record.router_weight = self.router.weight
-            self.recorder.records.append(record)
+        gates, indices = route_and_record(self, x_flat, shape)
         adapter_dtype = self.experts.down.dtype
         adapter_in = self.dropout(f_flat.to(adapter_dtype))
         delta = dispatch(

@@ -31,9 +31,8 @@ from transformers import PretrainedConfig
 from ..config import CraftConfig
 from ..errors import ConfigError, CraftError
 from .experts import _ContiguousGrad, _grouped_mm_available, _sort_by_expert
-from .layers import RoutingRecord, RoutingRecorder
+from .layers import RoutingRecorder, route_and_record
 from .model import pesc_lm_class
-from .router import route
 
 
 class GatedExperts(nn.Module):
@@ -138,17 +137,7 @@ class UpcycledMoE(nn.Module):
         cfg = self.config
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x.dtype
-        gates, indices, logits = route(
-            x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk, compute_dtype
-        )
-        if self.recorder is not None and self.recorder.active:
-            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
-            if not logits.requires_grad and self.training and self.router.weight.requires_grad:
-                # inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs
-                record.router_input = x_flat.detach().to(compute_dtype)
-                record.router_weight = self.router.weight
-            self.recorder.records.append(record)
+        gates, indices = route_and_record(self, x_flat, shape)
         if isinstance(self.experts, GatedExperts):
             x_flat = x_flat.to(self.experts.dtype)
             path = "sorted" if cfg.dispatch in ("sorted", "loop") else "grouped"
