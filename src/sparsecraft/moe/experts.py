@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grouped import grouped_adapters
+
 _ACTIVATIONS = {
     "gelu": lambda t: F.gelu(t),
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
@@ -199,14 +201,7 @@ def _grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> b
 def _grouped(x, gates, indices, down, up, act):
     if not _grouped_mm_available(x, indices.numel(), down.shape[1]):
         return _sorted(x, gates, indices, down, up, act)
-    token, gate, counts = _sort_by_expert(indices, gates, down.shape[0])
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    xs = x.index_select(0, token)
-    # down.transpose(1, 2) and up.transpose(1, 2) are views ([E, h, r] and [E, r, h]): no weight copies
-    h = _ContiguousGrad.apply(torch._grouped_mm(xs, down.contiguous().transpose(1, 2), offs=offs))
-    h = act(h) * gate.unsqueeze(-1)
-    y = _ContiguousGrad.apply(torch._grouped_mm(h, up.contiguous().transpose(1, 2), offs=offs))
-    return x.new_zeros(x.shape).index_add_(0, token, y)
+    return grouped_adapters(x, gates, indices, down, up, act)
 
 
 def _sorted(x, gates, indices, down, up, act):
