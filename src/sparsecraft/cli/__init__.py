@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..errors import SparsecraftError
+from . import bench as bench_cmd
 from . import convert as convert_cmd
 from . import craft as craft_cmd
 from . import export as export_cmd
@@ -19,6 +20,7 @@ from . import train as train_cmd
 
 COMMANDS = {
     "craft": craft_cmd, "train": train_cmd, "generate": generate_cmd, "export": export_cmd, "convert": convert_cmd,
+    "bench": bench_cmd,
 }
 
 

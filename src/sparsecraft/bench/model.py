@@ -1,0 +1,142 @@
+"""Model level: the whole LoRA-tuned model, one step = forward + backward + AdamW; and greedy decoding.
+
+Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training recipe's alpha and dropout,
+same seed); `pesc*` and `loop` add routers and adapters to every layer, `upcycle` replaces every FFN by E
+trainable copies. Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
+
+In one process all variants share the frozen base tensors (embeddings, attention, norms, FFN, `lm_head`): a
+variant is a deep copy of the base whose parameters are the base's own objects. So the variants start from
+identical weights (which the decode check needs) and the run holds one base, not one per variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..craft import craft, crafted_layers
+from ..moe.upcycle import upcycle, upcycled_layers
+from .base import Variant, autocast_for, load_dense_base, pesc_path, upcycle_path
+from .flops import ModelDims, model_dims, model_flops
+from .reference import LoopPescBlock
+from .settings import BenchSettings, dispatch_of
+
+
+def build_model_variants(settings: BenchSettings, methods: list[str], device: torch.device,
+                         share_base: bool = True) -> list[Variant]:
+    """Build every method's model. `share_base=False` (one method, the memory worker) turns the base itself into
+    the variant, so nothing but that variant stays in memory."""
+    base = load_dense_base(settings, device)
+    dims = model_dims(base, settings)
+    if not share_base and len(methods) != 1:
+        raise ValueError("share_base=False builds exactly one variant")
+    variants = []
+    for method in methods:
+        model = _shared_copy(base) if share_base else base
+        variants.append(_model_variant(method, model, settings, dims, device))
+    return variants
+
+
+def _shared_copy(base: nn.Module) -> nn.Module:
+    """A deep copy whose parameters are the base's own (frozen) parameter objects: new modules, shared weights."""
+    memo = {id(p): p for p in base.parameters()}
+    return copy.deepcopy(base, memo)
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    from ..train.recipe import LoraSettings
+
+    present = {name.split(".")[-1] for name, _ in model.named_modules() if ".moe." not in f".{name}."}
+    return [t for t in LoraSettings().targets if t in present]
+
+
+def _model_variant(method: str, model: nn.Module, settings: BenchSettings, dims: ModelDims,
+                   device: torch.device) -> Variant:
+    from peft import LoraConfig, get_peft_model
+
+    from ..train.recipe import LoraSettings
+
+    tokens = settings.batch_size * settings.seq_len
+    cfg = settings.craft_config("auto" if method == "loop" else dispatch_of(method))
+    path = "-"
+    if method.startswith("pesc") or method == "loop":
+        craft(model, cfg, seed=settings.seed)
+        path = pesc_path(cfg.dispatch, tokens, settings, dims.hidden, device)
+        if method == "loop":
+            for _, mlp in crafted_layers(model):
+                mlp._modules["moe"] = LoopPescBlock.from_pesc(mlp.moe)  # same weights, same recorder
+            path = "loop"
+    elif method == "upcycle":
+        upcycle(model, cfg, seed=settings.seed)
+        path = upcycle_path(upcycled_layers(model)[0][1].moe.experts, tokens, settings, dims.hidden, device)
+    if settings.four_bit:
+        from peft import prepare_model_for_kbit_training
+
+        from ..train.quantize import keep_trainable_layout
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_trainable_layout(model)
+    lora = LoraSettings()
+    lora_cfg = LoraConfig(r=settings.lora_rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=_lora_targets(model), bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+        torch.manual_seed(settings.seed)  # identical LoRA init in every variant
+        peft_model = get_peft_model(model, lora_cfg)
+    for name, p in model.named_parameters():
+        if ".moe." in f".{name}" and p.is_floating_point():
+            p.requires_grad_(True)
+    peft_model.train()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    if method == "upcycle":
+        experts = upcycled_layers(model)[0][1].moe.experts
+        if not any(p.requires_grad for p in experts.parameters()):  # NF4 copies: only the router trains
+            dims = dataclasses.replace(dims, moe=dataclasses.replace(dims.moe, upcycled_experts_train=False))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    gen = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(dims.vocab, (settings.batch_size, settings.seq_len), generator=gen).to(device)
+    autocast = autocast_for(settings, device)
+
+    def step() -> None:
+        with autocast():
+            out = peft_model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    return Variant(
+        level="model", method=method, path=path, tokens=tokens,
+        flops=model_flops(method, settings.batch_size, settings.seq_len, dims, settings.lora_rank),
+        flops_executed=model_flops(method, settings.batch_size, settings.seq_len, dims, settings.lora_rank,
+                                   executed=True),
+        step=step, reset=reset, model=peft_model,
+        extra={"trainable_params": sum(p.numel() for p in trainable), "vocab": dims.vocab},
+    )
+
+
+def prompt_ids(settings: BenchSettings, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Random prompts `[batch, min(seq_len, 16)]`, the same for every variant (short: decode, not prefill)."""
+    gen = torch.Generator().manual_seed(settings.seed + batch)
+    return torch.randint(vocab, (batch, min(settings.seq_len, 16)), generator=gen).to(device)
+
+
+def greedy_decode(variant: Variant, ids: torch.Tensor, new_tokens: int, settings: BenchSettings,
+                  device: torch.device) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens per row with the KV cache; returns only the new ids `[B, new]`.
+    The model must already be in eval mode (the caller switches all variants at once)."""
+    model = variant.model
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    with torch.inference_mode(), autocast_for(settings, device)():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
+            temperature=None, top_p=None, top_k=None,
+        )
+    return out[:, ids.shape[1]:]

@@ -1,0 +1,77 @@
+"""`sparsecraft bench`: time dense, PESC (each dispatch path), upcycling and the per-expert loop side by side,
+at block and model level, with FLOP floors, peak memory and decode speed."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import CraftConfig
+from ..errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    from ..bench.settings import METHODS, SHAPES, BenchSettings
+
+    d, c = BenchSettings(), CraftConfig()
+    p = sub.add_parser(
+        "bench", help="benchmark PESC against dense, upcycling and the per-expert loop",
+        description="Time every method interleaved round by round in one process; ratios to dense are the "
+                    "headline. Peak memory is measured in a separate process per variant.")
+    p.add_argument("--level", choices=("block", "model", "both"), default="both",
+                   help="the MoE block alone, the whole model, or both (default)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)} (default all)")
+    p.add_argument("--shape", default=d.shape, help=f"model shape with random weights: {', '.join(SHAPES)}")
+    p.add_argument("--model", default=None, help="a real dense base instead of --shape (directory, .gguf, built-in)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--experts", type=int, default=c.num_experts, help="experts E")
+    p.add_argument("--top-k", type=int, default=c.top_k, help="experts per token k")
+    p.add_argument("--adapter-dim", type=int, default=c.adapter_dim, help="adapter width r")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="block level: tokens per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="model level: sequence length")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="model level: batch size")
+    p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 (autocast on CUDA) or float16")
+    p.add_argument("--4bit", dest="four_bit", action="store_true", help="model level: NF4 base (bitsandbytes)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank on q,k,v,o (model level)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
+    p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy tokens per decode (0: skip)")
+    p.add_argument("--decode-repeats", type=int, default=d.decode_repeats, help="timed decode rounds")
+    p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda[:N]")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every record (and settings, machine) here")
+    p.set_defaults(run=run)
+
+
+def settings_from_args(args):
+    from ..bench.settings import LEVELS, BenchSettings
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return BenchSettings(
+        levels=list(LEVELS) if args.level == "both" else [args.level], methods=methods, shape=args.shape,
+        model=args.model, layers=args.layers, experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
+        tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
+        four_bit=args.four_bit, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+        decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats, lora_rank=args.lora_rank,
+        device=args.device, seed=args.seed, memory=not args.no_memory,
+    )
+
+
+def run(args) -> int:
+    from ..bench.report import format_table, write_json
+    from ..bench.runner import run_bench
+
+    import torch
+
+    settings = settings_from_args(args)
+    settings.validate()
+    if settings.torch_device().type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device")
+    result = run_bench(settings, progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"records written to {args.json}")
+    return 0
