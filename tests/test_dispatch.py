@@ -150,9 +150,9 @@ def test_grouped_uses_grouped_mm_on_cpu(monkeypatch):
     out, grads = run_with_grads(
         lambda x_, g_, i_, d_, u_: dispatch(x_, g_, i_, d_, u_, "gelu", 1.0, "grouped"), x, gates, idx, down, up
     )
-    # one call per projection and per gradient, whatever the number of experts (no loop over experts):
-    # forward 2 (down, up); backward 4 (input and weight gradients of both projections)
-    assert len(calls) == 6
+    # one call per projection, whatever the number of experts (no loop over experts): forward 2 (down, up),
+    # backward 2 (input gradients; on the CPU the weight gradients are one mm per expert, see grouped.py)
+    assert len(calls) == 4
     assert calls[0] == (33 * 2, 8)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
     for got, want in zip(grads, ref_grads):

@@ -85,11 +85,12 @@ def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int)
 
     The dense path does E/k times the adapter FLOPs but no gather, sort or scatter; it wins when that waste is
     small (few experts per slot), when the stacked width E*r is small enough that one wide matmul is cheap, or
-    when there are too few tokens per expert for grouping to pay (decoding).
+    when there are too few tokens per expert for grouping to pay (decoding). Thresholds measured on the CPU
+    (docs/benchmarks.md): at h=576, 1024 tokens, E*r=128 dense is 6% faster, E*r=512 grouped is 8% faster.
     """
     if num_experts <= 2 * top_k:
         return "dense"
-    if num_experts * adapter_dim <= 512:
+    if num_experts * adapter_dim <= 256:
         return "dense"
     if num_tokens * top_k < 4 * num_experts:
         return "dense"
@@ -149,9 +150,16 @@ def _dense(x, gates, indices, down, up, act):
     gate_mask = gate_mask.scatter_add(1, indices, gates)
     h = act(F.linear(x, down.reshape(num_experts * adapter_dim, hidden)))
     h = h.view(num_tokens, num_experts, adapter_dim) * gate_mask.unsqueeze(-1)
+    if num_tokens < _DENSE_BMM_TOKENS:
+        # few tokens (decoding): one batched matmul per expert on the weights as stored, no [E*r, h] copy
+        return torch.bmm(h.transpose(0, 1), up.transpose(1, 2)).sum(0)
     h = h.view(num_tokens, num_experts * adapter_dim)  # explicit width: also valid for zero tokens
-    # up[e, :, j] is row e*r+j of the stacked up-projection
+    # up[e, :, j] is row e*r+j of the stacked up-projection (a copy of `up`, amortised over many tokens)
     return h @ up.transpose(1, 2).reshape(num_experts * adapter_dim, hidden)
+
+
+# Below this many tokens the dense path skips re-laying-out `up` (257 us vs 55 us per call at SmolLM2 shapes).
+_DENSE_BMM_TOKENS = 64
 
 
 def _sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, num_experts: int):
