@@ -15,7 +15,7 @@ import torch
 from sparsecraft.moe import experts as ex
 from sparsecraft.moe.experts import AdapterExperts, choose_path, dispatch
 
-PATHS = ("dense", "grouped", "sorted", "loop", "auto")
+PATHS = ("dense", "grouped", "sorted", "gathered", "loop", "auto")
 ATOL = 1e-5
 
 
@@ -229,18 +229,20 @@ def test_choose_path():
     # Sparsetral-like layer during prefill/training: many tokens, 16 experts x r=512, top-4
     assert choose_path(num_tokens=2048, num_experts=16, top_k=4, adapter_dim=512) == "grouped"
     assert choose_path(num_tokens=512, num_experts=8, top_k=1, adapter_dim=128) == "grouped"
-    # decoding: one token (or a handful) per step
-    assert choose_path(num_tokens=1, num_experts=16, top_k=4, adapter_dim=512) == "dense"
-    assert choose_path(num_tokens=4, num_experts=16, top_k=2, adapter_dim=512) == "dense"
+    # decoding: fewer (token, slot) pairs than experts -> only the chosen experts' weights are read
+    assert choose_path(num_tokens=1, num_experts=16, top_k=4, adapter_dim=512) == "gathered"
+    assert choose_path(num_tokens=4, num_experts=16, top_k=2, adapter_dim=512) == "gathered"
+    # a decoding batch: too few pairs per expert for grouping
+    assert choose_path(num_tokens=8, num_experts=16, top_k=4, adapter_dim=512) == "dense"
     # few experts per slot or a narrow stack: dense regardless of tokens
     assert choose_path(num_tokens=4096, num_experts=4, top_k=2, adapter_dim=512) == "dense"
     assert choose_path(num_tokens=4096, num_experts=8, top_k=2, adapter_dim=16) == "dense"
 
 
-@pytest.mark.parametrize("n, expected", [(64, "grouped"), (1, "dense")])
+@pytest.mark.parametrize("n, expected", [(64, "grouped"), (12, "dense"), (1, "gathered")])
 def test_auto_picks_by_shape_and_matches_reference(monkeypatch, n, expected):
     picked = []
-    for name in ("dense", "grouped"):
+    for name in ("dense", "grouped", "gathered"):
         real = ex._PATHS[name]
 
         def spy(*args, _real=real, _name=name):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
-DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "loop")
+DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "gathered", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import CraftConfig, ConfigError, parse_layer_spec
+from .config import DISPATCH_PATHS, ConfigError, CraftConfig, parse_layer_spec
 from .errors import CraftError
 from .moe.layers import PescMoE, RoutingRecorder, attach_pesc, detach_pesc, is_pesc_mlp
 from .moe.model import pesc_lm_class
@@ -224,6 +224,6 @@ def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def set_pesc_dispatch(model: nn.Module, path: str) -> None:
     """Force one dispatch path (`auto`, `dense`, `grouped`, `sorted`, `loop`) on every crafted layer."""
     cfg = craft_config_of(model)
-    if path not in ("auto", "dense", "grouped", "sorted", "loop"):
-        raise ConfigError(f"dispatch must be one of auto, dense, grouped, sorted, loop; got {path!r}")
+    if path not in DISPATCH_PATHS:
+        raise ConfigError(f"dispatch must be one of {', '.join(DISPATCH_PATHS)}; got {path!r}")
     cfg.dispatch = path

@@ -88,6 +88,8 @@ def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int)
     when there are too few tokens per expert for grouping to pay (decoding). Thresholds measured on the CPU
     (docs/benchmarks.md): at h=576, 1024 tokens, E*r=128 dense is 6% faster, E*r=512 grouped is 8% faster.
     """
+    if num_tokens * top_k < num_experts:
+        return "gathered"  # decoding one or two tokens: read only the chosen experts' weights
     if num_experts <= 2 * top_k:
         return "dense"
     if num_experts * adapter_dim <= 256:
@@ -162,6 +164,23 @@ def _dense(x, gates, indices, down, up, act):
 _DENSE_BMM_TOKENS = 64
 
 
+def _gathered(x, gates, indices, down, up, act):
+    """Each (token, slot) pair through its own expert's weights, read in place (no weight copies).
+
+    For decoding one or two tokens, which is memory-bound: it reads k/E of the adapter weights instead of all,
+    and its few matrix-vector products cost less than sorting or masking. Python iterates over the N*k pairs
+    (at most E-1 of them, see `choose_path`), not over experts.
+    """
+    out = []
+    for row, experts, row_gates in zip(x.unbind(0), indices.tolist(), gates.unbind(0)):
+        acc = None
+        for slot, e in enumerate(experts):
+            y = F.linear(act(F.linear(row, down[e])), up[e]) * row_gates[slot]
+            acc = y if acc is None else acc + y
+        out.append(acc)
+    return torch.stack(out) if out else x.new_zeros(x.shape)
+
+
 def _sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, num_experts: int):
     """Sorted (token, slot) layout: token index, gate and per-expert counts, grouped by expert."""
     flat = indices.reshape(-1)
@@ -226,5 +245,5 @@ def _sorted(x, gates, indices, down, up, act):
     return x.new_zeros(x.shape).index_add_(0, token, y)
 
 
-_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted}
+_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted, "gathered": _gathered}
 DISPATCH_PATHS = tuple(_PATHS)

@@ -8,6 +8,7 @@ peft wrapper) trains the router, and padding is known from the attention mask.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -148,11 +149,22 @@ def _pesc_save_pretrained(self, save_directory, *, standalone: bool = True, **kw
     return save_crafted(self, save_directory, standalone=standalone)
 
 
+def _with_signature_of(original, implementation):
+    """`implementation` under `original`'s name, docs and signature: generate() inspects the forward signature
+    (e.g. whether it takes `logits_to_keep`) to decide what to pass."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return implementation(self, *args, **kwargs)
+
+    return forward
+
+
 def pesc_lm_class(base_cls: type) -> type:
     """Subclass of a causal-LM class whose forward adds the router losses (cached per base class)."""
     if base_cls not in _PESC_LM_CLASSES:
         members = {
-            "forward": _pesc_lm_forward,
+            "forward": _with_signature_of(base_cls.forward, _pesc_lm_forward),
             "save_pretrained": _pesc_save_pretrained,
             "_sparsecraft_base_class": base_cls,
             "__module__": __name__,
