@@ -279,3 +279,18 @@ def test_export_merges_lora_and_loads_with_same_logits(workdir, tmp_path):
         base = sparsecraft.load(workdir / "base")
         assert not torch.allclose(base.model.layers[0].self_attn.q_proj.weight,
                                   exported.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_upcycle_with_nf4_base_trains_full_precision_experts(workdir, tmp_path):
+    import bitsandbytes as bnb
+
+    recipe = load_recipe(None, recipe_args(workdir, tmp_path / "uq", "method=upcycle", "quantization=nf4",
+                                           "lora.ffn=true"))
+    built = build_model(recipe)
+    assert isinstance(built.inner.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    experts = [p for n, p in built.model.named_parameters() if ".moe.experts" in n]
+    assert experts and all(p.requires_grad and p.dtype == torch.float32 for p in experts)
+    assert not any("lora_" in n for n in sparsecraft.new_parameters(built.inner))  # no LoRA inside experts
+    summary = run(recipe)
+    assert summary["final_loss"] < summary["first_loss"] - 0.2
+    assert sparsecraft.is_crafted(sparsecraft.load(summary["model_dir"]))

@@ -100,6 +100,8 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
     """Held-out LM loss (token mean) overall and per source, sharded over ranks."""
     if dataset is None or len(dataset) == 0:
         return {}
+    # the unwrapped model: a DDP forward may broadcast buffers, and ranks with no eval batch would not join
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     sums: dict[str, list[float]] = {}
@@ -137,13 +139,18 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
 def run(recipe: Recipe, *, resume: bool = False) -> dict:
     """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     from ..data import DataConfig, PaddingCollator, load_records, prepare_data, resolve_template
     from ..data.collate import pad_id_of
     from .artifacts import save_trained
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    handlers = []
+    if recipe.method == "upcycle":
+        # upcycled FFNs of unusual structure run as a loop over expert copies; an expert no token chose on a rank
+        # takes no part in that step's graph
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     main = accelerator.is_main_process
     output = Path(recipe.output_dir)
     last = latest_checkpoint(output) if resume else None

@@ -36,14 +36,17 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _quantize_after_method(recipe: Recipe, source: BaseSource) -> bool:
+    """NF4 applied in place after crafting/upcycling instead of on load: GGUF bases (transformers cannot
+    quantise them on load) and upcycling (the FFN copies are trained experts and must stay full precision)."""
+    return recipe.quantization == "nf4" and (bool(source.gguf_file) or recipe.method == "upcycle")
+
+
 def _load_base(recipe: Recipe, source: BaseSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    if recipe.quantization == "nf4":
-        if source.gguf_file:
-            model = load_base_model(source, dtype=torch.float32)
-            quantize_linears_nf4(model.to(device), compute_dtype=dtype)
-            return model
+    if recipe.quantization == "nf4" and not _quantize_after_method(recipe, source):
         return load_base_model(source, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device})
-    return load_base_model(source, dtype=dtype).to(device)
+    load_dtype = torch.float32 if source.gguf_file else dtype  # GGUF de-quantises to fp32
+    return load_base_model(source, dtype=load_dtype).to(device)
 
 
 def lora_targets(recipe: Recipe, model: nn.Module) -> list[str]:
@@ -74,6 +77,8 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         from ..moe.upcycle import upcycle
 
         upcycle(model, recipe.craft_config(), seed=recipe.train.seed)
+    if _quantize_after_method(recipe, source):
+        quantize_linears_nf4(model, compute_dtype=dtype)  # skips `.moe.` modules: routers/experts stay as they are
     if recipe.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_trainable_layout(model)
@@ -82,6 +87,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         config = LoraConfig(
             r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
             target_modules=lora_targets(recipe, inner), bias="none", task_type="CAUSAL_LM",
+            exclude_modules=r".*\.moe\..*",  # never LoRA inside routers/experts (upcycled FFN copies share names)
         )
         model = get_peft_model(inner, config)
     for name, p in inner.named_parameters():
