@@ -7,6 +7,9 @@ size and back with linear layers and is not attention.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -132,6 +135,62 @@ def crafted_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return out
 
 
+@dataclass
+class LayerPlan:
+    """What crafting (or upcycling) will change, worked out before anything is changed."""
+
+    config: CraftConfig
+    hidden: int
+    chosen: list[int]
+    layers: nn.ModuleList  # the decoder layers
+    targets: list[tuple[int, str, nn.Module]]  # (layer index, FFN child name, FFN module)
+    model_dtype: torch.dtype
+    router_dtype: torch.dtype
+
+
+def plan_layers(model: nn.Module, config: CraftConfig | None, overrides: dict, verb: str = "craft") -> LayerPlan:
+    """Resolve the settings (a private copy) and check every chosen layer, raising before any change."""
+    base = config.to_dict() if config is not None else {}
+    config = CraftConfig.from_dict({**base, **overrides})  # a private copy: later changes stay with this model
+    if is_crafted(model):
+        raise CraftError(f"model is already crafted; load the dense base to {verb} it")
+    hidden = getattr(text_config(model), "hidden_size", None)
+    if hidden is None:
+        raise CraftError(f"cannot {verb} {type(model).__name__}: its config has no hidden_size")
+    layers_name, layers = find_decoder_layers(model)
+    chosen = parse_layer_spec(config.layers, len(layers))
+    targets = []
+    for index in chosen:
+        name, ffn = find_ffn(layers[index], hidden)
+        if is_pesc_mlp(ffn):
+            raise CraftError(f"'{layers_name}.{index}.{name}' already has PESC experts; load the dense base")
+        _check_not_moe(f"{layers_name}.{index}.{name}", ffn)
+        targets.append((index, name, ffn))
+    model_dtype = _module_dtype(model)
+    router_dtype = _resolve_dtype(config.router_dtype, model_dtype)
+    return LayerPlan(config, hidden, chosen, layers, targets, model_dtype, router_dtype)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Seed the new weights' initialisation; fork_rng restores the global CPU (and CUDA) generators afterwards,
+    so a seed does not leak out."""
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def mark_crafted(model: nn.Module, plan: LayerPlan, recorder: RoutingRecorder, method: str) -> nn.Module:
+    """Record the settings on the model and switch it to the class whose forward adds the router losses."""
+    model._sparsecraft_config = plan.config
+    model._sparsecraft_recorder = recorder
+    model._sparsecraft_layers = plan.chosen
+    model._sparsecraft_method = method
+    model.__class__ = pesc_lm_class(type(model))
+    return model
+
+
 def craft(
     model: nn.Module,
     config: CraftConfig | None = None,
@@ -152,48 +211,17 @@ def craft(
         The same model object, now of a `Pesc*` subclass of its class, whose forward also returns the router
         losses. The crafted model computes exactly what the dense one did until `W_up` changes.
     """
-    if config is None:
-        config = CraftConfig(**overrides)
-    elif overrides:
-        config = CraftConfig.from_dict({**config.to_dict(), **overrides})
-    else:
-        config = CraftConfig.from_dict(config.to_dict())  # a private copy: later changes stay with this model
-    config.validate()
-    if is_crafted(model):
-        raise CraftError("model is already crafted; load the dense base to craft it again")
-    tcfg = text_config(model)
-    hidden = getattr(tcfg, "hidden_size", None)
-    if hidden is None:
-        raise CraftError(f"cannot craft {type(model).__name__}: its config has no hidden_size")
-    layers_name, layers = find_decoder_layers(model)
-    chosen = parse_layer_spec(config.layers, len(layers))
-    model_dtype = _module_dtype(model)
-    new_dtype = adapter_dtype or model_dtype
-    router_dtype = _resolve_dtype(config.router_dtype, model_dtype)
+    plan = plan_layers(model, config, overrides)
     recorder = RoutingRecorder()
-    # Check every chosen layer before changing any, so a failure leaves the model as it was.
-    targets = []
-    for index in chosen:
-        name, ffn = find_ffn(layers[index], hidden)
-        if is_pesc_mlp(ffn):
-            raise CraftError(f"'{layers_name}.{index}.{name}' already has PESC experts; load the dense base")
-        _check_not_moe(f"{layers_name}.{index}.{name}", ffn)
-        targets.append((index, ffn))
-    # fork_rng restores the global CPU (and CUDA) generators afterwards, so a seed does not leak out
-    with torch.random.fork_rng(enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for index, ffn in targets:
+    with seeded(seed):
+        for index, _, ffn in plan.targets:
             device = next((p.device for p in ffn.parameters()), None)
-            moe = PescMoE(hidden, config, index, device=device, dtype=new_dtype, router_dtype=router_dtype)
+            moe = PescMoE(plan.hidden, plan.config, index, device=device, dtype=adapter_dtype or plan.model_dtype,
+                          router_dtype=plan.router_dtype)
             moe.recorder = recorder
             moe.train(ffn.training)  # new modules start in train mode; follow the model (dropout off in eval)
             attach_pesc(ffn, moe)
-    model._sparsecraft_config = config
-    model._sparsecraft_recorder = recorder
-    model._sparsecraft_layers = chosen
-    model.__class__ = pesc_lm_class(type(model))
-    return model
+    return mark_crafted(model, plan, recorder, "pesc")
 
 
 def uncraft(model: nn.Module) -> nn.Module:
@@ -205,7 +233,7 @@ def uncraft(model: nn.Module) -> nn.Module:
     for _, ffn in crafted_layers(model):
         detach_pesc(ffn)
     model.__class__ = type(model)._sparsecraft_base_class
-    for attr in ("_sparsecraft_config", "_sparsecraft_recorder", "_sparsecraft_layers"):
+    for attr in ("_sparsecraft_config", "_sparsecraft_recorder", "_sparsecraft_layers", "_sparsecraft_method"):
         delattr(model, attr)
     return model
 

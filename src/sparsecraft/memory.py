@@ -18,8 +18,7 @@ import torch.nn as nn
 
 from .craft import find_decoder_layers, text_config
 from .moe.experts import choose_path
-from .moe.layers import PescMoE
-from .moe.upcycle import UpcycledMoE
+from .moe.layers import RoutedBlock
 
 ACT_BYTES = 2  # activations in bf16
 WEIGHT_BYTES_16BIT = 2  # bf16 base weights, and the parts bitsandbytes leaves un-quantised
@@ -82,7 +81,7 @@ def model_shape(model: nn.Module) -> ModelShape:
     head_dim = getattr(cfg, "head_dim", None) or h // heads
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     vocab = getattr(out_emb, "out_features", None) or cfg.vocab_size
-    moes = [m for m in model.modules() if isinstance(m, (PescMoE, UpcycledMoE))]
+    moes = [m for m in model.modules() if isinstance(m, RoutedBlock)]
     shape = ModelShape(
         num_layers=len(layers),
         crafted_layers=len(moes),

@@ -21,8 +21,7 @@ from .config import CraftConfig
 from .craft import craft, find_decoder_layers
 from .errors import CheckpointError
 from .memory import MemoryEstimate, estimate_training_memory, gib, is_added_name, logical_numel, lora_targets_of
-from .moe.layers import PescMoE
-from .moe.upcycle import UpcycledMoE
+from .moe.layers import RoutedBlock
 
 __all__ = ["ParameterReport", "parameter_report", "DryRunReport", "dry_run", "short_count"]
 
@@ -108,7 +107,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """
     # (k, E) of each crafted block by module name, to weight its adapters by the fraction a token uses
     ratios = {name: (m.config.top_k, m.experts.num_experts) for name, m in model.named_modules()
-              if isinstance(m, (PescMoE, UpcycledMoE))}
+              if isinstance(m, RoutedBlock)}
     total = routers = adapters = lora = trainable = 0
     active_adapters = Fraction(0)
     for name, p in model.named_parameters():
@@ -119,7 +118,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
             lora += n  # a LoRA on a crafted router/adapter is still LoRA, not an added PESC weight
         elif is_added_name(name):
             parts = name.split(".")
-            at = len(parts) - 1 - parts[::-1].index("moe")  # the last `moe` component: the PescMoE block
+            at = len(parts) - 1 - parts[::-1].index("moe")  # the last `moe` component: the MoE block
             owner = ".".join(parts[: at + 1])
             if parts[at + 1] == "router":
                 routers += n

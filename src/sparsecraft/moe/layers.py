@@ -71,28 +71,42 @@ class RoutingRecorder:
         return records
 
 
-def route_and_record(block: nn.Module, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route `x_flat: [N, h]` with `block.router` and record the routing for the model-level losses.
+class RoutedBlock(nn.Module):
+    """What every MoE block shares: the router `[E, h]` on the FFN input and recording its routing for the
+    model-level losses (`PescMoE` adds adapter experts, `upcycle.UpcycledMoE` FFN copies)."""
 
-    Shared by every MoE block (PESC, upcycled): `block` has `config`, `router`, `recorder`, `layer_index`.
-    Returns gates `[N, k]` and expert indices `[N, k]`.
-    """
-    cfg = block.config
-    compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x_flat.dtype
-    gates, indices, logits = route(x_flat, block.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
-                                   compute_dtype)
-    recorder = block.recorder
-    if recorder is not None and recorder.active:
-        record = RoutingRecord(block.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
-        if not logits.requires_grad and block.training and block.router.weight.requires_grad:
-            # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
-            record.router_input = x_flat.detach().to(compute_dtype)
-            record.router_weight = block.router.weight
-        recorder.records.append(record)
-    return gates, indices
+    def __init__(
+        self,
+        hidden_size: int,
+        config: CraftConfig,
+        layer_index: int,
+        device: torch.device | str | None = None,
+        router_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, device=device, dtype=router_dtype)
+        self.recorder: RoutingRecorder | None = None
+
+    def route_tokens(self, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route `x_flat: [N, h]` and record the routing; returns gates `[N, k]` and expert indices `[N, k]`."""
+        cfg = self.config
+        compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x_flat.dtype
+        gates, indices, logits = route(x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
+                                       compute_dtype)
+        recorder = self.recorder
+        if recorder is not None and recorder.active:
+            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
+            if not logits.requires_grad and self.training and self.router.weight.requires_grad:
+                # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
+                record.router_input = x_flat.detach().to(compute_dtype)
+                record.router_weight = self.router.weight
+            recorder.records.append(record)
+        return gates, indices
 
 
-class PescMoE(nn.Module):
+class PescMoE(RoutedBlock):
     """Router + adapter experts on a shared FFN output.
 
     `forward(x, ffn_out)` with `x, ffn_out: [..., h]` returns `ffn_out + s * sum_j g_j A_j(dropout(ffn_out))`
@@ -108,20 +122,16 @@ class PescMoE(nn.Module):
         dtype: torch.dtype | None = None,
         router_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_index = layer_index
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, device=device, dtype=router_dtype)
+        super().__init__(hidden_size, config, layer_index, device, router_dtype)
         self.experts = AdapterExperts(config.num_experts, hidden_size, config.adapter_dim, device, dtype)
         self.dropout = nn.Dropout(config.dropout)
-        self.recorder: RoutingRecorder | None = None
 
     def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         shape = ffn_out.shape
         x_flat = x.reshape(-1, shape[-1])
         f_flat = ffn_out.reshape(-1, shape[-1])
-        gates, indices = route_and_record(self, x_flat, shape)
+        gates, indices = self.route_tokens(x_flat, shape)
         adapter_dtype = self.experts.down.dtype
         adapter_in = self.dropout(f_flat.to(adapter_dtype))
         delta = dispatch(

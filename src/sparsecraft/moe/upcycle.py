@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ..config import CraftConfig
-from ..errors import ConfigError, CraftError
+from ..errors import ConfigError
 from .experts import _ContiguousGrad, _grouped_mm_available, _sort_by_expert
-from .layers import RoutingRecorder, route_and_record
-from .model import pesc_lm_class
+from .layers import RoutedBlock, RoutingRecorder
 
 
 class GatedExperts(nn.Module):
@@ -114,7 +113,7 @@ class CopiedExperts(nn.ModuleList):
         return out if out is not None else torch.zeros_like(x)
 
 
-class UpcycledMoE(nn.Module):
+class UpcycledMoE(RoutedBlock):
     """Router `[E, h]` on the FFN input + E full-FFN experts. `forward(x: [..., h]) -> [..., h]`."""
 
     def __init__(
@@ -126,18 +125,14 @@ class UpcycledMoE(nn.Module):
         device: torch.device | str | None = None,
         router_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_index = layer_index
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, device=device, dtype=router_dtype)
+        super().__init__(hidden_size, config, layer_index, device, router_dtype)
         self.experts = experts
-        self.recorder: RoutingRecorder | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])
-        gates, indices = route_and_record(self, x_flat, shape)
+        gates, indices = self.route_tokens(x_flat, shape)
         if isinstance(self.experts, GatedExperts):
             x_flat = x_flat.to(self.experts.dtype)
             path = "sorted" if cfg.dispatch in ("sorted", "loop") else "grouped"
@@ -249,51 +244,25 @@ def upcycle(
         The same model object, of a `Pesc*` subclass of its class whose forward adds the router losses. With
         `noise_std=0` it computes what the dense model did (equal experts, gates summing to 1) up to rounding.
     """
-    from ..craft import _check_not_moe, _module_dtype, _resolve_dtype, find_decoder_layers, find_ffn, is_crafted
-    from ..craft import text_config
-    from ..config import parse_layer_spec
+    from ..craft import mark_crafted, plan_layers, seeded
 
-    if config is None:
-        config = CraftConfig(**overrides)
-    else:  # a private copy: later changes stay with this model
-        config = CraftConfig.from_dict({**config.to_dict(), **overrides})
-    config.validate()
     if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not 0 <= noise_std < math.inf:
         raise ConfigError(f"noise_std must be a non-negative number, got {noise_std!r}")
-    if is_crafted(model):
-        raise CraftError("model is already crafted or upcycled; load the dense base to upcycle it")
-    hidden = getattr(text_config(model), "hidden_size", None)
-    if hidden is None:
-        raise CraftError(f"cannot upcycle {type(model).__name__}: its config has no hidden_size")
-    layers_name, layers = find_decoder_layers(model)
-    chosen = parse_layer_spec(config.layers, len(layers))
-    router_dtype = _resolve_dtype(config.router_dtype, _module_dtype(model))
-    # check every chosen layer before changing any, so a failure leaves the model as it was
-    targets = []
-    for index in chosen:
-        name, ffn = find_ffn(layers[index], hidden)
-        _check_not_moe(f"{layers_name}.{index}.{name}", ffn)
-        targets.append((index, name, ffn))
+    plan = plan_layers(model, config, overrides, verb="upcycle")
     recorder = RoutingRecorder()
-    with torch.random.fork_rng(enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for index, name, ffn in targets:
+    with seeded(seed):
+        for index, name, ffn in plan.targets:
             device = next((p.device for p in ffn.parameters()), None)
-            experts = make_experts(ffn, config.num_experts)
-            moe = UpcycledMoE(experts, hidden, config, index, device=device, router_dtype=router_dtype)
+            experts = make_experts(ffn, plan.config.num_experts)
+            moe = UpcycledMoE(experts, plan.hidden, plan.config, index, device=device,
+                              router_dtype=plan.router_dtype)
             if noise_std:
                 _add_noise(experts, noise_std)
             moe.recorder = recorder
             mlp = UpcycledMLP(moe)
             mlp.train(ffn.training)
-            setattr(layers[index], name, mlp)  # the dense FFN goes: its weights live on only in the copies
-    model._sparsecraft_config = config
-    model._sparsecraft_recorder = recorder
-    model._sparsecraft_layers = chosen
-    model._sparsecraft_method = "upcycle"
-    model.__class__ = pesc_lm_class(type(model))
-    return model
+            setattr(plan.layers[index], name, mlp)  # the dense FFN goes: its weights live on only in the copies
+    return mark_crafted(model, plan, recorder, "upcycle")
 
 
 def upcycled_layers(model: nn.Module) -> list[tuple[int, UpcycledMLP]]:
