@@ -42,6 +42,7 @@ from ..config import CraftConfig
 from ..craft import craft, craft_config_of, crafted_layers, is_crafted, text_config
 from ..errors import CheckpointError, ConfigError
 from .atomic import atomic_directory
+from .crafted import read_config
 
 LAYOUTS = ("camelidae", "qwen2idae", "sparsetral")
 _DEFAULTS = {"num_experts": 8, "topk": 1, "adapter_dim": 64, "moe_scaling": 0.25}
@@ -113,16 +114,6 @@ def _alias_groups(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-
-def _read_config(root: Path) -> dict:
-    path = root / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{root} has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-
 
 def _weight_files(root: Path, allow_pickle: bool) -> list[Path]:
     """The weight files of a directory: safetensors (single or indexed shards), else pickled `.bin` shards."""
@@ -220,7 +211,7 @@ def load_published(
             missing or of the wrong shape (the message names the first such key).
     """
     root = Path(path)
-    config = _read_config(root)
+    config = read_config(root)
     layout = detect_published_layout(config)
     if layout is None:
         raise CheckpointError(f"{root}/config.json has no PESC fields (num_experts, adapter_dim, moe_scaling/topk) "
