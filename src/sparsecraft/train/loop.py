@@ -136,6 +136,34 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
     return {f"eval_loss/{k}" if k != "all" else "eval_loss": v[0] / max(v[1], 1) for k, v in merged.items()}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak-memory accounting for the training phase (model loading peaks are not training memory)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since `reset_peak_memory`: CUDA `max_memory_allocated`, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def run(recipe: Recipe, *, resume: bool = False) -> dict:
     """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json)."""
     from accelerate import Accelerator
@@ -143,6 +171,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
 
     from ..data import DataConfig, PaddingCollator, load_records, prepare_data, resolve_template
     from ..data.collate import pad_id_of
+    from ..memory import logical_numel
     from .artifacts import save_trained
 
     handlers = []
@@ -204,6 +233,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
 
+    reset_peak_memory(accelerator.device)
     initial_eval = state.get("initial_eval")
     if initial_eval is None:
         initial_eval = evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
@@ -261,6 +291,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         "tokens_per_s": tokens / seconds if seconds else None, **final_eval,
         **{f"initial_{k}": v for k, v in (initial_eval or {}).items()},
         "trainable_params": sum(p.numel() for p in params.values()),
+        "total_params": sum(logical_numel(p) for p in built.model.parameters()),
+        "peak_mem_bytes": peak_memory_bytes(accelerator.device),
         "world_size": accelerator.num_processes,
     }
     if main:
