@@ -12,15 +12,17 @@ import sys
 
 from ..errors import SparsecraftError
 from . import bench as bench_cmd
+from . import compare as compare_cmd
 from . import convert as convert_cmd
 from . import craft as craft_cmd
 from . import export as export_cmd
 from . import generate as generate_cmd
+from . import routes as routes_cmd
 from . import train as train_cmd
 
 COMMANDS = {
     "craft": craft_cmd, "train": train_cmd, "generate": generate_cmd, "export": export_cmd, "convert": convert_cmd,
-    "bench": bench_cmd,
+    "bench": bench_cmd, "routes": routes_cmd, "compare": compare_cmd,
 }
 
 
