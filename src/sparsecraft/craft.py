@@ -16,6 +16,7 @@ import torch.nn as nn
 from .config import DISPATCH_PATHS, ConfigError, CraftConfig, parse_layer_spec
 from .errors import CraftError
 from .moe.layers import PescMoE, RoutingRecorder, attach_pesc, detach_pesc, is_pesc_mlp
+from .moe.lora_experts import is_lora_experts_mlp
 from .moe.model import pesc_lm_class
 from .moe.upcycle import is_upcycled_mlp
 
@@ -124,12 +125,14 @@ def is_crafted(model: nn.Module) -> bool:
 
 
 def crafted_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """`[(layer_index, pesc_mlp), ...]` for every crafted layer of a crafted model."""
+    """`[(layer_index, mlp), ...]` for every crafted layer of a crafted model (PESC, upcycled or LoRA-expert MLP;
+    the MoE block is `mlp.moe`)."""
     _, layers = find_decoder_layers(model)
     out = []
     for i, layer in enumerate(layers):
         # look only for PESC children: layers left alone need not have a recognisable dense FFN
-        pesc = [child for child in layer.children() if is_pesc_mlp(child) or is_upcycled_mlp(child)]
+        pesc = [child for child in layer.children()
+                if is_pesc_mlp(child) or is_upcycled_mlp(child) or is_lora_experts_mlp(child)]
         if pesc:
             out.append((i, pesc[0]))
     return out

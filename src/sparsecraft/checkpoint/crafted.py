@@ -7,9 +7,12 @@ A crafted directory is self-describing and holds no pickle:
     tokenizer files             copied from the base when it has a tokenizer
     lora/                       only for LoRA-tuned models: a peft adapter directory, merged into the base on load
     base/                       only with standalone=True: the base model as a plain transformers directory
+    shared.safetensors          only for referenced models whose base weights were replaced (UpIT's `shared`):
+                                those tensors under the base's own keys, loaded into the base before crafting
 
 `method` is `pesc` (adapter experts), `upcycle` (FFN copies as experts; the weights file then holds the expert
-FFNs) or `dense` (no MoE: the dense-LoRA baseline, base + lora/ only).
+FFNs), `lora_experts` (per-expert LoRA on the shared MLP projections, `moe/lora_experts.py`; the weights file
+holds routers and stacked LoRA factors) or `dense` (no MoE: the dense-LoRA baseline, base + lora/ only).
 
 Referenced directories point at their base (a built-in name, an absolute directory or GGUF file) instead of
 copying it. Loading = load the base with `from_pretrained` (so every from_pretrained option works: dtype,
@@ -34,6 +37,8 @@ from .atomic import atomic_directory
 
 MODEL_TYPE = "sparsecraft"
 WEIGHTS_NAME = "sparsecraft.safetensors"
+SHARED_NAME = "shared.safetensors"
+METHODS = ("pesc", "upcycle", "lora_experts", "dense")
 LORA_SUBDIR = "lora"
 BASE_SUBDIR = "base"
 FORMAT_VERSION = 1
@@ -81,6 +86,11 @@ def save_crafted(
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
         if lora_model is not None:
             lora_model.save_pretrained(str(tmp / LORA_SUBDIR))
+        shared = None
+        if not standalone and getattr(model, "_sparsecraft_shared", None):
+            # the model's base weights were replaced (UpIT); referring to the base alone would lose them
+            shared = SHARED_NAME
+            save_file(_shared_tensors(model), str(tmp / SHARED_NAME), metadata={"format": "pt"})
         if standalone:
             _save_base(model, tmp / BASE_SUBDIR)
             base_entry = {"spec": BASE_SUBDIR, "relative": True, "gguf_file": None}
@@ -98,6 +108,7 @@ def save_crafted(
             "crafted_layers": list(model._sparsecraft_layers) if cfg else [],
             "weights": WEIGHTS_NAME if cfg else None,
             "lora": LORA_SUBDIR if lora_model is not None else None,
+            **({"shared": shared} if shared else {}),
             **(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -107,8 +118,47 @@ def save_crafted(
     return out_dir
 
 
+def _shared_tensors(model) -> dict[str, torch.Tensor]:
+    """The replaced base weights (`model._sparsecraft_shared`, set by `upit.build_moe`) to write beside a
+    referenced save: the live value where the model still holds that key as a plain float tensor of that shape
+    (it may have been trained since), else the kept copy (the key is hidden by a peft wrapper or the layer was
+    quantised to 4 bits; both leave the base weight frozen, so the copy is still exact)."""
+    live = model.state_dict()
+    out = {}
+    for key, kept in model._sparsecraft_shared.items():
+        value = live.get(key)
+        if value is None or not value.is_floating_point() or value.shape != kept.shape:
+            value = kept
+        out[key] = value.detach().to("cpu").clone().contiguous()  # clones: tied weights share storage
+    return out
+
+
+def load_shared_weights(model, path: Path) -> dict[str, torch.Tensor]:
+    """Load a `shared.safetensors` into a freshly loaded base (names and shapes checked); returns the tensors."""
+    if not path.is_file():
+        raise CheckpointError(f"missing shared weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            tensors = {name: f.get_tensor(name) for name in names}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is corrupted or truncated: {exc}") from exc
+    state = model.state_dict()
+    for name, tensor in tensors.items():
+        own = state.get(name)
+        if own is None:
+            raise CheckpointError(f"{path}: {name} is not a weight of the base model")
+        if not own.is_floating_point() or own.shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the base holds {tuple(own.shape)} "
+                f"({own.dtype}); load without quantization or save the model standalone"
+            )
+    model.load_state_dict(tensors, strict=False)
+    return tensors
+
+
 def method_of(model) -> str:
-    """`pesc`, `upcycle` or `dense` (a model sparsecraft did not change)."""
+    """`pesc`, `upcycle`, `lora_experts` or `dense` (a model sparsecraft did not change)."""
     if not is_crafted(model):
         return "dense"
     return getattr(model, "_sparsecraft_method", "pesc")
@@ -207,7 +257,7 @@ def load_crafted(
     path = Path(path)
     config = read_config(path)
     method = config.get("method", "pesc")
-    if method not in ("pesc", "upcycle", "dense"):
+    if method not in METHODS:
         raise CheckpointError(f"{path}/config.json names an unknown method {method!r}")
     for key in ("base", "base_config") + (("craft",) if method != "dense" else ()):
         if not config.get(key):
@@ -221,12 +271,19 @@ def load_crafted(
     source = resolve_saved_base(path, config["base"])
     _check_base_shapes(path, source, config["base_config"])
     model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    if config.get("shared"):
+        # before crafting: these are base weights under the base's own keys (an upcycled FFN's keys go away)
+        model._sparsecraft_shared = load_shared_weights(model, path / config["shared"])
     if method != "dense":
         layers = config.get("crafted_layers") or craft_cfg.layers
         if method == "upcycle":
             from ..moe.upcycle import upcycle
 
             upcycle(model, craft_cfg, layers=layers)
+        elif method == "lora_experts":
+            from ..moe.lora_experts import attach_lora_experts
+
+            attach_lora_experts(model, craft_cfg, layers=layers)
         else:
             craft(model, craft_cfg, layers=layers)
         load_new_weights(model, path / (config.get("weights") or WEIGHTS_NAME))

@@ -1,0 +1,375 @@
+"""LoRA experts on a shared gated FFN: the MixLoRA form used by UpIT's LoRA setting.
+
+Expert e of a gated MLP `down(act(gate x) * up x)` computes the same MLP with its own LoRA on the chosen
+projections, `proj_e(v) = W v + s B_e A_e v` (`s` = alpha/r), and a layer returns `sum_j g_j expert_{e_j}(x)` for
+the token's top-k experts. Only the LoRA factors are per expert; the base projections are the MLP's own modules,
+called (never read through `.weight`), so they may be plain, NF4 `Linear4bit` or peft-LoRA-wrapped, and every
+base state-dict key keeps its name (`model.layers.3.mlp.gate_proj.weight`).
+
+Attached like PESC (`layers.attach_pesc`): the MLP gets a child `moe` (`LoraExpertsMoE`: router + stacked LoRA
+factors) and its class is switched to a cached subclass whose forward is `self.moe(x, self)`. New keys:
+`...mlp.moe.router.weight [E, h]`, `...mlp.moe.experts.A.{proj} [E, r, in]`,
+`...mlp.moe.experts.B.{proj} [E, out, r]` (all under `.moe.`, so NF4 quantisation and peft LoRA leave
+them alone and they stay fp32 and trainable).
+
+Compute per layer, N tokens, P = N*k (token, slot) pairs sorted by expert (`grouped.sort_pairs`):
+
+- gate/up base projections once for the N tokens, gathered to the P pairs;
+- their LoRA terms via `torch._grouped_mm` on the sorted pairs (`[P, in] x A_e^T -> [P, r] x B_e^T`);
+- `a = act(g) * u` per pair; the down base projection once on the N gate-mixed rows `sum_j g_j a_j` (linear in
+  its input: k times fewer rows than applying it per pair), the down LoRA term grouped per pair;
+- no Python loop over experts (the `sorted` fallback loops over slices where `_grouped_mm` is unavailable, and
+  `loop` is the per-expert reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CraftConfig
+from ..errors import ConfigError, CraftError
+from .experts import _ContiguousGrad, _grouped_mm_available
+from .grouped import _unsort_sum, sort_pairs
+from .layers import RoutedBlock, RoutingRecorder
+
+METHOD = "lora_experts"  # `method` in saved config.json and `model._sparsecraft_method`
+TARGETS_KEY = "lora_targets"  # CraftConfig.extra entry: the projections that carry per-expert LoRA
+
+_ACT_NAMES = ("act_fn", "activation_fn")
+
+
+@dataclass(frozen=True)
+class GatedLayout:
+    """Attribute names of a gated MLP's parts: separate `gate`/`up` or one fused `gate_up` (gate rows first)."""
+
+    down: str
+    act: str
+    gate: str | None = None
+    up: str | None = None
+    gate_up: str | None = None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        parts = (self.gate_up,) if self.gate_up else (self.gate, self.up)
+        return (*parts, self.down)
+
+
+def _is_linear_like(module: nn.Module | None) -> bool:
+    return module is not None and isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int
+    )
+
+
+def gated_layout(ffn: nn.Module, hidden: int) -> GatedLayout | None:
+    """The layout of `ffn` when it computes `down(act(gate x) * up x)` from linear-like children (plain, 4-bit
+    or LoRA-wrapped), else None. Checked by names and shapes, then by one probe forward (skipped on meta)."""
+    children = dict(ffn.named_children())
+    act = next((n for n in _ACT_NAMES if isinstance(children.get(n), nn.Module)), None)
+    if act is None or not _is_linear_like(children.get("down_proj")):
+        return None
+    if _is_linear_like(children.get("gate_up_proj")):
+        layout = GatedLayout(down="down_proj", act=act, gate_up="gate_up_proj")
+    elif _is_linear_like(children.get("gate_proj")) and _is_linear_like(children.get("up_proj")):
+        layout = GatedLayout(down="down_proj", act=act, gate="gate_proj", up="up_proj")
+    else:
+        return None
+    if set(children) != {*layout.projections, act}:
+        return None  # other children (dropout, norms) whose effect the per-expert form would drop
+    down = children["down_proj"]
+    inter = down.in_features
+    if down.out_features != hidden:
+        return None
+    if layout.gate_up:
+        if (children["gate_up_proj"].in_features, children["gate_up_proj"].out_features) != (hidden, 2 * inter):
+            return None
+    elif any((children[n].in_features, children[n].out_features) != (hidden, inter) for n in ("gate_proj", "up_proj")):
+        return None
+    weight = next(ffn.parameters(), None)
+    if weight is None or weight.is_meta:
+        return layout
+    with torch.no_grad():  # the probe: the same children could still hide another forward
+        dtype = next((p.dtype for p in ffn.parameters() if p.is_floating_point()), torch.float32)
+        x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
+        want = ffn(x).float()
+        got = _base_mlp(ffn, layout, x).float()
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()) + 1e-6):
+        return None
+    return layout
+
+
+def _base_mlp(mlp: nn.Module, layout: GatedLayout, x: torch.Tensor) -> torch.Tensor:
+    act = getattr(mlp, layout.act)
+    if layout.gate_up:
+        g, u = getattr(mlp, layout.gate_up)(x).chunk(2, dim=-1)
+    else:
+        g, u = getattr(mlp, layout.gate)(x), getattr(mlp, layout.up)(x)
+    return getattr(mlp, layout.down)(act(g) * u)
+
+
+class LoraExpertWeights(nn.Module):
+    """E LoRA factor pairs per target projection: `A[proj]: [E, r, in]`, `B[proj]: [E, out, r]`.
+
+    Named `A`/`B`, not `lora_A`/`lora_B`: peft and parameter reports treat any name containing "lora_" as a peft
+    adapter weight (peft's state-dict filters, `report.parameter_report`), and these are expert weights.
+
+    Initialised as peft does one LoRA (A Kaiming-uniform per expert, B = 0), so a fresh block adds nothing.
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        num_experts: int,
+        rank: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.A = nn.ParameterDict(
+            {p: nn.Parameter(torch.empty(num_experts, rank, i, **kw)) for p, (_, i) in shapes.items()})
+        self.B = nn.ParameterDict(
+            {p: nn.Parameter(torch.empty(num_experts, o, rank, **kw)) for p, (o, _) in shapes.items()})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for a, b in zip(self.A.values(), self.B.values()):
+                if a.is_meta:
+                    continue
+                for w in a.unbind(0):
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                b.zero_()
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.A.values())).shape[0]
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.A.values())).shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.A.values())).dtype
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, rank={self.rank}, targets={list(self.A)}"
+
+
+class LoraExpertsMoE(RoutedBlock):
+    """Router `[E, h]` on the MLP input + per-expert LoRA on the MLP's own projections.
+
+    `forward(x: [..., h], mlp) -> [..., h]`: `sum_j g_j expert_{e_j}(x)`, `mlp` being the module this block is
+    attached to (its projections are called, not stored here, so their keys stay outside `.moe.`).
+    """
+
+    def __init__(
+        self,
+        layout: GatedLayout,
+        shapes: dict[str, tuple[int, int]],
+        hidden_size: int,
+        config: CraftConfig,
+        layer_index: int,
+        device: torch.device | str | None = None,
+        router_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(hidden_size, config, layer_index, device, router_dtype)
+        self.layout = layout
+        # LoRA factors are fp32 whatever the model dtype: they are what trains (as peft keeps LoRA in fp32)
+        self.experts = LoraExpertWeights(shapes, config.num_experts, config.adapter_dim, device, torch.float32)
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def forward(self, x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])
+        gates, indices = self.route_tokens(x_flat, shape)
+        if self.config.dispatch == "loop":
+            out = self._loop(x_flat, gates, indices, mlp)
+        else:
+            out = self._sorted(x_flat, gates, indices, mlp, grouped=self.config.dispatch != "sorted")
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def _lora_dtype(self, activations: torch.Tensor) -> torch.dtype:
+        # CUDA's grouped GEMM takes bf16 only: there the fp32 factors are cast (differentiably) to bf16
+        # activations, as autocast would; elsewhere the LoRA terms run in the factors' own dtype (fp32)
+        if activations.device.type == "cuda" and activations.dtype == torch.bfloat16:
+            return torch.bfloat16
+        return self.experts.dtype
+
+    def _lora(self, proj: str, v: torch.Tensor, offs: torch.Tensor, counts: list[int] | None,
+              gate: torch.Tensor | None, grouped: bool) -> torch.Tensor:
+        """`s * B_e A_e v` for sorted rows `v: [P, in]` (expert e's rows end at `offs[e]`) -> `[P, out]`.
+
+        `gate [P, 1]` (optional) multiplies the rank-r intermediate: by linearity the same as gating the output,
+        `out/r` times fewer multiplications."""
+        a = self.experts.A[proj].to(v.dtype)
+        b = self.experts.B[proj].to(v.dtype)
+        rows = v.shape[0]
+        if grouped and _grouped_mm_available(v, rows, a.shape[1]) and (b.shape[1] * v.element_size()) % 16 == 0:
+            t = _ContiguousGrad.apply(torch._grouped_mm(v, a.transpose(1, 2), offs=offs))
+            t = t * (self.scaling if gate is None else gate * self.scaling)
+            return _ContiguousGrad.apply(torch._grouped_mm(t, b.transpose(1, 2), offs=offs))
+        if counts is None:  # fallback where `_grouped_mm` cannot run: a loop over the experts' contiguous slices
+            counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+        scale = v.new_full((rows, 1), self.scaling) if gate is None else gate * self.scaling
+        pieces = [
+            F.linear(F.linear(ve, ae) * se, be)
+            for ve, se, ae, be in zip(v.split(counts), scale.split(counts), a.unbind(0), b.unbind(0))
+        ]
+        return torch.cat(pieces, 0) if pieces else v.new_zeros(0, b.shape[1])
+
+    def _sorted(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, mlp: nn.Module,
+                grouped: bool) -> torch.Tensor:
+        """Grouped (or sliced-loop) form; `x: [N, h]`, `gates, indices: [N, k]` -> `[N, h]`."""
+        lay, targets = self.layout, self.experts.A
+        num_tokens, k = indices.shape
+        order, inverse, offs = sort_pairs(indices, self.config.num_experts)
+        counts = None if grouped else torch.bincount(indices.reshape(-1), minlength=self.config.num_experts).tolist()
+        token = torch.div(order, k, rounding_mode="floor")
+        dtype = self._lora_dtype(x)
+        gate = gates.reshape(-1).index_select(0, order).unsqueeze(-1)  # [P, 1], router dtype
+        # dropout once per token on the LoRA input, shared by its k experts (as PESC does)
+        lora_in = self.dropout(x.to(dtype)).index_select(0, token) if any(
+            p in targets for p in lay.projections[:-1]) else None
+
+        def project(name: str) -> torch.Tensor:
+            y = getattr(mlp, name)(x).index_select(0, token)  # base once per token, gathered to the pairs
+            if name in targets:
+                y = y + self._lora(name, lora_in, offs, counts, None, grouped).to(y.dtype)
+            return y
+
+        act = getattr(mlp, lay.act)
+        if lay.gate_up:
+            g, u = project(lay.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = project(lay.gate), project(lay.up)
+        a = act(g) * u  # [P, i]
+        # down is linear: sum_j g_j W a_j = W (sum_j g_j a_j), so the base matmul runs on N rows, not N*k
+        mixed = _unsort_sum(a * gate.to(a.dtype), inverse, num_tokens, k)
+        down = getattr(mlp, lay.down)
+        out = down(mixed)
+        bias = getattr(down, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            # each expert adds the bias once, weighted by its gate: (sum_j g_j) b, of which down() added one b
+            out = out + (gates.sum(-1, keepdim=True) - 1).to(out.dtype) * bias.to(out.dtype)
+        if lay.down in targets:
+            delta = self._lora(lay.down, self.dropout(a.to(dtype)), offs, counts, gate.to(dtype), grouped)
+            out = out + _unsort_sum(delta, inverse, num_tokens, k).to(out.dtype)
+        return out
+
+    def _loop(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        """Reference: each expert's full MLP on its tokens, one expert at a time, outputs gated and summed."""
+        lay, experts, s = self.layout, self.experts, self.scaling
+        dtype = self._lora_dtype(x)
+        out = None
+        for e in range(self.config.num_experts):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                continue
+
+            def project(name: str, v: torch.Tensor, e: int = e) -> torch.Tensor:
+                y = getattr(mlp, name)(v)
+                if name in experts.A:
+                    a = experts.A[name][e].to(dtype)
+                    b = experts.B[name][e].to(dtype)
+                    y = y + (s * F.linear(F.linear(self.dropout(v.to(dtype)), a), b)).to(y.dtype)
+                return y
+
+            xe = x.index_select(0, token)
+            if lay.gate_up:
+                g, u = project(lay.gate_up, xe).chunk(2, dim=-1)
+            else:
+                g, u = project(lay.gate, xe), project(lay.up, xe)
+            y = project(lay.down, getattr(mlp, lay.act)(g) * u)
+            y = y * gates[token, slot].unsqueeze(-1).to(y.dtype)
+            out = (y.new_zeros(x.shape[0], y.shape[-1]) if out is None else out).index_add(0, token, y)
+        return out if out is not None else torch.zeros_like(x)
+
+
+_LORA_MLP_CLASSES: dict[type, type] = {}
+
+
+def _lora_mlp_forward(self, x, *args, **kwargs):
+    return self.moe(x, self)
+
+
+def lora_experts_mlp_class(base_cls: type) -> type:
+    """The subclass of an MLP class whose forward runs the LoRA experts (cached, one per base class)."""
+    if base_cls not in _LORA_MLP_CLASSES:
+        _LORA_MLP_CLASSES[base_cls] = type(
+            f"LoraExperts{base_cls.__name__}",
+            (base_cls,),
+            {"forward": _lora_mlp_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
+        )
+    return _LORA_MLP_CLASSES[base_cls]
+
+
+def is_lora_experts_mlp(module: nn.Module) -> bool:
+    return hasattr(type(module), "_sparsecraft_base_class") and isinstance(getattr(module, "moe", None),
+                                                                           LoraExpertsMoE)
+
+
+def lora_targets_of(config: CraftConfig) -> list[str]:
+    """The projections carrying per-expert LoRA (`config.extra["lora_targets"]`); ConfigError when unset."""
+    targets = config.extra.get(TARGETS_KEY)
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(
+            f"LoRA experts need extra.{TARGETS_KEY}: a non-empty list of MLP projection names, got {targets!r}")
+    return list(targets)
+
+
+def attach_lora_experts(
+    model: nn.Module,
+    config: CraftConfig | None = None,
+    *,
+    seed: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """Give the chosen gated MLPs of a causal LM E per-expert LoRAs and a router, in place.
+
+    `config`: `num_experts`, `top_k`, `adapter_dim` (LoRA rank r), `scaling` (alpha/r), `dropout` (on the LoRA
+    input), routing/router/loss settings, `layers`, `dispatch` (`loop`: per-expert reference, `sorted`:
+    sliced loop, anything else: grouped) and `extra["lora_targets"]` (e.g. `["gate_proj", "up_proj",
+    "down_proj"]`, or `["gate_up_proj", "down_proj"]` for a fused MLP). `seed` seeds router and A init (B = 0).
+
+    Returns the same model, of a `Pesc*` subclass whose forward adds the router losses; with B = 0 it computes
+    what the dense model did (up to the rounding of gates summing to 1).
+    """
+    from ..craft import mark_crafted, plan_layers, seeded
+
+    plan = plan_layers(model, config, overrides, verb="add LoRA experts to")
+    targets = lora_targets_of(plan.config)
+    blocks = []
+    for index, name, ffn in plan.targets:  # check every layer before changing any
+        layout = gated_layout(ffn, plan.hidden)
+        if layout is None:
+            raise CraftError(
+                f"cannot add LoRA experts to layer {index}: its '{name}' ({type(ffn).__name__}) is not a gated MLP "
+                "with gate_proj/up_proj (or gate_up_proj), down_proj and act_fn"
+            )
+        unknown = [t for t in targets if t not in layout.projections]
+        if unknown:
+            raise ConfigError(f"LoRA expert target {unknown[0]!r} is not a projection of layer {index}'s MLP "
+                              f"(has {', '.join(layout.projections)})")
+        shapes = {t: (getattr(ffn, t).out_features, getattr(ffn, t).in_features) for t in targets}
+        blocks.append((index, ffn, layout, shapes))
+    recorder = RoutingRecorder()
+    with seeded(seed):
+        for index, ffn, layout, shapes in blocks:
+            device = next((p.device for p in ffn.parameters()), None)
+            moe = LoraExpertsMoE(layout, shapes, plan.hidden, plan.config, index, device=device,
+                                 router_dtype=plan.router_dtype)
+            moe.recorder = recorder
+            moe.train(ffn.training)
+            ffn.add_module("moe", moe)
+            ffn.__class__ = lora_experts_mlp_class(type(ffn))
+    return mark_crafted(model, plan, recorder, METHOD)

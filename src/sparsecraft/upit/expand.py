@@ -1,0 +1,201 @@
+"""UpIT expert expansion: grow a pool of m experts to n by genetic-style DARE merges of dissimilar parents.
+
+The loop (one child per step, children join the pool and may become parents):
+
+1. similarity of the current pool = `merge.similarity_matrix` (per-layer cosine of the experts' deltas from
+   `ExpertSet.base`, summed over decoder layers). The per-layer dot products are kept and grown by one row per
+   child (only the child's products are computed), so the reported matrices are exactly what the choices saw;
+2. parents = the pair (i < j) with the LOWEST similarity, ties broken by the smaller (i, j) in lexicographic
+   order, SKIPPING pairs already used as parents. Without the skip the same pair would often win again (a child
+   of i and j is similar to both, which does not change sim[i, j]) and the pool would fill with siblings of one
+   pair. A pool of k >= 2 experts has k(k-1)/2 pairs and at most k-2 were used, so a pair is always left;
+3. `alpha ~ U(0, 1)`, then `child = base + alpha * DARE(E_i - base) + (1 - alpha) * DARE(E_j - base)` with the
+   masks drawn from the same seeded `torch.Generator` (the mutation). alpha weighs the lower-index parent i.
+
+For kind "lora", `lora_merge="separate"` merges A and B independently (cheap; base = the shared initial
+LoRA state), `"product"` merges `B @ A` per projection and refactors to rank r by SVD (see
+`merge.dare_merge_lora_product`). Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsecraft.errors import CheckpointError, ConfigError
+from sparsecraft.upit.merge import (
+    dare_merge,
+    dare_merge_lora_product,
+    delta_grams,
+    similarity_from_grams,
+)
+
+if TYPE_CHECKING:
+    from sparsecraft.upit.experts import ExpertSet
+
+LORA_MERGES = ("separate", "product")
+PARENT_RULE = "lowest similarity pair (i<j), ties by smallest (i,j), pairs already used skipped"
+SIMILARITY_FORM = "S[i,j] = sum over decoder layers of cos(flatten(E_i - base), flatten(E_j - base))"
+
+
+@dataclass
+class Expansion:
+    """The result of `genetic_expansion`: the grown pool and how it was grown.
+
+    states/names: the n experts, the m originals first (the same dict objects), then the children in birth order.
+    lineage: one record per child, see `genetic_expansion`. similarity_before `[m][m]`, similarity_after `[n][n]`.
+    """
+
+    states: list[dict[str, torch.Tensor]]
+    names: list[str]
+    lineage: list[dict[str, Any]]
+    similarity_before: list[list[float]]
+    similarity_after: list[list[float]]
+
+
+def choose_parents(sim: torch.Tensor, used: set[tuple[int, int]]) -> tuple[int, int]:
+    """The unused pair (i < j) of `sim [k, k]` with the lowest similarity; ties go to the smallest (i, j)."""
+    best: tuple[int, int] | None = None
+    best_val = float("inf")
+    k = sim.shape[0]
+    for i in range(k):
+        for j in range(i + 1, k):
+            v = float(sim[i, j])
+            if (i, j) not in used and v < best_val:  # strict: an equal value later in order never wins
+                best, best_val = (i, j), v
+    if best is None:
+        raise ConfigError("expand: no unused pair of parents is left")  # unreachable for k >= 2 (see module doc)
+    return best
+
+
+def _add_to_grams(grams: torch.Tensor, pool: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[G, k+1, k+1]`: `grams [G, k, k]` of pool[:-1] plus the dot products of the newest expert pool[-1]."""
+    _, row = delta_grams(pool[-1:], pool, base)  # [G, 1, k+1]
+    g, k, _ = grams.shape
+    out = grams.new_zeros(g, k + 1, k + 1)
+    out[:, :k, :k] = grams
+    out[:, k, :] = row[:, 0]
+    out[:, :, k] = row[:, 0]
+    return out
+
+
+def genetic_expansion(states: list[dict[str, torch.Tensor]], names: list[str], base: dict[str, torch.Tensor],
+                      n: int, *, p: float = 0.5, seed: int = 0, merge: str = "separate",
+                      progress: bool | None = None) -> Expansion:
+    """Grow `states` (m experts) to n experts; see the module docstring for the rule.
+
+    merge: "separate" (plain `dare_merge` on every key) or "product" (LoRA `B @ A` merge + SVD refactor).
+    progress: tqdm bar over children (None: only on a terminal).
+    Lineage record per child: `{"index", "name", "parents": [{"index", "name"}, {"index", "name"}], "alpha",
+    "p", "similarity" (of the parents, when chosen), "merge", "seed"}`; child names are `child-{index}({i}x{j})`.
+    """
+    m = len(states)
+    if len(names) != m:
+        raise ConfigError(f"expand: {m} expert states but {len(names)} names")
+    if merge not in LORA_MERGES:
+        raise ConfigError(f"expand: lora_merge must be one of {LORA_MERGES}, got {merge!r}")
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"expand: DARE drop rate p must be in [0, 1), got {p}")
+    if n < m:
+        raise ConfigError(f"expand: target n={n} is below the {m} prepared experts (choose fewer checkpoints)")
+    if n > m and m < 2:
+        raise ConfigError(f"expand: need at least 2 experts to breed children, got {m}")
+    merge_fn = dare_merge_lora_product if merge == "product" else dare_merge
+
+    pool = list(states)
+    pool_names = list(names)
+    _, grams = delta_grams(pool, pool, base)  # [G, k, k]; grown by one row and column per child
+    sim = similarity_from_grams(grams)
+    before = sim.tolist()
+    gen = torch.Generator().manual_seed(int(seed))
+    used: set[tuple[int, int]] = set()
+    lineage: list[dict[str, Any]] = []
+    for _ in tqdm(range(n - m), desc="expand", unit="expert", disable=None if progress is None else not progress):
+        i, j = choose_parents(sim, used)
+        used.add((i, j))
+        alpha = float(torch.rand((), generator=gen, dtype=torch.float64))
+        child = merge_fn(pool[i], pool[j], base, alpha, p, gen)
+        index = len(pool)
+        name = f"child-{index}({i}x{j})"
+        lineage.append({"index": index, "name": name,
+                        "parents": [{"index": i, "name": pool_names[i]}, {"index": j, "name": pool_names[j]}],
+                        "alpha": alpha, "p": p, "similarity": float(sim[i, j]),
+                        "merge": "dare-lora-product" if merge == "product" else "dare", "seed": int(seed)})
+        pool.append(child)
+        pool_names.append(name)
+        grams = _add_to_grams(grams, pool, base)
+        sim = similarity_from_grams(grams)
+    return Expansion(states=pool, names=pool_names, lineage=lineage, similarity_before=before,
+                     similarity_after=sim.tolist())
+
+
+def expand(es: ExpertSet, n: int, *, p: float = 0.5, seed: int = 0, lora_merge: str = "separate",
+           progress: bool | None = None) -> ExpertSet:
+    """A new ExpertSet with n experts: `es`'s m experts first, then n - m children (see `genetic_expansion`).
+
+    `base` and `shared` are the same objects as in `es`; meta gains `expansion` (m, n, p, seed, lora_merge,
+    parent rule, similarity form), `lineage` (appended to any earlier lineage), `similarity_before` `[m][m]` and
+    `similarity_after` `[n][n]`. lora_merge="product" needs kind "lora".
+    """
+    es.validate()
+    if lora_merge == "product" and es.kind != "lora":
+        raise ConfigError(f"expand: lora_merge='product' needs LoRA experts, these are {es.kind!r}")
+    result = genetic_expansion(list(es.states), list(es.names), es.base, n, p=p, seed=seed, merge=lora_merge,
+                               progress=progress)
+    meta = dict(es.meta)
+    meta["expansion"] = {"from": len(es.states), "to": n, "p": p, "seed": int(seed), "lora_merge": lora_merge,
+                         "parent_rule": PARENT_RULE, "similarity": SIMILARITY_FORM}
+    meta["lineage"] = list(es.meta.get("lineage", [])) + result.lineage
+    meta["similarity_before"] = result.similarity_before
+    meta["similarity_after"] = result.similarity_after
+    return dataclasses.replace(es, states=result.states, names=result.names, meta=meta)
+
+
+def _as_lists(matrix: torch.Tensor | list[list[float]]) -> list[list[float]]:
+    return matrix.tolist() if isinstance(matrix, torch.Tensor) else [[float(v) for v in row] for row in matrix]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_expansion_report(directory: str | os.PathLike, before: torch.Tensor | list[list[float]],
+                           after: torch.Tensor | list[list[float]], lineage: list[dict[str, Any]], *,
+                           names: list[str] | None = None) -> None:
+    """Write `directory/similarity.json` and `directory/lineage.json` (each atomically).
+
+    similarity.json: `{"form", "before": [m][m], "after": [n][n], "names_before"?, "names_after"?}` (names when
+    given: the n names after expansion, the first m of which are the originals). lineage.json: the list of child
+    records from `genetic_expansion`.
+    """
+    directory = Path(directory)
+    before, after = _as_lists(before), _as_lists(after)
+    if names is not None and len(names) != len(after):
+        raise ConfigError(f"write_expansion_report: {len(names)} names for a {len(after)}x{len(after)} matrix")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        sim: dict[str, Any] = {"form": SIMILARITY_FORM, "before": before, "after": after}
+        if names is not None:
+            sim["names_before"], sim["names_after"] = list(names[: len(before)]), list(names)
+        _write_json_atomic(directory / "similarity.json", sim)
+        _write_json_atomic(directory / "lineage.json", lineage)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the expansion report to {directory}: {e}") from e
