@@ -71,8 +71,11 @@ def test_model_level_cli_decodes_like_dense_at_init(tmp_path):
 
 def test_memory_worker_reports_a_positive_peak(tmp_path):
     """The only test that spawns `python -m sparsecraft.bench.worker` (one variant, tiny block)."""
-    result = _run_cli(tmp_path, "--level", "block", "--tokens", "32", "--methods", "dense")
+    result = _run_cli(tmp_path, "--level", "block", "--tokens", "32", "--methods", "dense",
+                      "--memory-allocator", "live")
     [rec] = result["records"]
+    # the 'live' allocator reaches the worker: a fixed mmap threshold, so RSS follows live tensors
+    assert rec["mem_allocator"] == "live" and rec["malloc_mmap_threshold"] == "131072"
     assert rec["mem_error"] is None
     assert rec["peak_mem_bytes"] > 0 and rec["peak_mem_bytes"] >= rec["mem_baseline_bytes"] > 0
     assert rec["peak_mem_ratio_to_dense"] == 1.0
@@ -182,4 +185,6 @@ def test_settings_validation():
         BenchSettings(shape="gpt-9").validate()
     with pytest.raises(ValueError, match="top_k"):
         BenchSettings(experts=2, top_k=3).validate()
+    with pytest.raises(ValueError, match="allocator"):
+        BenchSettings(memory_allocator="jemalloc").validate()
     assert not math.isnan(BenchSettings().craft_config("grouped").scaling)

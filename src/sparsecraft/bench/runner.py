@@ -140,6 +140,8 @@ def _memory(settings: BenchSettings, level: str, records: list[dict], device: to
             rec["mem_error"] = got["error"]
             log(f"  {rec['method']}: {got['error']}")
             continue
+        rec["mem_allocator"] = settings.memory_allocator
+        rec["malloc_mmap_threshold"] = got.get("malloc_mmap_threshold")
         rec["peak_mem_bytes"] = got.get("cuda_peak_bytes") if device.type == "cuda" else got["peak_rss_bytes"]
         rec["mem_baseline_bytes"] = got["baseline_rss_bytes"]
         rec["peak_rss_bytes"] = got["peak_rss_bytes"]

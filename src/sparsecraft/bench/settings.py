@@ -41,6 +41,11 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
+MEMORY_ALLOCATORS = ("default", "live")
+# glibc's environment form of mallopt(M_MMAP_THRESHOLD): fixing it also turns off the dynamic threshold
+LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 @dataclass
 class BenchSettings:
     """Every setting of a bench run (the CLI flags); JSON-able, so a worker process gets the same ones."""
@@ -69,9 +74,15 @@ class BenchSettings:
     seed: int = 0
     memory: bool = True  # peak memory in a separate process per variant
     memory_steps: int = 3
+    # "default": glibc as configured; "live": a fixed 128 KiB mmap threshold, so freed tensors go back to the OS
+    # and peak RSS tracks live tensors rather than heap fragmentation (see docs/benchmarks.md)
+    memory_allocator: str = "default"
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad setting."""
+        if self.memory_allocator not in MEMORY_ALLOCATORS:
+            raise ConfigError(f"memory allocator must be one of {', '.join(MEMORY_ALLOCATORS)}, "
+                              f"got {self.memory_allocator!r}")
         bad_levels = [lv for lv in self.levels if lv not in LEVELS]
         if bad_levels or not self.levels:
             raise ConfigError(f"--level must be block, model or both; got {','.join(self.levels) or 'nothing'}")

@@ -77,7 +77,8 @@ def measure_in_this_process(settings_dict: dict, level: str, method: str) -> dic
         variant.reset()
         variant.step()
     result = {"level": level, "method": method, "peak_rss_bytes": max_rss_bytes(), "baseline_rss_bytes": baseline,
-              "build_peak_rss_bytes": build_peak, "hwm_reset": hwm_reset, "vmhwm_bytes": vmhwm_bytes()}
+              "build_peak_rss_bytes": build_peak, "hwm_reset": hwm_reset, "vmhwm_bytes": vmhwm_bytes(),
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -107,6 +108,10 @@ def measure_peak_memory(settings_dict: dict, level: str, method: str, timeout_s:
     """Run the worker for one (level, method) and return its JSON; `{"error": ...}` when it fails."""
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)  # the default allocator's peak, not one tuned to keep memory
+    if settings_dict.get("memory_allocator") == "live":
+        from .settings import LIVE_ALLOCATOR_ENV
+
+        env.update(LIVE_ALLOCATOR_ENV)
     cmd = [sys.executable, "-m", "sparsecraft.bench.worker", "--level", level, "--method", method,
            "--settings", json.dumps(settings_dict)]
     if os.path.exists("/bin/sh"):  # a fork in between: ru_maxrss must not start at this process's peak

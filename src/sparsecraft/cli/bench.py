@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda[:N]")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument("--memory-allocator", choices=("default", "live"), default="default",
+                   help="peak-memory workers: glibc as configured, or 'live' (fixed 128 KiB mmap threshold: "
+                        "RSS follows live tensors, not heap fragmentation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", default=None, metavar="FILE", help="write every record (and settings, machine) here")
     p.set_defaults(run=run)
@@ -55,7 +58,7 @@ def settings_from_args(args):
         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
         four_bit=args.four_bit, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats, lora_rank=args.lora_rank,
-        device=args.device, seed=args.seed, memory=not args.no_memory,
+        device=args.device, seed=args.seed, memory=not args.no_memory, memory_allocator=args.memory_allocator,
     )
 
 
