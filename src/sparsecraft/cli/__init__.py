@@ -15,6 +15,7 @@ from . import bench as bench_cmd
 from . import compare as compare_cmd
 from . import convert as convert_cmd
 from . import craft as craft_cmd
+from . import eval as eval_cmd
 from . import export as export_cmd
 from . import generate as generate_cmd
 from . import routes as routes_cmd
@@ -22,7 +23,7 @@ from . import train as train_cmd
 
 COMMANDS = {
     "craft": craft_cmd, "train": train_cmd, "generate": generate_cmd, "export": export_cmd, "convert": convert_cmd,
-    "bench": bench_cmd, "routes": routes_cmd, "compare": compare_cmd,
+    "bench": bench_cmd, "eval": eval_cmd, "routes": routes_cmd, "compare": compare_cmd,
 }
 
 
@@ -37,8 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_offline_mode() -> None:
+    """huggingface_hub and datasets read HF_HUB_OFFLINE once, at import, and importing sparsecraft already
+    imported them: pass the setting on, so a hub request fails at once instead of retrying for half a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _apply_offline_mode()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

