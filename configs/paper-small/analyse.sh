@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run,
+# routing statistics and plots for the MoE runs, then one comparison report. Finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-runs/paper-small}
+TASKS=${TASKS:-sc_math_mc,sc_general_mc,sc_code_mc}
+for run in "$OUT"/*-s*; do
+  [ -f "$run/summary.json" ] || continue
+  if [ ! -f "$run/eval/results.json" ]; then
+    echo "=== eval $run ($(date -u +%H:%M:%S))"
+    sparsecraft eval "$run/model" --tasks "$TASKS" --out "$run/eval" --batch-size 8
+  fi
+  case "$run" in
+    */dense-*) ;;
+    *) if [ ! -f "$run/routes/routes.json" ]; then
+         echo "=== routes $run ($(date -u +%H:%M:%S))"
+         sparsecraft routes "$run/model" --out "$run/routes" --no-progress
+       fi ;;
+  esac
+done
+sparsecraft compare "$OUT" --out "$OUT/report" --title "paper-small: dense vs PESC vs Sparse Upcycling on SmolLM2-135M-Instruct"
