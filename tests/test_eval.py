@@ -490,3 +490,38 @@ def test_missing_lm_eval_is_one_line_naming_the_extra(run_cli, monkeypatch):
     monkeypatch.delitem(sys.modules, "sparsecraft.evaluate.lm_eval_bridge")
     code, _, err = run_cli("some-model", "--tasks", "sc_math_mc")
     assert code == 2 and 'pip install "sparsecraft[eval]"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_quick_row_with_a_non_finite_loss_is_written_as_no_number(tmp_path):
+    """An overflowing (NaN/inf) loss must not lose the results: JSON has no NaN, the table says n/a."""
+    import json as _json
+
+    from sparsecraft.evaluate.quick import _row
+    from sparsecraft.evaluate.results import write_quick
+
+    row = _row(float("nan"), 10, 2)
+    assert row["loss"] is None and row["perplexity"] is None
+    quick = {"sources": {"math": row}, **_row(float("inf"), 10, 2), "dropped": {}}
+    write_quick(tmp_path, "m", quick, {})
+    assert _json.loads((tmp_path / "quick.json").read_text())["sources"]["math"]["loss"] is None
+    assert "n/a" in (tmp_path / "quick.md").read_text()
+
+
+def test_generated_code_leaves_no_children_and_bounded_stderr():
+    """A passing program's background child is killed with it; stderr is read from a size-limited file."""
+    from sparsecraft.evaluate.humaneval import run_program
+
+    marker = "sparsecraft-orphan-check"
+    program = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {marker}'])\n"
+        "print('x' * 1000, file=sys.stderr)\n"
+    )
+    result = run_program(program, timeout=10)
+    assert result.passed
+    import subprocess as _sp
+    import time as _time
+
+    _time.sleep(0.5)
+    ps = _sp.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert marker not in ps

@@ -80,8 +80,8 @@ class Run:
         if key == "first_loss" and train:
             return _number(train[0]["loss"])
         if key == "eval_loss":
-            if self.quick is not None and _number(self.quick.get("loss")) is not None:
-                return _number(self.quick["loss"])
+            # only the training's own held-out evaluation: the quick eval may be on other data and has its
+            # own table, so it must not enter a mean over seeds here
             evals = [r for r in self.metrics if _number(r.get("eval_loss")) is not None and r.get("step")]
             return _number(evals[-1]["eval_loss"]) if evals else None
         if key == "initial_eval_loss":
@@ -92,12 +92,9 @@ class Run:
         return None
 
     def eval_sources(self) -> dict[str, float]:
-        """Held-out loss per source: the training's final evaluation, else the quick evaluation."""
+        """Held-out loss per source from the training's final evaluation (the quick eval has its own table)."""
         found = {k.split("/", 1)[1]: v for k, v in self.summary.items()
                  if k.startswith("eval_loss/") and _number(v) is not None}
-        if not found and self.quick:
-            found = {name: entry["loss"] for name, entry in (self.quick.get("sources") or {}).items()
-                     if isinstance(entry, dict) and _number(entry.get("loss")) is not None}
         return found
 
 

@@ -115,16 +115,22 @@ def run_program(program: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResu
         path.write_text(program, encoding="utf-8")
         launcher = _LAUNCHER.format(cpu=int(timeout) + 1, memory=MEMORY_LIMIT, fsize=FILE_SIZE_LIMIT)
         posix = os.name == "posix"
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", launcher, str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"PATH": os.defpath, "HOME": tmp},
-            start_new_session=posix,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill(proc, posix)
+        # stderr goes to a file, not a pipe: the file-size limit then bounds it, and nothing buffers it here
+        with open(Path(tmp) / "stderr.txt", "wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-c", launcher, str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err_file, env={"PATH": os.defpath, "HOME": tmp},
+                start_new_session=posix,
+            )
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill(proc, posix)  # always: children the program left behind die with it
+        if timed_out:
             return ExecutionResult(False, "timed out")
+        err = (Path(tmp) / "stderr.txt").read_bytes()[-2000:]
     tail = err.decode("utf-8", "replace").strip()[-500:]
     return ExecutionResult(proc.returncode == 0, "passed" if proc.returncode == 0 else "failed", tail)
 
@@ -135,7 +141,8 @@ def _kill(proc: subprocess.Popen, posix: bool) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # the program's own children too
         else:
             proc.kill()
-    proc.communicate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def check_completion(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResult:

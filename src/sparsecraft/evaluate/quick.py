@@ -191,6 +191,8 @@ def quick_eval(model, tokenizer, settings: QuickSettings | None = None, *, batch
 
 
 def _row(loss: float, tokens: int, samples: int) -> dict[str, Any]:
+    if loss is None or not math.isfinite(loss):  # e.g. fp16 overflow: JSON has no NaN, report no number
+        return {"loss": None, "perplexity": None, "tokens": tokens, "samples": samples}
     try:
         perplexity = math.exp(loss)
     except OverflowError:

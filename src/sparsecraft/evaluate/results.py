@@ -137,7 +137,8 @@ def format_quick_table(data: dict[str, Any]) -> str:
     rows = list(data["sources"].items()) + [("all", {k: data.get(k) for k in ("samples", "tokens", "loss",
                                                                               "perplexity")})]
     for name, row in rows:
-        ppl = row.get("perplexity")
-        lines.append(f"| {name} | {row.get('samples', '')} | {row.get('tokens', '')} | {row['loss']:.4f} | "
-                     f"{'inf' if ppl is None else f'{ppl:.3f}'} |")
+        ppl, loss = row.get("perplexity"), row.get("loss")
+        loss_text = "n/a" if loss is None else f"{loss:.4f}"
+        ppl_text = "n/a" if loss is None else ("inf" if ppl is None else f"{ppl:.3f}")
+        lines.append(f"| {name} | {row.get('samples', '')} | {row.get('tokens', '')} | {loss_text} | {ppl_text} |")
     return "\n".join(lines)
