@@ -175,9 +175,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     from .artifacts import save_trained
 
     handlers = []
-    if recipe.method == "upcycle":
-        # upcycled FFNs of unusual structure run as a loop over expert copies; an expert no token chose on a rank
-        # takes no part in that step's graph
+    if recipe.method in ("upcycle", "upit"):
+        # upcycled FFNs of unusual structure run as a loop over expert copies, and a routed expert no token chose
+        # on a rank takes no part in that step's graph
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     main = accelerator.is_main_process

@@ -18,7 +18,7 @@ import yaml
 from ..config import CraftConfig
 from ..errors import ConfigError
 
-METHODS = ("pesc", "dense", "upcycle")
+METHODS = ("pesc", "dense", "upcycle", "upit")
 QUANTIZATIONS = ("nf4", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -75,6 +75,14 @@ class LoggingSettings:
 
 
 @dataclass
+class UpitSettings:
+    """Method `upit`: the MoE is built from an UpIT expert set (`sparsecraft.upit`), not from the base alone."""
+
+    experts: str = ""  # an ExpertSet directory (upit.experts.save_expert_set)
+    router: str = ""  # optional pre-trained router rows: safetensors {layers.{i}.router: [E, h]}
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
@@ -90,6 +98,7 @@ class Recipe:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    upit: UpitSettings = field(default_factory=UpitSettings)  # method upit only
 
     def validate(self) -> None:
         _choice("method", self.method, METHODS)
@@ -108,6 +117,8 @@ class Recipe:
             raise ConfigError("optim: lr must be > 0, warmup_ratio in [0, 1), max_grad_norm >= 0")
         if self.method != "dense":
             self.craft_config()  # validates the craft section
+        if self.method == "upit" and not self.upit.experts:
+            raise ConfigError("method upit needs upit.experts: an expert-set directory (from `sparsecraft upit`)")
         if not self.data.get("sources"):
             raise ConfigError("data.sources is empty: name at least one data file (or pass data=FILE)")
         from ..data import DataConfig

@@ -38,8 +38,8 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
 
 def _quantize_after_method(recipe: Recipe, source: BaseSource) -> bool:
     """NF4 applied in place after crafting/upcycling instead of on load: GGUF bases (transformers cannot
-    quantise them on load) and upcycling (the FFN copies are trained experts and must stay full precision)."""
-    return recipe.quantization == "nf4" and (bool(source.gguf_file) or recipe.method == "upcycle")
+    quantise them on load) and upcycling / UpIT (the experts are trained and must stay full precision)."""
+    return recipe.quantization == "nf4" and (bool(source.gguf_file) or recipe.method in ("upcycle", "upit"))
 
 
 def _load_base(recipe: Recipe, source: BaseSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -57,6 +57,16 @@ def lora_targets(recipe: Recipe, model: nn.Module) -> list[str]:
     if not found:
         raise ConfigError(f"none of the LoRA targets {wanted} exist in {type(model).__name__}")
     return found
+
+
+def _build_upit(model: nn.Module, recipe: Recipe) -> None:
+    """Method upit: the MoE from an UpIT expert set and, when given, its pre-trained router rows (in place)."""
+    from ..upit.experts import build_moe, load_expert_set
+    from ..upit.route import load_router
+
+    experts = load_expert_set(recipe.upit.experts)
+    router = load_router(recipe.upit.router) if recipe.upit.router else None
+    build_moe(model, experts, recipe.craft_config(), router=router, seed=recipe.train.seed)
 
 
 def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltModel:
@@ -77,6 +87,8 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         from ..moe.upcycle import upcycle
 
         upcycle(model, recipe.craft_config(), seed=recipe.train.seed)
+    elif recipe.method == "upit":
+        _build_upit(model, recipe)
     if _quantize_after_method(recipe, source):
         quantize_linears_nf4(model, compute_dtype=dtype)  # skips `.moe.` modules: routers/experts stay as they are
     if recipe.quantization == "nf4":

@@ -1,0 +1,289 @@
+"""UpIT run configuration: one YAML file for all four stages; any field overridable as `a.b=value`.
+
+The top level holds the fields of an ordinary training recipe (`model`, `data`, `lora`, `optim`, `train`,
+`craft`, ... — see `train/recipe.py`), shared by the two training stages, plus UpIT's own:
+
+    kind: lora | ffn | adapter          what an expert is
+    output_dir: runs/upit               prepare/ expand/ route/ upcycle/ are written under it
+    prepare: {...}                      PrepareSettings; prepare.recipe overrides recipe fields for the dense stage
+    expand:  {...}                      ExpandSettings
+    route:   {...}                      RouteSettings
+    upcycle: {...}                      UpcycleSettings; upcycle.recipe overrides recipe fields for post-training
+
+The final MoE's shape is the `craft` section: `craft.num_experts` is n (the expert count after expansion),
+`craft.top_k` its k. The dense stage's and the post-training stage's recipes are derived from it (`stage_recipe`):
+kind defaults < the shared top-level fields < the stage's `recipe:` section < what the stage must set itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from ..train.recipe import Recipe, _build, _merge, parse_overrides
+
+KINDS = ("lora", "ffn", "adapter")
+SELECTIONS = ("even", "last")
+SHARED_MODES = ("average", "last", "base")
+LORA_MERGES = ("separate", "product")
+TOKEN_SCOPES = ("response", "all")
+STAGES = ("prepare", "expand", "route", "upcycle")
+
+# Fields a stage sets itself; a user value there would be silently ignored, so it is refused instead.
+_RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"output_dir", "method", "upit"}
+
+# The dense stage's method per kind: an expert is what that method trains.
+DENSE_METHODS = {"lora": "dense", "ffn": "upcycle", "adapter": "pesc"}
+
+# Defaults that differ from a plain training recipe (lowest precedence). Attention LoRA is off in the dense
+# stage by default: when turned on, its checkpoints' states are averaged into the shared weights.
+_KIND_DEFAULTS: dict[str, dict[str, dict]] = {
+    "lora": {
+        "common": {"quantization": "none"},
+        "prepare": {"lora": {"targets": []}},
+        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-4}},
+    },
+    "ffn": {
+        "common": {"quantization": "none"},
+        "prepare": {"lora": {"enabled": False}, "optim": {"lr": 2e-5}},
+        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-5}},
+    },
+    "adapter": {
+        "common": {"quantization": "none"},
+        "prepare": {"lora": {"enabled": False}},
+        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-4}},
+    },
+}
+
+
+@dataclass
+class PrepareSettings:
+    """Stage 1: dense instruction tuning with intermediate checkpoints, m of which become experts.
+
+    `interval`: save a checkpoint every this fraction of an epoch (the paper: 0.25). The final state of the
+    run is a candidate too. `select`: `even` (m evenly spaced candidates ending at the last), `last` (the m
+    last), or an explicit list of optimizer steps. `shared`: what the non-expert weights trained in the dense
+    stage (attention LoRA) become: `average` of the chosen checkpoints, the `last` chosen one, or the `base`.
+    `experts_from`: existing experts instead of the dense stage — PEFT LoRA adapter directories (kind lora)
+    or full checkpoints of the same base (kind ffn).
+    """
+
+    num_experts: int = 4
+    interval: float = 0.25
+    select: Any = "even"
+    shared: str = "average"
+    experts_from: list = field(default_factory=list)
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExpandSettings:
+    """Stage 2: genetic expansion from m to n = craft.num_experts experts (skipped when n == m)."""
+
+    p: float = 0.5  # DARE drop rate
+    seed: int = 0
+    lora_merge: str = "separate"  # lora kind: merge A and B apart, or the product B·A refactored by SVD
+
+
+@dataclass
+class RouteSettings:
+    """Stage 3: seed data bucketed by each expert's response perplexity, router rows pre-trained on them.
+
+    Loss `lm_weight * L_lm + aux_weight * L_aux`, `L_aux` the binary cross-entropy of `sigmoid(h · r_i)`
+    (1 for tokens of bucket i; with `negatives`, 0 for the other rows). Experts frozen unless
+    `freeze_experts: false`. `enabled: false` skips router pre-training (the crafted default init is used).
+    """
+
+    enabled: bool = True
+    seed_fraction: float = 0.01
+    seed_min: int = 64
+    seed_max: int = 2000
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    negatives: bool = True
+    lm_weight: float = 0.5
+    aux_weight: float = 0.5
+    tokens: str = "response"  # tokens that score perplexity and carry L_aux: response only, or all real tokens
+    epochs: float = 4.0
+    lr: float = 1e-3
+    batch_size: int = 4
+    freeze_experts: bool = True
+
+
+@dataclass
+class UpcycleSettings:
+    """Stage 4: post-training of the MoE on the full data (LM + load-balancing loss)."""
+
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass
+class UpitConfig:
+    """A whole UpIT run. `common` holds the shared recipe fields of the YAML's top level."""
+
+    kind: str = "lora"
+    output_dir: str = "runs/upit"
+    common: dict = field(default_factory=dict)
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+    expand: ExpandSettings = field(default_factory=ExpandSettings)
+    route: RouteSettings = field(default_factory=RouteSettings)
+    upcycle: UpcycleSettings = field(default_factory=UpcycleSettings)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    @property
+    def model(self) -> str:
+        return str(self.common.get("model", Recipe.model))
+
+    def craft_dict(self) -> dict:
+        """The final MoE's craft settings (n = num_experts, top_k, ...), kind defaults applied."""
+        return dict(self.stage_dict("upcycle").get("craft") or {})
+
+    @property
+    def num_experts(self) -> int:
+        """n: experts of the final MoE."""
+        return int(self.craft_dict().get("num_experts", 8))
+
+    def stage_dict(self, stage: str) -> dict:
+        """The recipe mapping of a training stage (`prepare` or `upcycle`) before stage-forced fields."""
+        defaults = _KIND_DEFAULTS[self.kind]
+        data = _merge(defaults["common"], defaults[stage], top=False)
+        data = _merge(data, self.common, top=False)
+        return _merge(data, getattr(self, stage).recipe)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {**data.pop("common"), **data}
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        p, e, r = self.prepare, self.expand, self.route
+        if p.num_experts <= 0:
+            raise ConfigError(f"prepare.num_experts (m) must be positive, got {p.num_experts}")
+        if not 0 < p.interval:
+            raise ConfigError(f"prepare.interval must be a positive fraction of an epoch, got {p.interval}")
+        if not (p.select in SELECTIONS or (isinstance(p.select, list) and p.select and all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in p.select))):
+            raise ConfigError(f"prepare.select must be even, last or a list of positive steps; got {p.select!r}")
+        if isinstance(p.select, list) and len(p.select) != p.num_experts:
+            raise ConfigError(f"prepare.select lists {len(p.select)} steps but prepare.num_experts is "
+                              f"{p.num_experts}")
+        if p.shared not in SHARED_MODES:
+            raise ConfigError(f"prepare.shared must be one of {', '.join(SHARED_MODES)}; got {p.shared!r}")
+        if not all(isinstance(x, str) and x for x in p.experts_from):
+            raise ConfigError("prepare.experts_from must be a list of directories")
+        if p.experts_from and self.kind == "adapter":
+            raise ConfigError("prepare.experts_from takes LoRA adapters (kind lora) or full checkpoints "
+                              "(kind ffn); adapter experts come from the dense stage")
+        if not 0 <= e.p < 1:
+            raise ConfigError(f"expand.p must be in [0, 1), got {e.p}")
+        if e.lora_merge not in LORA_MERGES:
+            raise ConfigError(f"expand.lora_merge must be one of {', '.join(LORA_MERGES)}; got {e.lora_merge!r}")
+        if not 0 < r.seed_fraction <= 1:
+            raise ConfigError(f"route.seed_fraction must be in (0, 1], got {r.seed_fraction}")
+        if r.seed_min <= 0 or r.seed_max < r.seed_min:
+            raise ConfigError(f"route: need 0 < seed_min <= seed_max, got {r.seed_min} and {r.seed_max}")
+        if not 0 <= r.heldout_fraction < 1:
+            raise ConfigError(f"route.heldout_fraction must be in [0, 1), got {r.heldout_fraction}")
+        if r.lm_weight < 0 or r.aux_weight < 0 or r.lm_weight + r.aux_weight == 0:
+            raise ConfigError("route: lm_weight and aux_weight must be >= 0 and not both 0")
+        if r.tokens not in TOKEN_SCOPES:
+            raise ConfigError(f"route.tokens must be one of {', '.join(TOKEN_SCOPES)}; got {r.tokens!r}")
+        if r.epochs <= 0 or r.lr <= 0 or r.batch_size <= 0:
+            raise ConfigError("route: epochs, lr and batch_size must be positive")
+        for stage in ("prepare", "upcycle"):
+            forced = sorted(set(getattr(self, stage).recipe) & {"output_dir", "method", "upit"})
+            if forced:
+                raise ConfigError(f"{stage}.recipe.{forced[0]} is set by the pipeline; remove it")
+        post = stage_recipe(self, "upcycle")  # validates the shared fields, data and the final craft settings
+        n, m = post.craft_config().num_experts, self.prepare.num_experts
+        if not p.experts_from and n < m:
+            raise ConfigError(f"craft.num_experts (n={n}) must be at least prepare.num_experts (m={m})")
+        if not p.experts_from:
+            stage_recipe(self, "prepare")
+
+
+def stage_recipe(cfg: UpitConfig, stage: str, **forced: Any) -> Recipe:
+    """The ordinary training recipe of a training stage (`prepare`: the dense stage, `upcycle`: post-training).
+
+    `forced`: recipe fields the stage sets itself (e.g. `upit={...}` for post-training), merged last.
+    """
+    if stage not in ("prepare", "upcycle"):
+        raise ValueError(stage)
+    data = cfg.stage_dict(stage)
+    data["output_dir"] = str(cfg.stage_dir(stage))
+    if stage == "prepare":
+        data["method"] = DENSE_METHODS[cfg.kind]
+        # a dense stage's expert is one adapter / one FFN copy: crafted with a single, always chosen expert
+        data["craft"] = {**(data.get("craft") or {}), "num_experts": 1, "top_k": 1}
+        if cfg.kind == "lora":
+            data["lora"] = {**(data.get("lora") or {}), "enabled": True, "ffn": True}
+        # every checkpoint is a candidate expert: none may be deleted (the interval is set by prepare.py)
+        data["checkpoint"] = {**(data.get("checkpoint") or {}), "keep": 1_000_000}
+    else:
+        data["method"] = "upit"
+        # LoRA on the FFN projections would sit under the experts; post-training LoRA is attention only
+        data["lora"] = {**(data.get("lora") or {}), "ffn": False}
+    data = _merge(data, forced, top=False)
+    try:
+        recipe = _build(Recipe, data)
+        if stage == "upcycle" and not recipe.upit.experts:
+            recipe.upit.experts = str(cfg.stage_dir("expand"))  # validated where it is used
+        recipe.validate()
+    except ConfigError as exc:  # say which stage's recipe (shared fields, or its own `recipe:` section)
+        raise ConfigError(f"{stage} stage: {exc}") from exc
+    return recipe
+
+
+def _build_upit(data: dict) -> UpitConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"an UpIT config must be a mapping, got {type(data).__name__}")
+    own = {f.name for f in dataclasses.fields(UpitConfig)} - {"common"}
+    unknown = sorted(set(data) - own - _RECIPE_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(own | _RECIPE_FIELDS))
+        raise ConfigError(f"unknown UpIT config field {unknown[0]} (known: {known})")
+    kwargs: dict[str, Any] = {"common": {k: v for k, v in data.items() if k in _RECIPE_FIELDS}}
+    hints = typing.get_type_hints(UpitConfig)
+    for name in own & set(data):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, f"{name}.")
+        elif not isinstance(data[name], str):
+            raise ConfigError(f"{name} must be a string, got {data[name]!r}")
+        else:
+            kwargs[name] = data[name]
+    return UpitConfig(**kwargs)
+
+
+def load_upit_config(path: str | Path | None, overrides: list[str] | None = None) -> UpitConfig:
+    """Read an UpIT YAML config and apply `key=value` overrides (`output_dir=`, `max_steps=`, `data=`, `experts=`,
+    `prepare.num_experts=`, ... as in `sparsecraft train`); validated, one-line `ConfigError`s."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"UpIT config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of fields, got {type(data).__name__}")
+    for override in parse_overrides(overrides or []):
+        data = _merge(data, override)
+    cfg = _build_upit(data)
+    cfg.validate()
+    return cfg
