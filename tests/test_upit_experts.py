@@ -352,3 +352,23 @@ def test_missing_shared_file_is_a_clear_error(tmp_path):
                                   standalone=True)
     assert not (standalone / "shared.safetensors").exists()  # base/ already holds the replaced weights
     torch.testing.assert_close(sparsecraft.load(standalone).model.norm.weight, es.shared["model.norm.weight"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_states_read_back_from_a_built_moe(kind):
+    """route's `states_from_moe` (used when experts train with the router) inverts `build_moe` for every kind."""
+    from sparsecraft.upit.route import states_from_moe
+
+    if kind == "lora":
+        base = expert_state(peft_dense(), "lora")
+        es = lora_set([noisy(base, j) for j in range(E)], base=base)
+    else:
+        base = expert_state(pesc_dense(), "adapter")
+        es = ExpertSet("adapter", [noisy(base, j) for j in range(E)], base, {}, {}, [f"a{j}" for j in range(E)])
+    model = build_moe(tiny_model("llama"), es, MOE, seed=0)
+    got = states_from_moe(model, es)
+    assert len(got) == E
+    for a, b in zip(got, es.states):
+        assert sorted(a) == sorted(b)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -59,7 +59,12 @@ def checkpoint_interval(recipe, interval: float) -> tuple[int, int]:
     from ..data import DataConfig, load_records
     from ..train.batches import BatchPlan
 
-    train, _, _ = load_records(DataConfig.from_dict(recipe.data))
+    data = DataConfig.from_dict(recipe.data)
+    if data.packing:
+        # packed rows are fewer than records, so an interval counted in records would be several times too long
+        raise ConfigError("prepare: data.packing is not supported in the dense stage (checkpoint intervals are "
+                          "counted in records); set data.packing=false")
+    train, _, _ = load_records(data)
     plan = BatchPlan(len(train), recipe.train.batch_size, 1, 0, recipe.train.grad_accum, recipe.train.seed)
     if plan.steps_per_epoch == 0:
         raise ConfigError(f"{len(train)} training records cannot fill one optimizer step of "

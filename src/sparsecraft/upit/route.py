@@ -291,7 +291,9 @@ def states_from_moe(model: nn.Module, es: ExpertSet) -> list[dict[str, torch.Ten
         keys = [k[len(prefix):] for k in es.base if k.startswith(prefix)]
         for e, state in enumerate(states):
             if es.kind == "lora":
-                parts = {k: getattr(experts, k.rsplit(".", 1)[1])[k.rsplit(".", 1)[0]][e] for k in keys}
+                # canonical `{proj}.lora_A|lora_B` <- the block's `A[proj]` / `B[proj]` (named apart from peft's)
+                parts = {k: (experts.A if k.endswith(".lora_A") else experts.B)[k.rsplit(".", 1)[0]][e]
+                         for k in keys}
             elif es.kind == "adapter":
                 parts = {"down": experts.down[e], "up": experts.up[e]}
             elif isinstance(experts, CopiedExperts):
@@ -372,8 +374,16 @@ def run_route(cfg: UpitConfig, es: ExpertSet, *, resume: bool = False) -> dict:
     seed_ds = train_ds + held_ds
     base = load_base_model(resolve_base(cfg.model), dtype=torch.float32)
     buckets_path = out / BUCKETS_NAME
+    reuse = None
     if resume and buckets_path.is_file():
-        report = json.loads(buckets_path.read_text())
+        reuse = json.loads(buckets_path.read_text())
+        # buckets of another seed split or expert set would be matched to the wrong records: recompute those
+        if ([r["index"] for r in reuse.get("records", [])] != train_idx + held_idx
+                or reuse.get("experts") != list(es.names)):
+            print(f"route: {buckets_path} is from another seed split or expert set; recomputing it")
+            reuse = None
+    if reuse is not None:
+        report = reuse
         buckets = torch.tensor([r["bucket"] for r in report["records"]])
         print(f"route: reusing {buckets_path}")
     else:
