@@ -1,16 +1,19 @@
-"""Atomic directory writes: build in a temporary sibling, then rename into place.
+"""Atomic writes of directories and files: build in a temporary sibling, then rename into place.
 
-A reader never sees a half-written directory, and a crash during the write leaves the previous version intact
-(only a `.tmp-*` sibling is left behind, which the next write removes).
+A reader never sees a half-written directory or file, and a crash during the write leaves the previous version
+intact (only a temporary sibling is left behind; the next directory write removes its own).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -45,3 +48,25 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` through a fsynced temporary sibling and one rename; creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # "x": never someone else's
+    try:
+        with open(tmp, "xb") as f:  # the usual permissions (mkstemp would make the file 0600)
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 2, **dumps_kwargs) -> Path:
+    """`atomic_write` of `json.dumps(data)` plus a final newline."""
+    return atomic_write(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")

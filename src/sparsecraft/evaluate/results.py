@@ -17,29 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
+
+from ..checkpoint.atomic import atomic_write
 
 RESULTS_JSON, RESULTS_MD, RAW_JSON = "results.json", "results.md", "lm_eval_results.json"
 QUICK_JSON, QUICK_MD = "quick.json", "quick.md"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a fsynced temporary file in the same folder and one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # "x": never someone else's
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # the usual permissions (mkstemp would make it 0600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write `text` atomically (see `checkpoint.atomic.atomic_write`)."""
+    return atomic_write(path, text)
 
 
 def _json(data: Any) -> str:

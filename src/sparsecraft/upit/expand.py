@@ -20,9 +20,7 @@ LoRA state), `"product"` merges `B @ A` per projection and refactors to rank r b
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from sparsecraft.checkpoint.atomic import atomic_write_json
 from sparsecraft.errors import CheckpointError, ConfigError
 from sparsecraft.upit.merge import (
     dare_merge,
@@ -164,17 +163,7 @@ def _as_lists(matrix: torch.Tensor | list[list[float]]) -> list[list[float]]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj, indent=1)
 
 
 def write_expansion_report(directory: str | os.PathLike, before: torch.Tensor | list[list[float]],

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from ..checkpoint.atomic import atomic_write_json
 from ..errors import ConfigError
 from .config import STAGES, UpitConfig, stage_recipe
 from .experts import load_expert_set, save_expert_set
@@ -45,10 +46,7 @@ def _has_output(cfg: UpitConfig, stage: str) -> bool:
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data, default=str)
 
 
 def _record(cfg: UpitConfig, stage: str, result: dict) -> None:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint.atomic import atomic_write_json
 from ..config import CraftConfig
 from ..errors import CheckpointError, ConfigError
 from ..moe.layers import RoutedBlock
@@ -311,9 +312,7 @@ def states_from_moe(model: nn.Module, es: ExpertSet) -> list[dict[str, torch.Ten
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=1)
 
 
 def _encode(records, indices: list[int], tokenizer, data_cfg) -> tuple[list[dict], list[int]]:

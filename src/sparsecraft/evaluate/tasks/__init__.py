@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ...checkpoint.atomic import atomic_write
 from ...errors import ConfigError
 
 TASKS_DIR = Path(__file__).resolve().parent
@@ -107,7 +108,5 @@ def write_task_dir(out_dir: str | os.PathLike, names: tuple[str, ...] = LOCAL_TA
         except ConfigError:
             continue
         text = yaml.dump(copy.deepcopy(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-        tmp = out_dir / f".{name}.yaml.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / f"{name}.yaml")
+        atomic_write(out_dir / f"{name}.yaml", text)
     return out_dir
