@@ -16,9 +16,12 @@ import torch
 from sparsecraft import cli
 from sparsecraft.cli import compare as compare_cmd
 from sparsecraft.errors import ConfigError
-from sparsecraft.evaluate.compare import group_runs, load_run, load_runs, write_report
+from sparsecraft.evaluate.compare import write_report
 from sparsecraft.evaluate.plots import plot_loss_curves
-from sparsecraft.evaluate.routes import RoutingStats, write_routes
+from sparsecraft.evaluate.route_stats import RoutingStats
+from sparsecraft.evaluate.routes import write_routes
+from sparsecraft.evaluate.run_dirs import load_run, load_runs
+from sparsecraft.evaluate.run_groups import group_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
 from sparsecraft import CraftConfig, craft, crafted_layers, is_crafted, new_parameters, uncraft
-from sparsecraft.craft import set_pesc_dispatch
+from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import ConfigError, CraftError
 from sparsecraft.moe.layers import PescMoE, is_pesc_mlp
 
@@ -106,11 +106,11 @@ def test_every_dispatch_path_gives_the_same_model(path):
     ids = ids_for()
     with torch.no_grad():
         want = model(ids).logits
-        set_pesc_dispatch(model, path)
+        set_dispatch(model, path)
         got = model(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError):
-        set_pesc_dispatch(model, "warp")
+        set_dispatch(model, "warp")
 
 
 # --------------------------------------------------------------------------------------------- layer choice
@@ -175,7 +175,7 @@ def test_config_object_and_overrides():
     assert [i for i, _ in crafted_layers(a)] == [1]
     assert cfg.layers == "all"  # overrides never touch the caller's object
     b = craft(tiny_model("llama"), cfg)
-    set_pesc_dispatch(b, "loop")
+    set_dispatch(b, "loop")
     assert cfg.dispatch == "auto" and a._sparsecraft_config.dispatch == "auto"
 
 

@@ -166,7 +166,7 @@ def test_contiguous_grad_guard_makes_grouped_mm_backward_work_with_expanded_grad
     x = torch.randn(7, 8, generator=g, requires_grad=True)
     w = torch.randn(2, 8, 4, generator=g, requires_grad=True)
     offs = torch.tensor([3, 7], dtype=torch.int32)
-    ex._ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs)).sum().backward()
+    ex.ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs)).sum().backward()
     want_x = torch.cat([torch.ones(3, 4) @ w[0].T, torch.ones(4, 4) @ w[1].T]).detach()
     torch.testing.assert_close(x.grad, want_x)
     torch.testing.assert_close(w.grad[0], x[:3].sum(0).detach()[:, None].expand(8, 4))

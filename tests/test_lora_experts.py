@@ -19,16 +19,18 @@ from sparsecraft import (
     parameter_report,
     uncraft,
 )
-from sparsecraft.craft import set_pesc_dispatch
+from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import ConfigError, CraftError
 from sparsecraft.moe.layers import RoutedBlock
-from sparsecraft.moe.lora_experts import (
-    METHOD,
-    LoraExpertsMoE,
-    attach_lora_experts,
-    gated_layout,
-    is_lora_experts_mlp,
-)
+from sparsecraft.methods import get_method
+from sparsecraft.moe.gated import gated_layout
+from sparsecraft.moe.lora_experts import LoraExpertsMoE, is_lora_experts_mlp
+
+METHOD = "lora_experts"
+
+
+def attach_lora_experts(model, cfg, seed=None):
+    return get_method(METHOD).craft(model, cfg, seed=seed)
 
 E, K, R = 4, 2, 4
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -81,7 +83,7 @@ def grouped_calls(monkeypatch):
 
 def block_run(model, path, x, layer=1):
     """One MLP's output and gradients (input, router, LoRA factors, base projections) under a dispatch path."""
-    set_pesc_dispatch(model, path)
+    set_dispatch(model, path)
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     mlp = crafted_layers(model)[layer][1]
@@ -156,7 +158,7 @@ def test_zero_b_equals_dense(family):
     with torch.no_grad():
         want = dense(ids).logits
         for path in ("grouped", "loop"):
-            set_pesc_dispatch(model, path)
+            set_dispatch(model, path)
             torch.testing.assert_close(model(ids).logits, want, atol=1e-6, rtol=1e-6)
 
 
@@ -237,7 +239,7 @@ def test_greedy_generation_same_on_grouped_and_loop():
     ids = ids_for(batch=1, seq=5)
     outs = []
     for path in ("grouped", "loop"):
-        set_pesc_dispatch(model, path)
+        set_dispatch(model, path)
         outs.append(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     assert outs[0].shape == (1, 9)
     assert torch.equal(outs[0], outs[1])
@@ -272,7 +274,7 @@ def test_nf4_and_peft_after_building():
     names = [n for n, _ in peft_model.named_parameters()]
     assert any("mlp.up_proj.lora_A" in n for n in names)  # the shared MLP projection may carry peft LoRA
     assert not any(".moe." in n and ".lora_A.default" in n for n in names)
-    set_pesc_dispatch(model, "grouped")
+    set_dispatch(model, "grouped")
     peft_model.train()
     ids = ids_for()
     out = peft_model(input_ids=ids, labels=ids)

@@ -16,16 +16,12 @@ from conftest import tiny_model, tiny_tokenizer
 import sparsecraft
 from sparsecraft import cli
 from sparsecraft.cli import routes as routes_cmd
-from sparsecraft.craft import crafted_layers
+from sparsecraft.surgery import crafted_layers
 from sparsecraft.errors import ConfigError
-from sparsecraft.evaluate.routes import (
-    RoutingStats,
-    collect_routing,
-    data_sources,
-    gates_from_logits,
-    routing_stats,
-    write_routes,
-)
+from sparsecraft.evaluate.route_collect import collect_routing, gates_from_logits
+from sparsecraft.evaluate.route_data import data_sources, routing_stats
+from sparsecraft.evaluate.route_stats import RoutingStats
+from sparsecraft.evaluate.routes import write_routes
 from sparsecraft.moe.router import route
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,19 +14,16 @@ import torch.nn.functional as F
 
 from conftest import tiny_config, tiny_model
 from sparsecraft import craft, is_crafted, new_parameters
-from sparsecraft.craft import set_pesc_dispatch
+from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import ConfigError, CraftError
-from sparsecraft.moe.upcycle import (
-    CopiedExperts,
-    GatedExperts,
-    UpcycledMLP,
-    UpcycledMoE,
-    dense_ffn_state,
-    is_upcycled,
-    is_upcycled_mlp,
-    upcycle,
-    upcycled_layers,
-)
+from sparsecraft import upcycle
+from sparsecraft.methods import method_of
+from sparsecraft.methods.upcycle import dense_ffn_state, upcycled_layers
+from sparsecraft.moe.upcycle import CopiedExperts, GatedExperts, UpcycledMLP, UpcycledMoE, is_upcycled_mlp
+
+
+def is_upcycled(model):
+    return method_of(model).name == "upcycle"
 
 E, K, H, I = 4, 2, 32, 64  # tiny models: hidden 32, intermediate 64, 3 layers
 SMALL = dict(num_experts=E, top_k=K)
@@ -109,7 +106,7 @@ def test_sorted_dispatch_gives_the_same_model():
     ids = ids_for()
     with torch.no_grad():
         grouped = model(ids).logits
-        set_pesc_dispatch(model, "sorted")
+        set_dispatch(model, "sorted")
         sliced = model(ids).logits
     torch.testing.assert_close(sliced, grouped, atol=1e-5, rtol=0)
 

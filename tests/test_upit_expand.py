@@ -14,7 +14,7 @@ from sparsecraft.upit.expand import (
     genetic_expansion,
     write_expansion_report,
 )
-from sparsecraft.upit.experts import ExpertSet, load_expert_set, save_expert_set
+from sparsecraft.methods.expert_set import ExpertSet, load_expert_set, save_expert_set
 from sparsecraft.upit.merge import refactor_low_rank, similarity_matrix
 
 

@@ -1,4 +1,4 @@
-"""UpIT expert sets (upit/experts.py): files, reading states from dense-stage models, and building the MoE of
+"""UpIT expert sets (methods/expert_set.py, methods/upit.py): files, reading states from dense-stage models, and building the MoE of
 each kind with function preservation (equal experts = the dense-stage model), router rows, shared weights,
 freezing experts, and the crafted-directory round trip. Tiny fp32 models; the file runs in well under a minute."""
 
@@ -13,21 +13,20 @@ from peft import LoraConfig, get_peft_model
 
 import sparsecraft
 from sparsecraft import CraftConfig, craft, crafted_layers
-from sparsecraft.craft import set_pesc_dispatch
+from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import CheckpointError, ConfigError
 from sparsecraft.moe.lora_experts import LoraExpertsMoE
 from sparsecraft.moe.upcycle import CopiedExperts, GatedExperts
-from sparsecraft.upit.experts import (
-    EXPERT_KINDS,
-    ExpertSet,
-    build_moe,
-    expert_modules,
-    expert_state,
-    load_expert_set,
-    lora_meta,
-    save_expert_set,
-    set_trainable,
-)
+from sparsecraft.methods import expert_kinds, get_method
+from sparsecraft.methods.expert_set import ExpertSet, expert_state, load_expert_set, save_expert_set
+from sparsecraft.methods.upit import build_moe
+from sparsecraft.moe.parts import expert_modules, set_trainable
+
+EXPERT_KINDS = expert_kinds()
+
+
+def lora_meta(model):
+    return get_method("lora_experts").expert_meta(model)
 
 E = 4
 MOE = CraftConfig(num_experts=2, top_k=2, dropout=0.0)  # num_experts is replaced by the expert count
@@ -124,7 +123,7 @@ def test_expert_set_validation():
         lora_set([state, bad], base=state).validate()
     with pytest.raises(ConfigError, match="names"):
         ExpertSet("lora", [state], state, names=[]).validate()
-    assert EXPERT_KINDS == ("lora", "ffn", "adapter")
+    assert set(EXPERT_KINDS) == {"lora", "ffn", "adapter"}
 
 
 def test_reading_states_from_dense_stage_models():
@@ -175,7 +174,7 @@ def test_lora_states_land_in_their_slots():
         assert torch.equal(moe.experts.B["down_proj"][e], states[e]["layers.1.down_proj.lora_B"])
     # distinct experts: grouped dispatch still equals the per-expert reference on the whole model
     want = logits(model)
-    set_pesc_dispatch(model, "loop")
+    set_dispatch(model, "loop")
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
 
 

@@ -20,10 +20,11 @@ from sparsecraft.train.loop import run
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model
 from sparsecraft.upit.config import load_upit_config, stage_recipe
-from sparsecraft.upit.experts import ExpertSet, build_moe, load_expert_set
+from sparsecraft.methods.expert_set import ExpertSet, load_expert_set
+from sparsecraft.methods.upit import build_moe
 from sparsecraft.upit.pipeline import run_pipeline
 from sparsecraft.upit.prepare import Candidate, experts_from_paths, select
-from sparsecraft.upit.route import load_router
+from sparsecraft.methods.expert_set import load_router
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "upit-quick.yaml"
@@ -70,7 +71,7 @@ def test_config_errors_are_one_line(tmp_path):
         assert "\n" not in str(info.value)
 
     fails("unknown UpIT config field stages", "stages=2")
-    fails("kind must be one of lora, ffn, adapter", "kind=moe")
+    fails(r"kind must be one of (\w+, ){2}\w+; got .moe.", "kind=moe")
     fails(r"craft.num_experts \(n=2\) must be at least prepare.num_experts \(m=3\)", "experts=2",
           "prepare.num_experts=3")
     fails("prepare.recipe.method is set by the pipeline", "prepare.recipe.method=pesc")
@@ -125,6 +126,30 @@ def lora_run(base, tmp_path_factory):
     return out
 
 
+def _held_out_record_accuracy(base: Path, out: Path, held: list[dict], router_file: Path | None) -> float:
+    """Share of held-out seed records whose mean router probabilities (over MoE layers and scored tokens) peak at
+    their bucket in buckets.json, for the MoE of `out/expand` with `router_file`'s rows (None: seeded init)."""
+    from sparsecraft.sources import load_base_model, resolve_base
+    from sparsecraft.upit.buckets import iter_batches, scored_mask, seed_data
+
+    cfg = load_upit_config(QUICK, tiny_args(base, out))
+    collator, _, held_ds, _, held_idx, _ = seed_data(cfg)
+    assert held_idx == [r["index"] for r in held]
+    craft = CraftConfig.from_dict(stage_recipe(cfg, "upcycle").craft)
+    model = build_moe(load_base_model(resolve_base(cfg.model), dtype=torch.float32), load_expert_set(out / "expand"),
+                      craft, load_router(router_file) if router_file else None, seed=cfg.route.seed).eval()
+    right = 0
+    for idx, batch in iter_batches(held_ds, collator, cfg.route.batch_size):  # batched as the stage did
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                           output_router_logits=True).router_logits
+        mask = scored_mask(batch, cfg.route.tokens)
+        for row, i in enumerate(idx):
+            probs = torch.cat([torch.softmax(z.float(), -1).reshape(*mask.shape, -1)[row][mask[row]] for z in logits])
+            right += int(probs.mean(0).argmax()) == held[i]["bucket"]
+    return right / len(held)
+
+
 def test_lora_pipeline_writes_every_stage(lora_run, base):
     out = lora_run
     prepared = load_expert_set(out / "prepare" / "experts")
@@ -147,7 +172,13 @@ def test_lora_pipeline_writes_every_stage(lora_run, base):
     for record in buckets["records"]:
         assert record["bucket"] == min(range(4), key=lambda j: record["perplexity"][j])
     accuracy = json.loads((out / "route" / "accuracy.json").read_text())
-    assert accuracy["heldout_records"] == 4 and 0 <= accuracy["record_accuracy"] <= 1
+    held = [r for r in buckets["records"] if r["split"] == "heldout"]
+    assert accuracy["heldout_records"] == len(held) == 4
+    # recomputed from the stage's files: the held-out records' buckets and the router rows it saved (after) or
+    # its seeded initial router (before), each record's router probabilities averaged over layers and tokens
+    for key, router_file in (("record_accuracy", out / "route" / "router.safetensors"),
+                             ("record_accuracy_before", None)):
+        assert accuracy[key] == _held_out_record_accuracy(base, out, held, router_file), key
     router = load_router(out / "route" / "router.safetensors")
     assert sorted(router) == [0, 1] and router[0].shape == (4, 32)
 

@@ -9,18 +9,20 @@
 from .auto import register as _register
 from .checkpoint.crafted import load_crafted, save_crafted as save
 from .config import CraftConfig
-from .craft import craft, crafted_layers, is_crafted, new_parameters, uncraft
+from .craft import craft, uncraft, upcycle
 from .errors import CheckpointError, ConfigError, CraftError, SparsecraftError
 from .loading import craft_from, load
-from .moe.upcycle import upcycle
+from .methods import get_method, method_names
 from .report import dry_run, parameter_report
+from .surgery import crafted_layers, is_crafted, new_parameters
 
 _register()
 
 __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "CraftConfig", "CraftError", "SparsecraftError",
-    "craft", "craft_from", "crafted_layers", "dry_run", "is_crafted", "load", "load_crafted", "new_parameters",
+    "craft", "craft_from", "crafted_layers", "dry_run", "get_method", "is_crafted", "load", "load_crafted",
+    "method_names", "new_parameters",
     "parameter_report", "save", "upcycle",
     "uncraft",
 ]

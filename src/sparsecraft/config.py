@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
 DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "gathered", "loop")
@@ -46,21 +47,33 @@ class CraftConfig:
         dispatch: `auto` picks by shape; `dense`, `grouped`, `sorted`, `loop` force one path.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    adapter_dim: int = 64
-    scaling: float = 1.0
-    activation: str = "gelu"
-    dropout: float = 0.1
-    routing: str = "topk_softmax"
-    normalize_topk: bool = True
-    router_dtype: str = "float32"
-    combine: str = "residual"
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    layers: Any = "all"
-    dispatch: str = "auto"
-    extra: dict = field(default_factory=dict)
+    # Each field's metadata is its command-line option (see `craft_fields`): `help`, and where needed `flag`
+    # (default `--field-name`), `choices`, `type` (default: the annotation) or `cli: False` (not exposed).
+    num_experts: int = field(default=8, metadata={"help": "number of experts E per crafted layer", "flag": "--experts"})
+    top_k: int = field(default=2, metadata={"help": "experts each token is routed to, k (k <= E)"})
+    adapter_dim: int = field(default=64, metadata={"help": "adapter bottleneck width r"})
+    scaling: float = field(default=1.0, metadata={"help": "adapter output scaling s"})
+    activation: str = field(default="gelu", metadata={
+        "help": "adapter non-linearity (exact GELU as in PESC by default)", "choices": ACTIVATIONS})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input (training only)"})
+    routing: str = field(default="topk_softmax", metadata={
+        "help": "topk_softmax (PESC: softmax over the k kept logits) or softmax_topk (Mixtral: softmax over all "
+                "E, then top-k)", "choices": ROUTING_ORDERS})
+    normalize_topk: bool = field(default=True, metadata={
+        "help": "with softmax_topk, renormalise the k kept probabilities to sum to 1"})
+    router_dtype: str = field(default="float32", metadata={
+        "help": "router precision: float32, or model (the model's dtype, as the published bf16 checkpoints)",
+        "choices": ROUTER_DTYPES})
+    combine: str = field(default="residual", metadata={
+        "help": "residual: F + sum_j g_j A_j(F); per_slot: sum_j g_j (F + A_j(F)) as the published code does",
+        "choices": COMBINE_FORMS})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing (Switch) loss weight alpha"})
+    z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight (0: reported, not added)"})
+    layers: Any = field(default="all", metadata={
+        "help": "crafted layers: 'all', 'every:N' or a list like 0,2,5", "type": str})
+    dispatch: str = field(default="auto", metadata={
+        "help": "expert dispatch path: auto picks by shape, the others force one", "choices": DISPATCH_PATHS})
+    extra: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +113,36 @@ class CraftConfig:
         if unknown:
             raise ConfigError(f"unknown crafting setting(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+class CraftField(NamedTuple):
+    """One `CraftConfig` field as a command-line option (what `craft_fields` yields)."""
+
+    name: str  # the dataclass field
+    flag: str  # `--experts` for num_experts, else `--field-name`
+    type: type  # int, float, str or bool (bool: a --flag/--no-flag pair)
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+
+
+def craft_fields() -> Iterator[CraftField]:
+    """The `CraftConfig` fields exposed as options, in field order, from each field's metadata.
+
+    The help text is defined once, in the field's metadata; `extra` (`cli: False`) is left out. The argparse
+    side is `sparsecraft.cli.options`.
+    """
+    hints = typing.get_type_hints(CraftConfig)
+    for f in dataclasses.fields(CraftConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        if "help" not in meta:
+            raise TypeError(f"CraftConfig.{f.name} has no help text in its field metadata")
+        yield CraftField(
+            name=f.name, flag=meta.get("flag", "--" + f.name.replace("_", "-")), type=meta.get("type", hints[f.name]),
+            default=f.default, help=meta["help"], choices=meta.get("choices"),
+        )
 
 
 def _is_number(value: Any) -> bool:

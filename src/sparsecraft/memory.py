@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .craft import find_decoder_layers, text_config
-from .moe.experts import choose_path
+from .methods import method_of
 from .moe.layers import RoutedBlock
+from .surgery import find_decoder_layers, is_added_name, text_config
 
 ACT_BYTES = 2  # activations in bf16
 WEIGHT_BYTES_16BIT = 2  # bf16 base weights, and the parts bitsandbytes leaves un-quantised
@@ -37,11 +37,6 @@ def logical_numel(p) -> int:
     if state is not None and getattr(state, "shape", None) is not None:
         return int(state.shape.numel())
     return int(p.numel())
-
-
-def is_added_name(name: str) -> bool:
-    """Router/adapter parameters added by crafting live under a `moe` child of the FFN."""
-    return ".moe." in f".{name}"
 
 
 def nf4_bytes(numel: int) -> int:
@@ -188,7 +183,8 @@ def gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def _layer_working_set_per_token(s: ModelShape, lora: list[tuple[int, int]], rank: int, n_tokens: int) -> int:
+def _layer_working_set_per_token(s: ModelShape, lora: list[tuple[int, int]], rank: int, n_tokens: int,
+                                 method) -> tuple[int, str]:
     """Bytes per token held while one checkpointed layer is recomputed and back-propagated."""
     a, h, i = ACT_BYTES, s.hidden, s.intermediate
     hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -206,18 +202,8 @@ def _layer_working_set_per_token(s: ModelShape, lora: list[tuple[int, int]], ran
     )
     lora_bytes = sum(a * fin + fin + a * rank for fin, _ in lora)  # per target: dropout out, bool mask, x·A
     grads = a * (2 * h + 2 * i)  # backward transients: grad of the layer output and of the widest intermediate
-    pesc = 0
-    if s.crafted_layers:
-        e, k, r = s.num_experts, s.top_k, s.adapter_dim
-        pesc = 4 * e + 4 * k + 8 * k  # router logits fp32, gates fp32, expert indices int64
-        if s.adapter_dropout > 0:
-            pesc += a * h + h  # dropout(F) and its bool mask
-        path = choose_path(n_tokens, e, k, r) if s.dispatch == "auto" else s.dispatch
-        if path == "dense":
-            pesc += a * (3 * e * r + e)  # every expert: W_down·x, act, gated act (E·r each) + gate mask [E]
-        else:
-            pesc += a * k * (2 * h + 3 * r)  # per slot: gathered input h, W_down·x, act, gated act (r), W_up·… h
-    return attn + mlp + lora_bytes + grads + pesc
+    moe, formula = method.moe_bytes_per_token(s, n_tokens) if s.crafted_layers else (0, "no MoE")
+    return attn + mlp + lora_bytes + grads + moe, formula
 
 
 def estimate_training_memory(
@@ -268,11 +254,11 @@ def estimate_training_memory(
                             f"{trainable:,}  [fp32 weight 4 + grad 4 + Adam m,v 8]")
     c["checkpointed layer inputs"] = s.num_layers * n * s.hidden * ACT_BYTES
     f["checkpointed layer inputs"] = "L·B·T·h·2"
-    per_token = _layer_working_set_per_token(s, layer_lora, lora_rank, n)
+    per_token, moe_formula = _layer_working_set_per_token(s, layer_lora, lora_rank, n, method_of(model))
     c["one layer recomputed"] = n * per_token
     f["one layer recomputed"] = (
         f"B·T·{per_token:,} B: norms (4h+2h)×2, q,k,v,RoPE,attn out 2(3h_q+3h_kv+h)+4·heads, FFN 2(4i+h), "
-        "LoRA Σ(2in+in+2r), grads 2(2h+2i), PESC 4E+12k+3h + 2k(2h+3r) [dense path: 2E(3r+1)]"
+        f"LoRA Σ(2in+in+2r), grads 2(2h+2i), {moe_formula}"
     )
     # the recorder keeps every crafted layer's fp32 logits for the aux/z losses until backward, which also
     # saves the full softmax (balance loss) and logsumexp (z-loss); expert indices are int64

@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 
 from .config import CraftConfig
-from .craft import craft, find_decoder_layers
-from .errors import CheckpointError
-from .memory import MemoryEstimate, estimate_training_memory, gib, is_added_name, logical_numel, lora_targets_of
+from .errors import CheckpointError, CraftError
+from .memory import MemoryEstimate, estimate_training_memory, gib, logical_numel, lora_targets_of
+from .methods import get_method, method_of
 from .moe.layers import RoutedBlock
+from .surgery import find_decoder_layers, is_added_name
 
 __all__ = ["ParameterReport", "parameter_report", "DryRunReport", "dry_run", "short_count"]
 
@@ -64,6 +65,7 @@ class ParameterReport:
     num_experts: int | None = None
     top_k: int | None = None
     crafted_layers: int = 0
+    title: str = ""  # the header line, from the model's method
 
     def rows(self) -> list[tuple[str, int]]:
         return [
@@ -79,10 +81,7 @@ class ParameterReport:
         ]
 
     def header(self) -> str:
-        if self.crafted_layers:
-            return (f"Parameters: PESC, {self.num_experts} experts, top-{self.top_k}, "
-                    f"{self.crafted_layers} crafted layers")
-        return "Parameters: dense model (not crafted)"
+        return self.title or "Parameters: dense model (not crafted)"
 
     def format(self) -> str:
         return self.header() + "\n" + _table(self.rows())
@@ -106,8 +105,9 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     already yields a tied weight once.
     """
     # (k, E) of each crafted block by module name, to weight its adapters by the fraction a token uses
-    ratios = {name: (m.config.top_k, m.experts.num_experts) for name, m in model.named_modules()
-              if isinstance(m, RoutedBlock)}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, RoutedBlock)}
+    ratios = {name: (m.config.top_k, m.experts.num_experts) for name, m in blocks.items()}
+    method = method_of(_unwrapped(model))
     total = routers = adapters = lora = trainable = 0
     active_adapters = Fraction(0)
     for name, p in model.named_parameters():
@@ -120,7 +120,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
             parts = name.split(".")
             at = len(parts) - 1 - parts[::-1].index("moe")  # the last `moe` component: the MoE block
             owner = ".".join(parts[: at + 1])
-            if parts[at + 1] == "router":
+            if method.part_of(".".join(parts[at + 1:])) == method.added_parts[0]:
                 routers += n
             else:
                 adapters += n
@@ -141,7 +141,14 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         num_experts=first[1],
         top_k=first[0],
         crafted_layers=len(ratios),
+        title=method.header(next(iter(blocks.values())).config, len(blocks)) if blocks else "",
     )
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the one that carries the crafting marks)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 @dataclass
@@ -177,12 +184,13 @@ class DryRunReport:
     memory_bf16: MemoryEstimate
     memory_nf4: MemoryEstimate
     seconds: float
+    method_title: str = "PESC"
 
     def format(self) -> str:
         c = self.craft_config
         lines = [
-            f"Dry run: {self.source} ({self.architecture}, {self.num_layers} layers) -> PESC E={c.num_experts}, "
-            f"top-{c.top_k}, r={c.adapter_dim}, layers={c.layers}",
+            f"Dry run: {self.source} ({self.architecture}, {self.num_layers} layers) -> {self.method_title} "
+            f"E={c.num_experts}, top-{c.top_k}, r={c.adapter_dim}, layers={c.layers}",
             self.params.header(),
             # a meta model has no LoRA and freezes nothing: those rows would only mislead here
             _table([row for row in self.params.rows() if "LoRA" not in row[0] and "now" not in row[0]] + [
@@ -247,6 +255,7 @@ def dry_run(
     seq_len: int = 2048,
     lora_rank: int = 64,
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    method: str = "pesc",
 ) -> DryRunReport:
     """Craft a base model on the meta device and report parameters and estimated training memory.
 
@@ -256,12 +265,16 @@ def dry_run(
         craft_config: crafting settings (a `CraftConfig`, a dict of its fields, or None for the defaults).
         batch_size, seq_len: the training step the memory estimate is for.
         lora_rank, lora_targets: LoRA assumed on the base during training (names matched as PEFT does).
+        method: a registered method that crafts from the base alone (`pesc`, `upcycle`, `mixlora`, ...).
 
     Raises:
         CheckpointError: the config cannot be read or no causal LM can be built from it.
         CraftError / ConfigError: the model cannot be crafted as asked.
     """
     start = time.perf_counter()
+    chosen = get_method(method)
+    if not chosen.builds_moe or chosen.options_field is not None:
+        raise CraftError(f"a dry run crafts from the base alone; method {method} cannot")
     if craft_config is None:
         craft_config = CraftConfig()
     elif isinstance(craft_config, dict):
@@ -269,7 +282,7 @@ def dry_run(
     config, label = _load_config(base_or_config)
     model = _meta_model(config)
     architecture = type(model).__name__
-    craft(model, craft_config)
+    chosen.craft(model, craft_config)
     params = parameter_report(model)
     targets = lora_targets_of(model, tuple(lora_targets))
     lora_params = sum(lora_rank * (fin + fout) for _, fin, fout in targets)
@@ -293,4 +306,5 @@ def dry_run(
         memory_bf16=memory_bf16,
         memory_nf4=memory_nf4,
         seconds=time.perf_counter() - start,
+        method_title=chosen.title,
     )

@@ -40,7 +40,7 @@ def autocast_for(settings: BenchSettings, device: torch.device):
 
 def cut_layers(model: nn.Module, num_layers: int | None) -> None:
     """Keep the first `num_layers` decoder layers of a loaded model (config updated to match)."""
-    from ..craft import find_decoder_layers, text_config
+    from ..surgery import find_decoder_layers, text_config
 
     if num_layers is None:
         return
@@ -63,7 +63,7 @@ def load_dense_base(settings: BenchSettings, device: torch.device) -> nn.Module:
     """
     dtype = settings.torch_dtype
     if settings.model:
-        from ..craft import is_crafted
+        from ..surgery import is_crafted
         from ..loading import load
 
         model = load(settings.model, dtype=dtype)
@@ -88,7 +88,7 @@ def load_dense_base(settings: BenchSettings, device: torch.device) -> nn.Module:
 
 def block_ffn(settings: BenchSettings, device: torch.device) -> nn.Module:
     """A frozen FFN of the shape (random weights, `initializer_range` normal) or layer 0's FFN of `--model`."""
-    from ..craft import find_decoder_layers, find_ffn, text_config
+    from ..surgery import find_decoder_layers, find_ffn, text_config
 
     dtype = settings.torch_dtype
     if settings.model:
@@ -115,16 +115,33 @@ def block_ffn(settings: BenchSettings, device: torch.device) -> nn.Module:
     return ffn.train()
 
 
+def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: BenchSettings, hidden: int,
+                   device: torch.device) -> str:
+    """The path a block really runs for `tokens` tokens (see `pesc_path`, `upcycle_path`); `loop` for the
+    reference layer."""
+    from ..moe.layers import PescMoE
+    from ..moe.lora_experts import LoraExpertsMoE
+    from .reference import LoopPescBlock
+
+    if isinstance(block, LoopPescBlock):
+        return "loop"
+    if isinstance(block, PescMoE):
+        return pesc_path(dispatch, tokens, settings, hidden, device)
+    if isinstance(block, LoraExpertsMoE):
+        return dispatch if dispatch in ("loop", "sorted") else "grouped"
+    return upcycle_path(block.experts, tokens, settings, hidden, device)
+
+
 def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, device: torch.device) -> str:
     """The path `sparsecraft.moe.experts.dispatch` takes for a call of `tokens` tokens: `auto:<path>` for the
     automatic choice, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes."""
-    from ..moe.experts import _grouped_mm_available, choose_path
+    from ..moe.experts import grouped_mm_available, choose_path
 
     path = dispatch
     if dispatch == "auto":
         path = choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
     probe = torch.empty(0, hidden, dtype=settings.torch_dtype, device=device)
-    if path == "grouped" and not _grouped_mm_available(probe, tokens * settings.top_k, settings.adapter_dim):
+    if path == "grouped" and not grouped_mm_available(probe, tokens * settings.top_k, settings.adapter_dim):
         path = "grouped->sorted"
     return f"auto:{path}" if dispatch == "auto" else path
 
@@ -132,11 +149,11 @@ def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, 
 def upcycle_path(experts: nn.Module, tokens: int, settings: BenchSettings, hidden: int,
                  device: torch.device) -> str:
     """`grouped` / `sorted` for stacked copies of a gated FFN, `loop` for the deep-copy fallback."""
-    from ..moe.experts import _grouped_mm_available
+    from ..moe.experts import grouped_mm_available
     from ..moe.upcycle import GatedExperts
 
     if not isinstance(experts, GatedExperts):
         return "loop"
     probe = torch.empty(0, hidden, dtype=experts.dtype, device=device)
-    ok = _grouped_mm_available(probe, tokens * settings.top_k, experts.down_proj.shape[-1])
+    ok = grouped_mm_available(probe, tokens * settings.top_k, experts.down_proj.shape[-1])
     return "grouped" if ok else "sorted"

@@ -17,6 +17,9 @@ gated FFN):
     loop    = pesc
     upcycle = 3 * k * N*c_ffn + 3 * N*h*E                  (k trainable FFN copies + router)
               (2 * k * N*c_ffn + ... when the copies are frozen, as NF4 copies are under --4bit)
+    mixlora = dense + 3 * N*h*E + 3 * k * N*c_lora          (c_lora = 3*r*(h+i): a LoRA pair per projection)
+
+In general: the shared FFN (when the method keeps it) + the router + k experts of `Method.expert_macs` each.
 
 `executed` FLOPs count what a path really multiplies: `pesc-dense` runs all E adapters (E instead of k above).
 
@@ -39,18 +42,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .settings import parse_variant
+
 
 @dataclass(frozen=True)
 class MoEDims:
     """Sizes of the block: hidden, FFN multiply-adds per token (`ffn_macs`, 3*h*i gated), E, k, r; and whether
-    upcycled FFN copies train (they do, except NF4 copies)."""
+    the experts train (they do, except NF4 FFN copies)."""
 
     hidden: int
     ffn_macs: int
     experts: int
     top_k: int
     adapter_dim: int
-    upcycled_experts_train: bool = True
+    experts_train: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,26 +70,28 @@ class ModelDims:
     moe: MoEDims
 
 
-def _moe_block_macs(method: str, n: int, d: MoEDims, executed: bool) -> int:
-    """Multiply-adds of one block for `n` tokens whose input needs a gradient (see the module docstring)."""
+def _moe_block_macs(variant: str, n: int, d: MoEDims, executed: bool) -> int:
+    """Multiply-adds of one block of a bench variant (`pesc`, `pesc-dense`, `upcycle`, ...) for `n` tokens whose
+    input needs a gradient (see the module docstring)."""
+    method, dispatch = parse_variant(variant)
     ffn = n * d.ffn_macs
-    router = 3 * n * d.hidden * d.experts  # fwd + input grad + weight grad (router trains)
-    if method == "dense":
+    if not method.builds_moe:
         return 2 * ffn
-    if method == "upcycle":
-        passes = 3 if d.upcycled_experts_train else 2  # weight grads only for trainable copies
-        return passes * d.top_k * ffn + router  # each token through k FFN copies
-    adapters_run = d.experts if (executed and method == "pesc-dense") else d.top_k
-    adapter = 2 * n * d.hidden * d.adapter_dim  # down [h->r] + up [r->h]
-    return 2 * ffn + router + 3 * adapters_run * adapter
+    router = 3 * n * d.hidden * d.experts  # fwd + input grad + weight grad (router trains)
+    expert = n * method.expert_macs(d.hidden, d.ffn_macs, d.adapter_dim)
+    passes = 3 if d.experts_train else 2  # weight grads only for trainable experts
+    if not method.shares_ffn:
+        return passes * d.top_k * expert + router  # each token through k FFN copies
+    experts_run = d.experts if (executed and dispatch == "dense" and method.dense_path_runs_all) else d.top_k
+    return 2 * ffn + router + passes * experts_run * expert
 
 
-def block_flops(method: str, tokens: int, dims: MoEDims, executed: bool = False) -> int:
+def block_flops(variant: str, tokens: int, dims: MoEDims, executed: bool = False) -> int:
     """Matmul FLOPs of one forward+backward of the MoE block alone (`executed`: as the path runs it)."""
-    return 2 * _moe_block_macs(method, tokens, dims, executed)
+    return 2 * _moe_block_macs(variant, tokens, dims, executed)
 
 
-def model_flops(method: str, batch: int, seq: int, dims: ModelDims, lora_rank: int, executed: bool = False) -> int:
+def model_flops(variant: str, batch: int, seq: int, dims: ModelDims, lora_rank: int, executed: bool = False) -> int:
     """Matmul FLOPs of one forward+backward of the whole LoRA-tuned model (see the module docstring)."""
     n, h, q, v, r = batch * seq, dims.hidden, dims.q_dim, dims.kv_dim, lora_rank
     # (in, out, reads the layer input) of the LoRA'd projections q, k, v, o
@@ -97,7 +104,7 @@ def model_flops(method: str, batch: int, seq: int, dims: ModelDims, lora_rank: i
             total += n * fin * r * (2 + igrad)  # LoRA A: fwd + weight grad (+ input grad)
             total += n * r * fout * 3  # LoRA B: fwd + weight grad + input grad (A trains)
         total += 3 * n * seq * q  # attention core: causal QK^T + PV forward, twice that backward
-        total += _moe_block_macs(method, n, dims.moe, executed)
+        total += _moe_block_macs(variant, n, dims.moe, executed)
     total += 2 * n * h * dims.vocab  # lm_head
     return 2 * total
 
@@ -105,7 +112,7 @@ def model_flops(method: str, batch: int, seq: int, dims: ModelDims, lora_rank: i
 def model_dims(model, settings) -> ModelDims:
     """`ModelDims` of a dense transformers model (before crafting): sizes from its config, FFN multiply-adds
     from the linear layers of its first decoder layer's FFN (so fused or non-gated FFNs count right)."""
-    from ..craft import find_decoder_layers, find_ffn, text_config
+    from ..surgery import find_decoder_layers, find_ffn, text_config
 
     cfg = text_config(model)
     _, layers = find_decoder_layers(model)

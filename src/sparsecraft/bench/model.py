@@ -1,8 +1,8 @@
 """Model level: the whole LoRA-tuned model, one step = forward + backward + AdamW; and greedy decoding.
 
 Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training recipe's alpha and dropout,
-same seed); `pesc*` and `loop` add routers and adapters to every layer, `upcycle` replaces every FFN by E
-trainable copies. Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
+same seed); every other variant crafts every layer with its method (`Method.craft`: `pesc*` and `loop` add
+routers and adapters, `upcycle` replaces every FFN by E trainable copies, `mixlora` adds LoRA experts). Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
 
 In one process all variants share the frozen base tensors (embeddings, attention, norms, FFN, `lm_head`): a
 variant is a deep copy of the base whose parameters are the base's own objects. So the variants start from
@@ -18,12 +18,11 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..craft import craft, crafted_layers
-from ..moe.upcycle import upcycle, upcycled_layers
-from .base import Variant, autocast_for, load_dense_base, pesc_path, upcycle_path
+from ..surgery import crafted_layers, new_parameters
+from .base import Variant, autocast_for, dispatch_label, load_dense_base
 from .flops import ModelDims, model_dims, model_flops
 from .reference import LoopPescBlock
-from .settings import BenchSettings, dispatch_of
+from .settings import REFERENCE, BenchSettings, parse_variant
 
 
 def build_model_variants(settings: BenchSettings, methods: list[str], device: torch.device,
@@ -54,25 +53,22 @@ def _lora_targets(model: nn.Module) -> list[str]:
     return [t for t in LoraSettings().targets if t in present]
 
 
-def _model_variant(method: str, model: nn.Module, settings: BenchSettings, dims: ModelDims,
+def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: ModelDims,
                    device: torch.device) -> Variant:
     from peft import LoraConfig, get_peft_model
 
     from ..train.recipe import LoraSettings
 
     tokens = settings.batch_size * settings.seq_len
-    cfg = settings.craft_config("auto" if method == "loop" else dispatch_of(method))
+    method, dispatch = parse_variant(name)
     path = "-"
-    if method.startswith("pesc") or method == "loop":
-        craft(model, cfg, seed=settings.seed)
-        path = pesc_path(cfg.dispatch, tokens, settings, dims.hidden, device)
-        if method == "loop":
+    if method.builds_moe:
+        method.craft(model, settings.craft_config(dispatch), seed=settings.seed)
+        path = dispatch_label(crafted_layers(model)[0][1].moe, dispatch, tokens, settings, dims.hidden, device)
+        if name == REFERENCE:
             for _, mlp in crafted_layers(model):
                 mlp._modules["moe"] = LoopPescBlock.from_pesc(mlp.moe)  # same weights, same recorder
             path = "loop"
-    elif method == "upcycle":
-        upcycle(model, cfg, seed=settings.seed)
-        path = upcycle_path(upcycled_layers(model)[0][1].moe.experts, tokens, settings, dims.hidden, device)
     if settings.four_bit:
         from peft import prepare_model_for_kbit_training
 
@@ -87,15 +83,14 @@ def _model_variant(method: str, model: nn.Module, settings: BenchSettings, dims:
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         torch.manual_seed(settings.seed)  # identical LoRA init in every variant
         peft_model = get_peft_model(model, lora_cfg)
-    for name, p in model.named_parameters():
-        if ".moe." in f".{name}" and p.is_floating_point():
+    for p in new_parameters(model).values():
+        if p.is_floating_point():
             p.requires_grad_(True)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    if method == "upcycle":
-        experts = upcycled_layers(model)[0][1].moe.experts
-        if not any(p.requires_grad for p in experts.parameters()):  # NF4 copies: only the router trains
-            dims = dataclasses.replace(dims, moe=dataclasses.replace(dims.moe, upcycled_experts_train=False))
+    if method.builds_moe and not any(p.requires_grad for _, mlp in crafted_layers(model)
+                                     for p in mlp.moe.experts.parameters()):  # NF4 copies: only the router trains
+        dims = dataclasses.replace(dims, moe=dataclasses.replace(dims.moe, experts_train=False))
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     gen = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(dims.vocab, (settings.batch_size, settings.seq_len), generator=gen).to(device)
@@ -111,9 +106,9 @@ def _model_variant(method: str, model: nn.Module, settings: BenchSettings, dims:
         optimizer.zero_grad(set_to_none=True)
 
     return Variant(
-        level="model", method=method, path=path, tokens=tokens,
-        flops=model_flops(method, settings.batch_size, settings.seq_len, dims, settings.lora_rank),
-        flops_executed=model_flops(method, settings.batch_size, settings.seq_len, dims, settings.lora_rank,
+        level="model", method=name, path=path, tokens=tokens,
+        flops=model_flops(name, settings.batch_size, settings.seq_len, dims, settings.lora_rank),
+        flops_executed=model_flops(name, settings.batch_size, settings.seq_len, dims, settings.lora_rank,
                                    executed=True),
         step=step, reset=reset, model=peft_model,
         extra={"trainable_params": sum(p.numel() for p in trainable), "vocab": dims.vocab},

@@ -13,12 +13,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import CraftConfig
+from ..config import DISPATCH_PATHS, CraftConfig
 from ..errors import ConfigError
+from ..methods import Method, dense_method, get_method, method_names
+from ..methods.pesc import PescMethod
 
 LEVELS = ("block", "model")
-# `pesc` is the automatic path; `pesc-<path>` forces one; `loop` is the bench's own reference layer
-METHODS = ("dense", "pesc", "pesc-dense", "pesc-grouped", "pesc-sorted", "upcycle", "loop")
+# A variant is a registered method's name (`dense`, `pesc`, `upcycle`, `mixlora`, ...), `<method>-<path>` to force
+# a dispatch path, or `loop`: the bench's own per-expert reference of PESC (`reference.py`).
+BASELINE = dense_method().name
+REFERENCE = "loop"
+REFERENCE_OF = PescMethod.name
+METHODS = (BASELINE, "pesc", "pesc-dense", "pesc-grouped", "pesc-sorted", "upcycle", REFERENCE)  # the default set
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # name -> (config class name, sizes). Sizes as published in each model's config.json.
@@ -86,9 +92,10 @@ class BenchSettings:
         bad_levels = [lv for lv in self.levels if lv not in LEVELS]
         if bad_levels or not self.levels:
             raise ConfigError(f"--level must be block, model or both; got {','.join(self.levels) or 'nothing'}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise ConfigError(f"no method to measure; choose from {', '.join(variant_names())}")
+        for name in self.methods:
+            parse_variant(name)
         if self.model is None and self.shape not in SHAPES:
             raise ConfigError(f"unknown --shape {self.shape!r}; choose from {', '.join(SHAPES)}")
         if self.dtype not in DTYPES:
@@ -107,7 +114,7 @@ class BenchSettings:
             raise ConfigError(f"--device must be auto, cpu or cuda[:N]; got {self.device!r}")
         self.craft_config("auto")  # experts / top-k / adapter-dim checked by CraftConfig
 
-    def craft_config(self, dispatch: str) -> CraftConfig:
+    def craft_config(self, dispatch: str = "auto") -> CraftConfig:
         """The crafting settings of every MoE variant: CraftConfig defaults except E, k, r and the path."""
         return CraftConfig(num_experts=self.experts, top_k=self.top_k, adapter_dim=self.adapter_dim,
                            dispatch=dispatch)
@@ -129,9 +136,21 @@ class BenchSettings:
         return cls(**data)
 
 
-def dispatch_of(method: str) -> str:
-    """The `CraftConfig.dispatch` of a PESC method name (`pesc` -> auto, `pesc-grouped` -> grouped)."""
-    return method.split("-", 1)[1] if method.startswith("pesc-") else "auto"
+def variant_names() -> tuple[str, ...]:
+    """What `--methods` accepts (besides `<method>-<path>`)."""
+    return (BASELINE, *method_names(crafts=True), REFERENCE)
+
+
+def parse_variant(name: str) -> tuple[Method, str]:
+    """`(method, dispatch)` of a variant name; `loop` is PESC run by the bench's reference layer. ConfigError
+    naming the choices for anything else."""
+    if name == REFERENCE:
+        return get_method(REFERENCE_OF), "auto"
+    base, _, path = name.partition("-")
+    if base not in variant_names() or (path and path not in DISPATCH_PATHS):
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(variant_names())}, or "
+                          f"<method>-<path> with a path from {', '.join(DISPATCH_PATHS)}")
+    return get_method(base), path or "auto"
 
 
 def shape_config(settings: BenchSettings):

@@ -10,9 +10,9 @@ A crafted directory is self-describing and holds no pickle:
     shared.safetensors          only for referenced models whose base weights were replaced (UpIT's `shared`):
                                 those tensors under the base's own keys, loaded into the base before crafting
 
-`method` is `pesc` (adapter experts), `upcycle` (FFN copies as experts; the weights file then holds the expert
-FFNs), `lora_experts` (per-expert LoRA on the shared MLP projections, `moe/lora_experts.py`; the weights file
-holds routers and stacked LoRA factors) or `dense` (no MoE: the dense-LoRA baseline, base + lora/ only).
+`method` is a registered method's name (`methods/`: `pesc` adapter experts, `upcycle` FFN copies, `mixlora` /
+`lora_experts` per-expert LoRA on the shared MLP, ...); the method says which weights the file holds and how
+the structure is rebuilt on load. `dense` has no MoE: the dense-LoRA baseline, base + lora/ only.
 
 Referenced directories point at their base (a built-in name, an absolute directory or GGUF file) instead of
 copying it. Loading = load the base with `from_pretrained` (so every from_pretrained option works: dtype,
@@ -30,15 +30,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import CraftConfig
-from ..craft import craft, craft_config_of, is_crafted, new_parameters, text_config
 from ..errors import CheckpointError, ConfigError
+from ..methods import get_method, method_of
+from ..moe.model import set_saver
 from ..sources import BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
+from ..surgery import craft_config_of, is_added_name, text_config
 from .atomic import atomic_directory
 
 MODEL_TYPE = "sparsecraft"
 WEIGHTS_NAME = "sparsecraft.safetensors"
 SHARED_NAME = "shared.safetensors"
-METHODS = ("pesc", "upcycle", "lora_experts", "dense")
 LORA_SUBDIR = "lora"
 BASE_SUBDIR = "base"
 FORMAT_VERSION = 1
@@ -73,16 +74,16 @@ def save_crafted(
     A model that is not crafted is saved as method `dense` (base + optional LoRA), the baseline's format.
     """
     method = method_of(model)
-    if method == "dense" and lora_model is None:
+    if not method.builds_moe and lora_model is None:
         raise CheckpointError("save_crafted needs a crafted model (or a LoRA-tuned one); use sparsecraft.craft first")
     source = resolve_base(base) if isinstance(base, (str, os.PathLike)) else (base or base_source_of(model))
     if source is None and not standalone:
         raise CheckpointError("this model does not know its base: pass base=PATH or standalone=True")
-    cfg = craft_config_of(model) if method != "dense" else None
+    cfg = craft_config_of(model) if method.builds_moe else None
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        if method != "dense":
-            tensors = {name: p.detach().to("cpu").contiguous() for name, p in new_parameters(model).items()}
+        if method.builds_moe:
+            tensors = {name: p.detach().to("cpu").contiguous() for name, p in method.new_parameters(model).items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
         if lora_model is not None:
             lora_model.save_pretrained(str(tmp / LORA_SUBDIR))
@@ -100,7 +101,7 @@ def save_crafted(
             "model_type": MODEL_TYPE,
             "architectures": ["SparsecraftForCausalLM"],
             "sparsecraft_format": FORMAT_VERSION,
-            "method": method,
+            "method": method.name,
             "base": base_entry,
             "base_architecture": _base_class(model).__name__,
             "base_config": _config_dict(model),
@@ -157,13 +158,6 @@ def load_shared_weights(model, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def method_of(model) -> str:
-    """`pesc`, `upcycle`, `lora_experts` or `dense` (a model sparsecraft did not change)."""
-    if not is_crafted(model):
-        return "dense"
-    return getattr(model, "_sparsecraft_method", "pesc")
-
-
 def _base_class(model) -> type:
     return getattr(type(model), "_sparsecraft_base_class", type(model))
 
@@ -176,12 +170,9 @@ def _config_dict(model) -> dict:
 
 def _save_base(model, directory: Path) -> None:
     """The base part of a crafted model as a plain transformers directory (new weights left out)."""
-    base_state = {k: v for k, v in model.state_dict().items() if ".moe." not in f".{k}"}
-    if method_of(model) == "upcycle":
-        from ..moe.upcycle import dense_ffn_state
-
-        # the upcycled layers' dense FFN keys are gone; write expert 0 there so base/ is a complete checkpoint
-        base_state.update(dense_ffn_state(model))
+    base_state = {k: v for k, v in model.state_dict().items() if not is_added_name(k)}
+    # a method whose experts replaced base keys (upcycling) writes them back, so base/ is a complete checkpoint
+    base_state = method_of(model).standalone_base_state(model, base_state)
     quantizer = getattr(model, "hf_quantizer", None)
     quant_cfg = getattr(model.config, "quantization_config", None)
     is_gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
@@ -256,14 +247,15 @@ def load_crafted(
     """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model."""
     path = Path(path)
     config = read_config(path)
-    method = config.get("method", "pesc")
-    if method not in METHODS:
-        raise CheckpointError(f"{path}/config.json names an unknown method {method!r}")
-    for key in ("base", "base_config") + (("craft",) if method != "dense" else ()):
+    try:
+        method = get_method(config.get("method", "pesc"))  # written before methods other than PESC existed
+    except ConfigError:
+        raise CheckpointError(f"{path}/config.json names an unknown method {config.get('method')!r}") from None
+    for key in ("base", "base_config") + (("craft",) if method.builds_moe else ()):
         if not config.get(key):
             raise CheckpointError(f"{path}/config.json is a sparsecraft config without '{key}'")
     craft_cfg = None
-    if method != "dense":
+    if method.builds_moe:
         try:
             craft_cfg = CraftConfig.from_dict(config["craft"])
         except (ConfigError, TypeError) as exc:
@@ -274,18 +266,8 @@ def load_crafted(
     if config.get("shared"):
         # before crafting: these are base weights under the base's own keys (an upcycled FFN's keys go away)
         model._sparsecraft_shared = load_shared_weights(model, path / config["shared"])
-    if method != "dense":
-        layers = config.get("crafted_layers") or craft_cfg.layers
-        if method == "upcycle":
-            from ..moe.upcycle import upcycle
-
-            upcycle(model, craft_cfg, layers=layers)
-        elif method == "lora_experts":
-            from ..moe.lora_experts import attach_lora_experts
-
-            attach_lora_experts(model, craft_cfg, layers=layers)
-        else:
-            craft(model, craft_cfg, layers=layers)
+    if method.builds_moe:
+        method.restore(model, craft_cfg, config.get("crafted_layers") or craft_cfg.layers)
         load_new_weights(model, path / (config.get("weights") or WEIGHTS_NAME))
     if config.get("lora"):
         model = _merge_lora(model, path / config["lora"])
@@ -322,7 +304,7 @@ def load_new_weights(model, weights_path: Path) -> None:
     """Copy router/adapter tensors from a safetensors file into a crafted model, checking names and shapes."""
     if not weights_path.is_file():
         raise CheckpointError(f"missing weights file {weights_path}")
-    expected = new_parameters(model)
+    expected = method_of(model).new_parameters(model)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             names = set(f.keys())
@@ -342,3 +324,6 @@ def load_new_weights(model, weights_path: Path) -> None:
                     param.copy_(tensor.to(device=param.device, dtype=param.dtype))
     except SafetensorError as exc:
         raise CheckpointError(f"{weights_path} is corrupted or truncated: {exc}") from exc
+
+
+set_saver(lambda model, directory, *, standalone: save_crafted(model, directory, standalone=standalone))

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from ..config import CraftConfig
-from ..craft import craft, craft_config_of, crafted_layers, is_crafted, text_config
+from ..craft import craft
+from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
 from ..errors import CheckpointError, ConfigError
 from .atomic import atomic_directory
 from .crafted import read_config

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import sys
 
-from ..config import CraftConfig
 from ..errors import ConfigError
+from .options import add_craft_options
+
+# the crafting settings a bench run takes from the command line (BenchSettings.experts, top_k, adapter_dim)
+BENCH_CRAFT_FIELDS = ("num_experts", "top_k", "adapter_dim")
 
 
 def add_parser(sub) -> None:
     from ..bench.settings import METHODS, SHAPES, BenchSettings
 
-    d, c = BenchSettings(), CraftConfig()
+    d = BenchSettings()
     p = sub.add_parser(
         "bench", help="benchmark PESC against dense, upcycling and the per-expert loop",
         description="Time every method interleaved round by round in one process; ratios to dense are the "
@@ -23,9 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shape", default=d.shape, help=f"model shape with random weights: {', '.join(SHAPES)}")
     p.add_argument("--model", default=None, help="a real dense base instead of --shape (directory, .gguf, built-in)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--experts", type=int, default=c.num_experts, help="experts E")
-    p.add_argument("--top-k", type=int, default=c.top_k, help="experts per token k")
-    p.add_argument("--adapter-dim", type=int, default=c.adapter_dim, help="adapter width r")
+    add_craft_options(p, only=BENCH_CRAFT_FIELDS)  # --experts, --top-k, --adapter-dim
     p.add_argument("--tokens", type=int, default=d.tokens, help="block level: tokens per step")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="model level: sequence length")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="model level: batch size")

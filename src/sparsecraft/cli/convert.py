@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..checkpoint.crafted import save_crafted
     from ..checkpoint.published import export_published
-    from ..craft import is_crafted
+    from ..surgery import is_crafted
     from ..errors import CheckpointError
     from ..loading import load
 

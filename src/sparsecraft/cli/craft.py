@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from ..config import CraftConfig
 from ..errors import CheckpointError
+from .options import add_craft_options, craft_config_from_options
 
 
 def add_parser(sub) -> None:
@@ -14,7 +13,7 @@ def add_parser(sub) -> None:
                        description="Craft BASE (directory, .gguf file, or built-in name such as smollm2-135m).")
     p.add_argument("base", help="base model: directory, .gguf file, config.json, or built-in name")
     p.add_argument("out", nargs="?", help="output directory (not needed with --dry-run)")
-    add_craft_arguments(p)
+    add_craft_options(p.add_argument_group("crafting settings (CraftConfig)"))
     p.add_argument("--standalone", action="store_true", help="copy the base weights into OUT")
     p.add_argument("--dtype", default=None, help="dtype to load the base in (float32, bfloat16, float16)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new weights' initialisation")
@@ -26,31 +25,8 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def add_craft_arguments(p: argparse.ArgumentParser) -> None:
-    d = CraftConfig()
-    p.add_argument("--experts", type=int, default=d.num_experts, help="number of experts E")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="experts per token k")
-    p.add_argument("--adapter-dim", type=int, default=d.adapter_dim, help="adapter bottleneck width r")
-    p.add_argument("--scaling", type=float, default=d.scaling, help="adapter output scaling s")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="adapter input dropout (training only)")
-    p.add_argument("--activation", default=d.activation, help="adapter activation (gelu, gelu_tanh, silu, relu)")
-    p.add_argument("--routing", default=d.routing, help="topk_softmax (PESC) or softmax_topk (Mixtral)")
-    p.add_argument("--router-dtype", default=d.router_dtype, help="float32 or model")
-    p.add_argument("--layers", default="all", help="'all', 'every:N' or a list like 0,2,5")
-    p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef, help="load-balancing loss weight")
-    p.add_argument("--z-loss-coef", type=float, default=d.z_loss_coef, help="router z-loss weight")
-
-
-def craft_config_from_args(args) -> CraftConfig:
-    return CraftConfig(
-        num_experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim, scaling=args.scaling,
-        dropout=args.dropout, activation=args.activation, routing=args.routing, router_dtype=args.router_dtype,
-        layers=args.layers, aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef,
-    )
-
-
 def run(args) -> int:
-    cfg = craft_config_from_args(args)  # validate settings before any loading
+    cfg = craft_config_from_options(args)  # validate settings before any loading
     if args.dry_run:
         from ..report import dry_run
 

@@ -35,14 +35,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..data import DataConfig
-    from ..evaluate.routes import (
-        data_sources,
-        format_summary,
-        routing_stats,
-        saved_method,
-        saved_recipe_data,
-        write_routes,
-    )
+    from ..evaluate.route_data import data_sources, routing_stats, saved_method, saved_recipe_data
+    from ..evaluate.routes import format_summary, write_routes
     from ..generation import load_tokenizer_for
     from ..loading import load
 

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,18 +41,20 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     return atomic_write(path, buffer.getvalue())
 
 
-def write_json(path: str | os.PathLike, data) -> Path:
+def write_json(path: str | os.PathLike, data: Any) -> Path:
     """JSON with NaN written as null (strict JSON readers reject NaN)."""
-    return atomic_write(path, json.dumps(_json_safe(data), indent=2) + "\n")
+    return atomic_write(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
-def _json_safe(value):
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, through nested dicts, lists and tuples
+    (tuples become lists); anything else is returned as it is."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

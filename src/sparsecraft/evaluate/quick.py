@@ -129,15 +129,10 @@ def _from_data_section(data: dict, origin: str, base_dir: str | Path | None = No
 
 
 def settings_from_recipe_file(path: str | os.PathLike) -> QuickSettings:
-    import yaml
+    from ..yaml_settings import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    recipe = read_yaml(path, "recipe")
     return _from_data_section(recipe.get("data"), f"recipe {path}")
 
 

@@ -79,6 +79,16 @@ class AdapterExperts(nn.Module):
         e, r, h = self.down.shape
         return f"num_experts={e}, hidden={h}, adapter_dim={r}"
 
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert `e` as `{"down": [r, h], "up": [h, r]}` (views of the stacked weights)."""
+        return {"down": self.down[e], "up": self.up[e]}
+
+    @torch.no_grad()
+    def set_expert_weights(self, e: int, weights: dict[str, torch.Tensor]) -> None:
+        """Write `{"down": [r, h], "up": [h, r]}` into expert `e`."""
+        for name, param in (("down", self.down), ("up", self.up)):
+            param[e].copy_(weights[name].to(device=param.device, dtype=param.dtype))
+
 
 def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int) -> str:
     """Pick `dense` or `grouped` for a call of this shape.
@@ -181,7 +191,7 @@ def _gathered(x, gates, indices, down, up, act):
     return torch.stack(out) if out else x.new_zeros(x.shape)
 
 
-def _sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, num_experts: int):
+def sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, num_experts: int):
     """Sorted (token, slot) layout: token index, gate and per-expert counts, grouped by expert."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -191,7 +201,7 @@ def _sort_by_expert(indices: torch.Tensor, gates: torch.Tensor, num_experts: int
     return token, gate, counts
 
 
-class _ContiguousGrad(torch.autograd.Function):
+class ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous (`_grouped_mm` backward needs it)."""
 
     @staticmethod
@@ -206,7 +216,7 @@ class _ContiguousGrad(torch.autograd.Function):
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> bool:
+def grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> bool:
     """Whether `torch._grouped_mm` can run both projections for these shapes on this device.
 
     Its kernels need row strides that are multiples of 16 bytes (so `h` and `r` times the element size), a
@@ -226,13 +236,13 @@ def _grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> b
 
 
 def _grouped(x, gates, indices, down, up, act):
-    if not _grouped_mm_available(x, indices.numel(), down.shape[1]):
+    if not grouped_mm_available(x, indices.numel(), down.shape[1]):
         return _sorted(x, gates, indices, down, up, act)
     return grouped_adapters(x, gates, indices, down, up, act)
 
 
 def _sorted(x, gates, indices, down, up, act):
-    token, gate, counts = _sort_by_expert(indices, gates, down.shape[0])
+    token, gate, counts = sort_by_expert(indices, gates, down.shape[0])
     xs = x.index_select(0, token)
     pieces = []
     sizes = counts.tolist()
@@ -246,4 +256,3 @@ def _sorted(x, gates, indices, down, up, act):
 
 
 _PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted, "gathered": _gathered}
-DISPATCH_PATHS = tuple(_PATHS)

@@ -32,7 +32,7 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order, inverse, offs
 
 
-def _unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
     """`[N*k, d]` rows in expert order -> `[N, d]` sums over each token's k slots."""
     return sorted_rows.index_select(0, inverse).view(num_tokens, k, -1).sum(1)
 
@@ -75,7 +75,7 @@ class GroupedAdapters(torch.autograd.Function):
         ys = torch._grouped_mm(act(pre) * gate, up.transpose(1, 2), offs=offs)  # [N*k, h]
         ctx.save_for_backward(x, pre, gate, order, inverse, offs, down, up)
         ctx.act, ctx.k = act, k
-        return _unsort_sum(ys, inverse, num_tokens, k)
+        return unsort_sum(ys, inverse, num_tokens, k)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -102,7 +102,7 @@ class GroupedAdapters(torch.autograd.Function):
             grad_down = _weight_grad(grad_pre, xs, offs)  # [E, r, h]
         if ctx.needs_input_grad[0]:
             grad_xs = torch._grouped_mm(grad_pre, down, offs=offs)  # [N*k, r] x [r, h]
-            grad_x = _unsort_sum(grad_xs, inverse, num_tokens, k)
+            grad_x = unsort_sum(grad_xs, inverse, num_tokens, k)
         return grad_x, grad_gates, None, grad_down, grad_up, None
 
 

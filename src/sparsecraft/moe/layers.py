@@ -152,7 +152,27 @@ class PescMoE(RoutedBlock):
         return out.view(shape)
 
 
-_PESC_MLP_CLASSES: dict[type, type] = {}
+def is_moe_mlp(module: nn.Module) -> bool:
+    """Whether `module` is an MLP that carries a MoE block (any method) as its `moe` child."""
+    return isinstance(getattr(module, "moe", None), RoutedBlock)
+
+
+_SWITCHED_CLASSES: dict[tuple[str, type], type] = {}
+
+
+def switched_class(prefix: str, base_cls: type, forward) -> type:
+    """`{prefix}{Base}`: a subclass of an MLP class with another `forward`, cached per (prefix, base class).
+
+    Switching an instance's class (rather than wrapping it) keeps its weights' state-dict keys and
+    `isinstance(mlp, Base)`; `_sparsecraft_base_class` records the class to switch back to."""
+    key = (prefix, base_cls)
+    if key not in _SWITCHED_CLASSES:
+        _SWITCHED_CLASSES[key] = type(
+            f"{prefix}{base_cls.__name__}",
+            (base_cls,),
+            {"forward": forward, "_sparsecraft_base_class": base_cls, "__module__": forward.__module__},
+        )
+    return _SWITCHED_CLASSES[key]
 
 
 def _pesc_mlp_forward(self, x, *args, **kwargs):
@@ -167,13 +187,7 @@ def _pesc_mlp_forward(self, x, *args, **kwargs):
 
 def pesc_mlp_class(base_cls: type) -> type:
     """The subclass of an MLP class whose forward adds the PESC experts (cached, one per base class)."""
-    if base_cls not in _PESC_MLP_CLASSES:
-        _PESC_MLP_CLASSES[base_cls] = type(
-            f"Pesc{base_cls.__name__}",
-            (base_cls,),
-            {"forward": _pesc_mlp_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
-        )
-    return _PESC_MLP_CLASSES[base_cls]
+    return switched_class("Pesc", base_cls, _pesc_mlp_forward)
 
 
 def attach_pesc(mlp: nn.Module, moe: PescMoE) -> None:
@@ -186,8 +200,8 @@ def is_pesc_mlp(module: nn.Module) -> bool:
     return hasattr(type(module), "_sparsecraft_base_class") and isinstance(getattr(module, "moe", None), PescMoE)
 
 
-def detach_pesc(mlp: nn.Module) -> PescMoE:
-    """Undo `attach_pesc`: restore the original class and return the removed `moe` block."""
+def detach_moe(mlp: nn.Module) -> RoutedBlock:
+    """Undo an attach (PESC or LoRA experts): restore the original class and return the removed `moe` block."""
     moe = mlp.moe
     mlp.__class__ = type(mlp)._sparsecraft_base_class
     del mlp._modules["moe"]

@@ -6,8 +6,8 @@ the token's top-k experts. Only the LoRA factors are per expert; the base projec
 called (never read through `.weight`), so they may be plain, NF4 `Linear4bit` or peft-LoRA-wrapped, and every
 base state-dict key keeps its name (`model.layers.3.mlp.gate_proj.weight`).
 
-Attached like PESC (`layers.attach_pesc`): the MLP gets a child `moe` (`LoraExpertsMoE`: router + stacked LoRA
-factors) and its class is switched to a cached subclass whose forward is `self.moe(x, self)`. New keys:
+Attached like PESC (`attach_lora_block`; how a model is crafted is `methods/lora_experts.py`): the MLP gets a
+child `moe` (`LoraExpertsMoE`: router + stacked LoRA factors) and its class is switched to a cached subclass whose forward is `self.moe(x, self)`. New keys:
 `...mlp.moe.router.weight [E, h]`, `...mlp.moe.experts.A.{proj} [E, r, in]`,
 `...mlp.moe.experts.B.{proj} [E, out, r]` (all under `.moe.`, so NF4 quantisation and peft LoRA leave
 them alone and they stay fp32 and trainable).
@@ -25,90 +25,16 @@ Compute per layer, N tokens, P = N*k (token, slot) pairs sorted by expert (`grou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import CraftConfig
-from ..errors import ConfigError, CraftError
-from .experts import _ContiguousGrad, _grouped_mm_available
-from .grouped import _unsort_sum, sort_pairs
-from .layers import RoutedBlock, RoutingRecorder
-
-METHOD = "lora_experts"  # `method` in saved config.json and `model._sparsecraft_method`
-TARGETS_KEY = "lora_targets"  # CraftConfig.extra entry: the projections that carry per-expert LoRA
-
-_ACT_NAMES = ("act_fn", "activation_fn")
-
-
-@dataclass(frozen=True)
-class GatedLayout:
-    """Attribute names of a gated MLP's parts: separate `gate`/`up` or one fused `gate_up` (gate rows first)."""
-
-    down: str
-    act: str
-    gate: str | None = None
-    up: str | None = None
-    gate_up: str | None = None
-
-    @property
-    def projections(self) -> tuple[str, ...]:
-        parts = (self.gate_up,) if self.gate_up else (self.gate, self.up)
-        return (*parts, self.down)
-
-
-def _is_linear_like(module: nn.Module | None) -> bool:
-    return module is not None and isinstance(getattr(module, "in_features", None), int) and isinstance(
-        getattr(module, "out_features", None), int
-    )
-
-
-def gated_layout(ffn: nn.Module, hidden: int) -> GatedLayout | None:
-    """The layout of `ffn` when it computes `down(act(gate x) * up x)` from linear-like children (plain, 4-bit
-    or LoRA-wrapped), else None. Checked by names and shapes, then by one probe forward (skipped on meta)."""
-    children = dict(ffn.named_children())
-    act = next((n for n in _ACT_NAMES if isinstance(children.get(n), nn.Module)), None)
-    if act is None or not _is_linear_like(children.get("down_proj")):
-        return None
-    if _is_linear_like(children.get("gate_up_proj")):
-        layout = GatedLayout(down="down_proj", act=act, gate_up="gate_up_proj")
-    elif _is_linear_like(children.get("gate_proj")) and _is_linear_like(children.get("up_proj")):
-        layout = GatedLayout(down="down_proj", act=act, gate="gate_proj", up="up_proj")
-    else:
-        return None
-    if set(children) != {*layout.projections, act}:
-        return None  # other children (dropout, norms) whose effect the per-expert form would drop
-    down = children["down_proj"]
-    inter = down.in_features
-    if down.out_features != hidden:
-        return None
-    if layout.gate_up:
-        if (children["gate_up_proj"].in_features, children["gate_up_proj"].out_features) != (hidden, 2 * inter):
-            return None
-    elif any((children[n].in_features, children[n].out_features) != (hidden, inter) for n in ("gate_proj", "up_proj")):
-        return None
-    weight = next(ffn.parameters(), None)
-    if weight is None or weight.is_meta:
-        return layout
-    with torch.no_grad():  # the probe: the same children could still hide another forward
-        dtype = next((p.dtype for p in ffn.parameters() if p.is_floating_point()), torch.float32)
-        x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
-        want = ffn(x).float()
-        got = _base_mlp(ffn, layout, x).float()
-    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()) + 1e-6):
-        return None
-    return layout
-
-
-def _base_mlp(mlp: nn.Module, layout: GatedLayout, x: torch.Tensor) -> torch.Tensor:
-    act = getattr(mlp, layout.act)
-    if layout.gate_up:
-        g, u = getattr(mlp, layout.gate_up)(x).chunk(2, dim=-1)
-    else:
-        g, u = getattr(mlp, layout.gate)(x), getattr(mlp, layout.up)(x)
-    return getattr(mlp, layout.down)(act(g) * u)
+from .experts import ContiguousGrad, grouped_mm_available
+from .gated import GatedLayout
+from .grouped import sort_pairs, unsort_sum
+from .layers import RoutedBlock, switched_class
 
 
 class LoraExpertWeights(nn.Module):
@@ -159,6 +85,20 @@ class LoraExpertWeights(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, rank={self.rank}, targets={list(self.A)}"
+
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert `e` as `{"{proj}.lora_A": [r, in], "{proj}.lora_B": [out, r]}` (views; peft's names for one
+        LoRA, which is what one expert is)."""
+        out = {f"{p}.lora_A": a[e] for p, a in self.A.items()}
+        out.update({f"{p}.lora_B": b[e] for p, b in self.B.items()})
+        return out
+
+    @torch.no_grad()
+    def set_expert_weights(self, e: int, weights: dict[str, torch.Tensor]) -> None:
+        """Write `expert_weights` names into expert `e`."""
+        for proj in self.A:
+            for param, name in ((self.A[proj], f"{proj}.lora_A"), (self.B[proj], f"{proj}.lora_B")):
+                param[e].copy_(weights[name].to(device=param.device, dtype=param.dtype))
 
 
 class LoraExpertsMoE(RoutedBlock):
@@ -214,10 +154,10 @@ class LoraExpertsMoE(RoutedBlock):
         a = self.experts.A[proj].to(v.dtype)
         b = self.experts.B[proj].to(v.dtype)
         rows = v.shape[0]
-        if grouped and _grouped_mm_available(v, rows, a.shape[1]) and (b.shape[1] * v.element_size()) % 16 == 0:
-            t = _ContiguousGrad.apply(torch._grouped_mm(v, a.transpose(1, 2), offs=offs))
+        if grouped and grouped_mm_available(v, rows, a.shape[1]) and (b.shape[1] * v.element_size()) % 16 == 0:
+            t = ContiguousGrad.apply(torch._grouped_mm(v, a.transpose(1, 2), offs=offs))
             t = t * (self.scaling if gate is None else gate * self.scaling)
-            return _ContiguousGrad.apply(torch._grouped_mm(t, b.transpose(1, 2), offs=offs))
+            return ContiguousGrad.apply(torch._grouped_mm(t, b.transpose(1, 2), offs=offs))
         if counts is None:  # fallback where `_grouped_mm` cannot run: a loop over the experts' contiguous slices
             counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
         scale = v.new_full((rows, 1), self.scaling) if gate is None else gate * self.scaling
@@ -254,7 +194,7 @@ class LoraExpertsMoE(RoutedBlock):
             g, u = project(lay.gate), project(lay.up)
         a = act(g) * u  # [P, i]
         # down is linear: sum_j g_j W a_j = W (sum_j g_j a_j), so the base matmul runs on N rows, not N*k
-        mixed = _unsort_sum(a * gate.to(a.dtype), inverse, num_tokens, k)
+        mixed = unsort_sum(a * gate.to(a.dtype), inverse, num_tokens, k)
         down = getattr(mlp, lay.down)
         out = down(mixed)
         bias = getattr(down, "bias", None)
@@ -263,7 +203,7 @@ class LoraExpertsMoE(RoutedBlock):
             out = out + (gates.sum(-1, keepdim=True) - 1).to(out.dtype) * bias.to(out.dtype)
         if lay.down in targets:
             delta = self._lora(lay.down, self.dropout(a.to(dtype)), offs, counts, gate.to(dtype), grouped)
-            out = out + _unsort_sum(delta, inverse, num_tokens, k).to(out.dtype)
+            out = out + unsort_sum(delta, inverse, num_tokens, k).to(out.dtype)
         return out
 
     def _loop(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
@@ -295,81 +235,17 @@ class LoraExpertsMoE(RoutedBlock):
         return out if out is not None else torch.zeros_like(x)
 
 
-_LORA_MLP_CLASSES: dict[type, type] = {}
-
-
 def _lora_mlp_forward(self, x, *args, **kwargs):
     return self.moe(x, self)
 
 
-def lora_experts_mlp_class(base_cls: type) -> type:
-    """The subclass of an MLP class whose forward runs the LoRA experts (cached, one per base class)."""
-    if base_cls not in _LORA_MLP_CLASSES:
-        _LORA_MLP_CLASSES[base_cls] = type(
-            f"LoraExperts{base_cls.__name__}",
-            (base_cls,),
-            {"forward": _lora_mlp_forward, "_sparsecraft_base_class": base_cls, "__module__": __name__},
-        )
-    return _LORA_MLP_CLASSES[base_cls]
+def attach_lora_block(mlp: nn.Module, moe: "LoraExpertsMoE") -> None:
+    """Give `mlp` its LoRA experts in place: adds `mlp.moe` and switches to a class whose forward is
+    `self.moe(x, self)`."""
+    mlp.add_module("moe", moe)
+    mlp.__class__ = switched_class("LoraExperts", type(mlp), _lora_mlp_forward)
 
 
 def is_lora_experts_mlp(module: nn.Module) -> bool:
     return hasattr(type(module), "_sparsecraft_base_class") and isinstance(getattr(module, "moe", None),
                                                                            LoraExpertsMoE)
-
-
-def lora_targets_of(config: CraftConfig) -> list[str]:
-    """The projections carrying per-expert LoRA (`config.extra["lora_targets"]`); ConfigError when unset."""
-    targets = config.extra.get(TARGETS_KEY)
-    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ConfigError(
-            f"LoRA experts need extra.{TARGETS_KEY}: a non-empty list of MLP projection names, got {targets!r}")
-    return list(targets)
-
-
-def attach_lora_experts(
-    model: nn.Module,
-    config: CraftConfig | None = None,
-    *,
-    seed: int | None = None,
-    **overrides,
-) -> nn.Module:
-    """Give the chosen gated MLPs of a causal LM E per-expert LoRAs and a router, in place.
-
-    `config`: `num_experts`, `top_k`, `adapter_dim` (LoRA rank r), `scaling` (alpha/r), `dropout` (on the LoRA
-    input), routing/router/loss settings, `layers`, `dispatch` (`loop`: per-expert reference, `sorted`:
-    sliced loop, anything else: grouped) and `extra["lora_targets"]` (e.g. `["gate_proj", "up_proj",
-    "down_proj"]`, or `["gate_up_proj", "down_proj"]` for a fused MLP). `seed` seeds router and A init (B = 0).
-
-    Returns the same model, of a `Pesc*` subclass whose forward adds the router losses; with B = 0 it computes
-    what the dense model did (up to the rounding of gates summing to 1).
-    """
-    from ..craft import mark_crafted, plan_layers, seeded
-
-    plan = plan_layers(model, config, overrides, verb="add LoRA experts to")
-    targets = lora_targets_of(plan.config)
-    blocks = []
-    for index, name, ffn in plan.targets:  # check every layer before changing any
-        layout = gated_layout(ffn, plan.hidden)
-        if layout is None:
-            raise CraftError(
-                f"cannot add LoRA experts to layer {index}: its '{name}' ({type(ffn).__name__}) is not a gated MLP "
-                "with gate_proj/up_proj (or gate_up_proj), down_proj and act_fn"
-            )
-        unknown = [t for t in targets if t not in layout.projections]
-        if unknown:
-            raise ConfigError(f"LoRA expert target {unknown[0]!r} is not a projection of layer {index}'s MLP "
-                              f"(has {', '.join(layout.projections)})")
-        shapes = {t: (getattr(ffn, t).out_features, getattr(ffn, t).in_features) for t in targets}
-        blocks.append((index, ffn, layout, shapes))
-    recorder = RoutingRecorder()
-    with seeded(seed):
-        for index, ffn, layout, shapes in blocks:
-            device = next((p.device for p in ffn.parameters()), None)
-            moe = LoraExpertsMoE(layout, shapes, plan.hidden, plan.config, index, device=device,
-                                 router_dtype=plan.router_dtype)
-            moe.recorder = recorder
-            moe.train(ffn.training)
-            ffn.add_module("moe", moe)
-            ffn.__class__ = lora_experts_mlp_class(type(ffn))
-    return mark_crafted(model, plan, recorder, METHOD)

@@ -140,13 +140,24 @@ def _pesc_activation_checkpointing_enable(self, activation_checkpointing_kwargs=
     return base_cls._activation_checkpointing_enable(self, checkpoint_kwargs, *args, **kwargs)
 
 
+# How `save_pretrained` writes a crafted model. Saving is `checkpoint/`'s job, above this package: it hands its
+# writer in with `set_saver` when it is imported (`import sparsecraft` does), so nothing here reaches up.
+_saver = None
+
+
+def set_saver(saver) -> None:
+    """Install `saver(model, directory, *, standalone)` as what a crafted model's `save_pretrained` calls."""
+    global _saver
+    _saver = saver
+
+
 def _pesc_save_pretrained(self, save_directory, *, standalone: bool = True, **kwargs):
     """Write a sparsecraft directory (loads with `sparsecraft.load` or, after `import sparsecraft`,
     `AutoModelForCausalLM.from_pretrained`). Standalone by default, since the base weights may have been
     changed; `standalone=False` refers to the base instead. transformers' other options are ignored."""
-    from ..checkpoint.crafted import save_crafted
-
-    return save_crafted(self, save_directory, standalone=standalone)
+    if _saver is None:
+        raise RuntimeError("saving a crafted model needs `import sparsecraft` (its checkpoint writer)")
+    return _saver(self, save_directory, standalone=standalone)
 
 
 def _with_signature_of(original, implementation):

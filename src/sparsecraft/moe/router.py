@@ -34,6 +34,16 @@ def route(
     """
     dtype = compute_dtype or x.dtype
     logits = F.linear(x.to(dtype), weight.to(dtype))
+    gates, indices = gates_from_logits(logits, top_k, order, normalize_topk)
+    return gates, indices, logits.float()
+
+
+def gates_from_logits(
+    logits: torch.Tensor, top_k: int, order: str = "topk_softmax", normalize_topk: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k choice and gates from router logits `[N, E]`: gates `[N, k]` (logits' dtype, larger first) and
+    expert indices `[N, k]` int64. The one place the routing orders are defined (`route` and the routing
+    statistics both use it)."""
     if order == "topk_softmax":
         top_logits, indices = torch.topk(logits, top_k, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
@@ -44,4 +54,4 @@ def route(
             gates = gates / gates.sum(dim=-1, keepdim=True)
     else:
         raise ValueError(f"unknown routing order {order!r}")
-    return gates, indices, logits.float()
+    return gates, indices

@@ -1,8 +1,8 @@
 """Sparse Upcycling (Komatsuzaki et al. 2022), the baseline PESC is compared with.
 
 Each chosen dense FFN becomes a mixture of E full copies of itself (all trainable) behind a top-k router on the
-FFN input. Routing orders, router dtype, recorded routing and router losses are PESC's (`route`,
-`RoutingRecorder`, `pesc_lm_class`), so the two methods differ only in what an expert is.
+FFN input. Routing orders, router dtype, recorded routing and router losses are PESC's (`RoutedBlock`), so the two
+methods differ only in what an expert is. How a model is upcycled is `methods/upcycle.py`.
 
 The FFN attribute keeps its name and holds the block as `moe`, so keys read `model.layers.3.mlp.moe.router.weight
 [E, h]` and `model.layers.3.mlp.moe.experts.gate_up_proj [E, 2i, h]` / `...experts.down_proj [E, h, i]` (the
@@ -21,7 +21,6 @@ Experts are stored in one of two forms:
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -29,9 +28,9 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ..config import CraftConfig
-from ..errors import ConfigError
-from .experts import _ContiguousGrad, _grouped_mm_available, _sort_by_expert
-from .layers import RoutedBlock, RoutingRecorder
+from .experts import ContiguousGrad, grouped_mm_available, sort_by_expert
+from .gated import gated_weights, join_gate_up, split_gate_up
+from .layers import RoutedBlock
 
 
 class GatedExperts(nn.Module):
@@ -63,6 +62,16 @@ class GatedExperts(nn.Module):
         e, two_i, h = self.gate_up_proj.shape
         return f"num_experts={e}, hidden={h}, intermediate={two_i // 2}"
 
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert `e` under the dense MLP's own parameter names (views of the stacked weights)."""
+        return {**split_gate_up(self.gate_up_proj[e], self.fused), "down_proj.weight": self.down_proj[e]}
+
+    @torch.no_grad()
+    def set_expert_weights(self, e: int, weights: dict[str, torch.Tensor]) -> None:
+        """Write a dense MLP's state dict (`expert_weights` names) into expert `e`."""
+        self.gate_up_proj[e].copy_(join_gate_up(weights).to(self.gate_up_proj.dtype))
+        self.down_proj[e].copy_(weights["down_proj.weight"].to(self.down_proj.dtype))
+
     def _glu(self, t: torch.Tensor) -> torch.Tensor:
         gate, up = t.chunk(2, dim=-1)
         return self.act_fn(gate) * up
@@ -73,14 +82,14 @@ class GatedExperts(nn.Module):
         `path`: `grouped` (`torch._grouped_mm`, falling back to `sorted` where unavailable) or `sorted`
         (a loop over the contiguous per-expert slices of the sorted (token, slot) pairs).
         """
-        token, gate, counts = _sort_by_expert(indices, gates, self.num_experts)
+        token, gate, counts = sort_by_expert(indices, gates, self.num_experts)
         xs = x.index_select(0, token)  # [N*k, h], grouped by expert
         inter = self.down_proj.shape[-1]
-        if path == "grouped" and _grouped_mm_available(x, indices.numel(), inter):
+        if path == "grouped" and grouped_mm_available(x, indices.numel(), inter):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             # transposes are views of the stacked weights: no copies
-            h = _ContiguousGrad.apply(torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))
-            y = _ContiguousGrad.apply(torch._grouped_mm(self._glu(h), self.down_proj.transpose(1, 2), offs=offs))
+            h = ContiguousGrad.apply(torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))
+            y = ContiguousGrad.apply(torch._grouped_mm(self._glu(h), self.down_proj.transpose(1, 2), offs=offs))
         else:
             sizes = counts.tolist()
             pieces = [
@@ -99,6 +108,13 @@ class CopiedExperts(nn.ModuleList):
     @property
     def num_experts(self) -> int:
         return len(self)
+
+    def expert_weights(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert `e`'s state dict (the dense FFN's own names)."""
+        return dict(self[e].state_dict())
+
+    def set_expert_weights(self, e: int, weights: dict[str, torch.Tensor]) -> None:
+        self[e].load_state_dict(weights)
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, path: str = "loop"):
         """`x: [N, h]`, `gates, indices: [N, k]` -> `[N, h]`. Experts that get no token are not called."""
@@ -157,47 +173,6 @@ def is_upcycled_mlp(module: nn.Module) -> bool:
     return isinstance(module, UpcycledMLP) and isinstance(getattr(module, "moe", None), UpcycledMoE)
 
 
-def is_upcycled(model: nn.Module) -> bool:
-    return getattr(model, "_sparsecraft_method", None) == "upcycle"
-
-
-def _plain_linear(module: nn.Module, name: str) -> nn.Linear | None:
-    m = getattr(module, name, None)
-    return m if type(m) is nn.Linear and m.bias is None else None  # subclasses (4-bit, LoRA) excluded
-
-
-def gated_weights(ffn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module, bool] | None:
-    """`(gate_up [2i, h], down [h, i], act_fn, fused)` when `ffn` is a plain gated MLP computing
-    `down(act(gate x) * up x)`, else None (the copy-and-loop fallback is used)."""
-    act_name = next((n for n in ("act_fn", "activation_fn") if isinstance(getattr(ffn, n, None), nn.Module)), None)
-    down = _plain_linear(ffn, "down_proj")
-    if act_name is None or down is None:
-        return None
-    if _plain_linear(ffn, "gate_up_proj") is not None:
-        names, gate_up = {"gate_up_proj"}, ffn.gate_up_proj.weight
-    elif _plain_linear(ffn, "gate_proj") is not None and _plain_linear(ffn, "up_proj") is not None:
-        names, gate_up = {"gate_proj", "up_proj"}, torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight], 0)
-    else:
-        return None
-    # no other children (dropout, norms, ...) whose effect the stacked form would drop
-    if {n for n, _ in ffn.named_children()} != names | {"down_proj", act_name}:
-        return None
-    hidden, inter = down.weight.shape
-    if gate_up.shape != (2 * inter, hidden):
-        return None
-    act = getattr(ffn, act_name)
-    if down.weight.is_meta:
-        return gate_up, down.weight, act, names == {"gate_up_proj"}  # nothing to probe on the meta device
-    with torch.no_grad():  # the probe: same structure could still hide another forward
-        x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0)).to(down.weight)
-        want = ffn(x).float()
-        g, u = F.linear(x, gate_up).chunk(2, -1)
-        got = F.linear(act(g) * u, down.weight).float()
-    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()) + 1e-6):
-        return None
-    return gate_up, down.weight, act, names == {"gate_up_proj"}
-
-
 def make_experts(ffn: nn.Module, num_experts: int) -> GatedExperts | CopiedExperts:
     """E trainable copies of `ffn`: stacked when it is a plain gated MLP, deep copies otherwise."""
     found = gated_weights(ffn)
@@ -213,89 +188,9 @@ def make_experts(ffn: nn.Module, num_experts: int) -> GatedExperts | CopiedExper
     return experts
 
 
-def _add_noise(experts: nn.Module, std: float) -> None:
+def add_noise(experts: nn.Module, std: float) -> None:
+    """Independent Gaussian noise of standard deviation `std` on every copied expert weight (in place)."""
     with torch.no_grad():
         for p in experts.parameters():
             if p.is_floating_point() and not p.is_meta:
                 p.add_(torch.randn_like(p), alpha=std)
-
-
-def upcycle(
-    model: nn.Module,
-    config: CraftConfig | None = None,
-    *,
-    seed: int | None = None,
-    noise_std: float = 0.0,
-    **overrides,
-) -> nn.Module:
-    """Sparse-upcycle the chosen FFNs of a transformers causal LM, in place (the counterpart of `craft`).
-
-    Args:
-        model: a transformers causal LM with a dense FFN per chosen layer.
-        config: `num_experts`, `top_k`, `routing`, `normalize_topk`, `router_dtype`, `aux_loss_coef`,
-            `z_loss_coef`, `layers` and `dispatch` (`sorted`/`loop` force the sliced loop) are used; the adapter
-            fields are ignored. Keyword `overrides` replace fields.
-        seed: seeds the router initialisation and the noise.
-        noise_std: standard deviation (absolute) of independent Gaussian noise added to every copied expert
-            weight, to break the symmetry between copies; 0 (default, as in Komatsuzaki et al.) keeps exact
-            copies. Routing alone makes experts diverge once they receive different tokens.
-
-    Returns:
-        The same model object, of a `Pesc*` subclass of its class whose forward adds the router losses. With
-        `noise_std=0` it computes what the dense model did (equal experts, gates summing to 1) up to rounding.
-    """
-    from ..craft import mark_crafted, plan_layers, seeded
-
-    if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not 0 <= noise_std < math.inf:
-        raise ConfigError(f"noise_std must be a non-negative number, got {noise_std!r}")
-    plan = plan_layers(model, config, overrides, verb="upcycle")
-    recorder = RoutingRecorder()
-    with seeded(seed):
-        for index, name, ffn in plan.targets:
-            device = next((p.device for p in ffn.parameters()), None)
-            experts = make_experts(ffn, plan.config.num_experts)
-            moe = UpcycledMoE(experts, plan.hidden, plan.config, index, device=device,
-                              router_dtype=plan.router_dtype)
-            if noise_std:
-                _add_noise(experts, noise_std)
-            moe.recorder = recorder
-            mlp = UpcycledMLP(moe)
-            mlp.train(ffn.training)
-            setattr(plan.layers[index], name, mlp)  # the dense FFN goes: its weights live on only in the copies
-    return mark_crafted(model, plan, recorder, "upcycle")
-
-
-def upcycled_layers(model: nn.Module) -> list[tuple[int, UpcycledMLP]]:
-    """`[(layer_index, upcycled_mlp), ...]` for every upcycled layer."""
-    from ..craft import find_decoder_layers
-
-    _, layers = find_decoder_layers(model)
-    out = []
-    for i, layer in enumerate(layers):
-        found = [child for child in layer.children() if is_upcycled_mlp(child)]
-        if found:
-            out.append((i, found[0]))
-    return out
-
-
-def dense_ffn_state(model: nn.Module, expert: int = 0) -> dict[str, torch.Tensor]:
-    """Dense-FFN state-dict entries for every upcycled layer, taken from expert `expert` (copies, on the CPU).
-
-    For writing the base of an upcycled model as a complete plain transformers checkpoint: its own FFN keys
-    (`...mlp.gate_proj.weight`, ...) are gone from the model, and loading replaces them with the saved experts.
-    """
-    state = {}
-    for name, module in model.named_modules():
-        if not is_upcycled_mlp(module):
-            continue
-        experts = module.moe.experts
-        if isinstance(experts, CopiedExperts):
-            parts = dict(experts[expert].state_dict())
-        else:
-            gate_up, inter = experts.gate_up_proj[expert], experts.down_proj.shape[-1]
-            parts = {"gate_up_proj.weight": gate_up} if experts.fused else {
-                "gate_proj.weight": gate_up[:inter], "up_proj.weight": gate_up[inter:]}
-            parts["down_proj.weight"] = experts.down_proj[expert]
-        # clones: views of one stacked tensor would be treated as shared storage by checkpoint writers
-        state.update({f"{name}.{k}": v.detach().to("cpu").clone() for k, v in parts.items()})
-    return state

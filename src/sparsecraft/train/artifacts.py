@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint.crafted import save_crafted
-from ..craft import is_crafted
+from ..surgery import is_crafted
 from ..errors import CheckpointError
 
 

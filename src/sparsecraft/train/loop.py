@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from .batches import BatchPlan
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
+from .nll import row_nll
 from .recipe import Recipe
 from .setup import build_model, trainable_parameters
 
@@ -114,11 +115,7 @@ def evaluate(model, dataset, collator, batch_size: int, accelerator, max_batches
         batch = _to_device(collator(samples), accelerator.device)
         with accelerator.autocast():
             logits = model(**{k: v for k, v in _model_inputs(batch).items() if k != "labels"}).logits
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )  # [B, T-1]
-        row_loss, row_count = token_loss.sum(-1), (labels != -100).sum(-1)
+        row_loss, row_count = row_nll(logits, batch["labels"])  # [B], [B]
         for sample, loss, n in zip(samples, row_loss.tolist(), row_count.tolist()):
             for key in ("all", sample.get("source", "all")):
                 acc = sums.setdefault(key, [0.0, 0.0])

@@ -7,16 +7,13 @@ types are one-line `ConfigError`s raised before any data or model is touched.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import CraftConfig
 from ..errors import ConfigError
+from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
 
 METHODS = ("pesc", "dense", "upcycle", "upit")
 QUANTIZATIONS = ("nf4", "none")
@@ -137,110 +134,35 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(path: str, value: Any, tp) -> Any:
-    """Check `value` against the annotated type `tp`, allowing int where float is expected."""
-    if isinstance(tp, str):
-        tp = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(tp, Any)
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(path, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: {value!r} has the wrong type")
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, bool):
-        raise ConfigError(f"{path} must be int, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{path} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown recipe field {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
-    return cls(**kwargs)
-
-
-def parse_overrides(items: list[str]) -> list[dict]:
-    """`["a.b=1", "data=x.jsonl"]` -> one nested dict per item, applied in order; values parsed as YAML."""
-    parsed = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. max_steps=10)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        for part in reversed(key.strip().split(".")):
-            value = {part: value}
-        parsed.append(value)
-    return parsed
-
-
 # Shorthands a user types often: `max_steps=10` means `train.max_steps=10`.
-_SHORTHANDS = {
+SHORTHANDS = {
     "max_steps": ("train", "max_steps"), "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
     "grad_accum": ("train", "grad_accum"), "seed": ("train", "seed"), "lr": ("optim", "lr"),
     "experts": ("craft", "num_experts"), "top_k": ("craft", "top_k"), "adapter_dim": ("craft", "adapter_dim"),
 }
 
 
-def _merge(base: dict, extra: dict, top: bool = True) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if top and key in _SHORTHANDS and not isinstance(value, dict):
-            section, name = _SHORTHANDS[key]
-            out[section] = _merge(out.get(section) or {}, {name: value}, top=False)
-        elif top and key == "data" and not isinstance(value, dict):
-            # data=FILE replaces the sources with one file of detected format
-            out["data"] = {**(out.get("data") or {}), "sources": [{"path": str(value)}], "eval_sources": []}
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, top=False)
-        else:
-            out[key] = value
-    return out
+def _data_file(value: Any, data: Any) -> dict:
+    """`data=FILE` replaces the sources with one file of detected format."""
+    return {**(data or {}), "sources": [{"path": str(value)}], "eval_sources": []}
+
+
+def merge_recipe(base: dict, extra: dict) -> dict:
+    """`extra` (a recipe mapping or one parsed override) merged into `base`, with the top-level shorthands
+    (`SHORTHANDS`, `data=FILE`)."""
+    return merge(base, extra, shorthands=SHORTHANDS, expand={"data": _data_file})
+
+
+def build_recipe(data: dict) -> Recipe:
+    """A `Recipe` from its mapping, fields and types checked (not `validate`d)."""
+    return build_dataclass(Recipe, data, what="recipe")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe and apply `key=value` overrides (relative paths are relative to the working directory)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data: dict = read_yaml(path, "recipe") if path is not None else {}
     for override in parse_overrides(overrides or []):
-        data = _merge(data, override)
-    recipe = _build(Recipe, data)
+        data = merge_recipe(data, override)
+    recipe = build_recipe(data)
     recipe.validate()
     return recipe

@@ -1,5 +1,5 @@
-"""Recipe -> trainable model: load the base (NF4 or not), apply the method (pesc | upcycle | dense), add LoRA
-through peft, and leave exactly router, adapters/experts and LoRA trainable."""
+"""Recipe -> trainable model: load the base (NF4 or not), apply the recipe's method (looked up in `methods/`),
+add LoRA through peft, and leave exactly router, adapters/experts and LoRA trainable."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..craft import craft, is_crafted
 from ..errors import ConfigError
+from ..methods import Method, get_method
 from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
+from ..surgery import is_added_name, is_crafted
 from .quantize import bnb_config, keep_trainable_layout, quantize_linears_nf4
 from .recipe import Recipe
 
@@ -36,14 +37,15 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _quantize_after_method(recipe: Recipe, source: BaseSource) -> bool:
-    """NF4 applied in place after crafting/upcycling instead of on load: GGUF bases (transformers cannot
-    quantise them on load) and upcycling / UpIT (the experts are trained and must stay full precision)."""
-    return recipe.quantization == "nf4" and (bool(source.gguf_file) or recipe.method in ("upcycle", "upit"))
+def _quantize_after_method(recipe: Recipe, method: Method, source: BaseSource) -> bool:
+    """NF4 applied in place after the method instead of on load: GGUF bases (transformers cannot quantise them
+    on load) and methods whose experts are copies of base weights that train (they must stay full precision)."""
+    return recipe.quantization == "nf4" and (bool(source.gguf_file) or method.experts_full_precision)
 
 
-def _load_base(recipe: Recipe, source: BaseSource, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    if recipe.quantization == "nf4" and not _quantize_after_method(recipe, source):
+def _load_base(recipe: Recipe, method: Method, source: BaseSource, dtype: torch.dtype,
+               device: torch.device) -> nn.Module:
+    if recipe.quantization == "nf4" and not _quantize_after_method(recipe, method, source):
         return load_base_model(source, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device})
     load_dtype = torch.float32 if source.gguf_file else dtype  # GGUF de-quantises to fp32
     return load_base_model(source, dtype=load_dtype).to(device)
@@ -52,21 +54,11 @@ def _load_base(recipe: Recipe, source: BaseSource, dtype: torch.dtype, device: t
 def lora_targets(recipe: Recipe, model: nn.Module) -> list[str]:
     """Module-name suffixes for LoRA that exist in this model (FFN names only when `lora.ffn`)."""
     wanted = list(recipe.lora.targets) + (list(recipe.lora.ffn_targets) if recipe.lora.ffn else [])
-    present = {name.split(".")[-1] for name, m in model.named_modules() if ".moe." not in f".{name}."}
+    present = {name.split(".")[-1] for name, m in model.named_modules() if not is_added_name(name + ".")}
     found = [t for t in wanted if t in present]
     if not found:
         raise ConfigError(f"none of the LoRA targets {wanted} exist in {type(model).__name__}")
     return found
-
-
-def _build_upit(model: nn.Module, recipe: Recipe) -> None:
-    """Method upit: the MoE from an UpIT expert set and, when given, its pre-trained router rows (in place)."""
-    from ..upit.experts import build_moe, load_expert_set
-    from ..upit.route import load_router
-
-    experts = load_expert_set(recipe.upit.experts)
-    router = load_router(recipe.upit.router) if recipe.upit.router else None
-    build_moe(model, experts, recipe.craft_config(), router=router, seed=recipe.train.seed)
 
 
 def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltModel:
@@ -74,22 +66,19 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     device = torch.device(device)
+    method = get_method(recipe.method)
     source = resolve_base(recipe.model)
     dtype = compute_dtype_for(recipe.train.precision, device)
-    model = _load_base(recipe, source, dtype, device)
+    model = _load_base(recipe, method, source, dtype, device)
     model._sparsecraft_base = source
     for p in model.parameters():
         p.requires_grad_(False)
     adapter_dtype = torch.float32 if recipe.adapter_dtype == "float32" else torch.bfloat16
-    if recipe.method == "pesc":
-        craft(model, recipe.craft_config(), seed=recipe.train.seed, adapter_dtype=adapter_dtype)
-    elif recipe.method == "upcycle":
-        from ..moe.upcycle import upcycle
-
-        upcycle(model, recipe.craft_config(), seed=recipe.train.seed)
-    elif recipe.method == "upit":
-        _build_upit(model, recipe)
-    if _quantize_after_method(recipe, source):
+    if method.builds_moe:
+        options = getattr(recipe, method.options_field) if method.options_field else None
+        method.build(model, recipe.craft_config(), seed=recipe.train.seed, adapter_dtype=adapter_dtype,
+                     options=options, explicit=tuple(recipe.craft))
+    if _quantize_after_method(recipe, method, source):
         quantize_linears_nf4(model, compute_dtype=dtype)  # skips `.moe.` modules: routers/experts stay as they are
     if recipe.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -103,7 +92,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         )
         model = get_peft_model(inner, config)
     for name, p in inner.named_parameters():
-        if ".moe." in f".{name}":
+        if is_added_name(name):
             p.requires_grad_(True)
     if recipe.train.gradient_checkpointing:
         inner.activation_checkpointing_enable({"use_reentrant": False})
@@ -113,7 +102,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         raise ConfigError(f"base {recipe.model} has no tokenizer; training needs one")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    assert recipe.method == "dense" or is_crafted(inner)
+    assert not method.builds_moe or is_crafted(inner)
     return BuiltModel(model=model, inner=inner, tokenizer=tokenizer, source=source, compute_dtype=dtype)
 
 

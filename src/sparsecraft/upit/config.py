@@ -3,7 +3,7 @@
 The top level holds the fields of an ordinary training recipe (`model`, `data`, `lora`, `optim`, `train`,
 `craft`, ... — see `train/recipe.py`), shared by the two training stages, plus UpIT's own:
 
-    kind: lora | ffn | adapter          what an expert is
+    kind: lora | ffn | adapter          what an expert is (the expert kinds of the registered methods)
     output_dir: runs/upit               prepare/ expand/ route/ upcycle/ are written under it
     prepare: {...}                      PrepareSettings; prepare.recipe overrides recipe fields for the dense stage
     expand:  {...}                      ExpandSettings
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
-from ..train.recipe import Recipe, _build, _merge, parse_overrides
+from ..methods import expert_kinds, method_for_kind
+from ..methods.upit import UpitMethod
+from ..train.recipe import Recipe, build_recipe, merge_recipe
+from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
 
-KINDS = ("lora", "ffn", "adapter")
 SELECTIONS = ("even", "last")
 SHARED_MODES = ("average", "last", "base")
 LORA_MERGES = ("separate", "product")
@@ -38,28 +38,10 @@ STAGES = ("prepare", "expand", "route", "upcycle")
 # Fields a stage sets itself; a user value there would be silently ignored, so it is refused instead.
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"output_dir", "method", "upit"}
 
-# The dense stage's method per kind: an expert is what that method trains.
-DENSE_METHODS = {"lora": "dense", "ffn": "upcycle", "adapter": "pesc"}
-
-# Defaults that differ from a plain training recipe (lowest precedence). Attention LoRA is off in the dense
-# stage by default: when turned on, its checkpoints' states are averaged into the shared weights.
-_KIND_DEFAULTS: dict[str, dict[str, dict]] = {
-    "lora": {
-        "common": {"quantization": "none"},
-        "prepare": {"lora": {"targets": []}},
-        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-4}},
-    },
-    "ffn": {
-        "common": {"quantization": "none"},
-        "prepare": {"lora": {"enabled": False}, "optim": {"lr": 2e-5}},
-        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-5}},
-    },
-    "adapter": {
-        "common": {"quantization": "none"},
-        "prepare": {"lora": {"enabled": False}},
-        "upcycle": {"lora": {"enabled": False}, "optim": {"lr": 2e-4}},
-    },
-}
+# Each kind's dense-stage method, the recipe fields it must have and its defaults (lowest precedence) are the
+# registered method's (`methods/`: `upit_dense_method`, `upit_dense_recipe`, `upit_defaults`). Attention LoRA
+# is off in the dense stage by default: when turned on, its checkpoints' states are averaged into the shared
+# weights.
 
 
 @dataclass
@@ -157,18 +139,17 @@ class UpitConfig:
 
     def stage_dict(self, stage: str) -> dict:
         """The recipe mapping of a training stage (`prepare` or `upcycle`) before stage-forced fields."""
-        defaults = _KIND_DEFAULTS[self.kind]
-        data = _merge(defaults["common"], defaults[stage], top=False)
-        data = _merge(data, self.common, top=False)
-        return _merge(data, getattr(self, stage).recipe)
+        defaults = method_for_kind(self.kind).upit_defaults
+        data = merge(defaults.get("common") or {}, defaults.get(stage) or {})
+        data = merge(data, self.common)
+        return merge_recipe(data, getattr(self, stage).recipe)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         return {**data.pop("common"), **data}
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        method = method_for_kind(self.kind)  # ConfigError naming the kinds
         p, e, r = self.prepare, self.expand, self.route
         if p.num_experts <= 0:
             raise ConfigError(f"prepare.num_experts (m) must be positive, got {p.num_experts}")
@@ -184,9 +165,10 @@ class UpitConfig:
             raise ConfigError(f"prepare.shared must be one of {', '.join(SHARED_MODES)}; got {p.shared!r}")
         if not all(isinstance(x, str) and x for x in p.experts_from):
             raise ConfigError("prepare.experts_from must be a list of directories")
-        if p.experts_from and self.kind == "adapter":
-            raise ConfigError("prepare.experts_from takes LoRA adapters (kind lora) or full checkpoints "
-                              "(kind ffn); adapter experts come from the dense stage")
+        if p.experts_from and method.upit_existing is None:
+            takers = ", ".join(f"kind {k}" for k in expert_kinds() if method_for_kind(k).upit_existing)
+            raise ConfigError(f"prepare.experts_from takes existing experts only for {takers}; {self.kind} experts "
+                              "come from the dense stage")
         if not 0 <= e.p < 1:
             raise ConfigError(f"expand.p must be in [0, 1), got {e.p}")
         if e.lora_merge not in LORA_MERGES:
@@ -225,20 +207,20 @@ def stage_recipe(cfg: UpitConfig, stage: str, **forced: Any) -> Recipe:
     data = cfg.stage_dict(stage)
     data["output_dir"] = str(cfg.stage_dir(stage))
     if stage == "prepare":
-        data["method"] = DENSE_METHODS[cfg.kind]
+        method = method_for_kind(cfg.kind)
+        data["method"] = method.upit_dense_method
         # a dense stage's expert is one adapter / one FFN copy: crafted with a single, always chosen expert
         data["craft"] = {**(data.get("craft") or {}), "num_experts": 1, "top_k": 1}
-        if cfg.kind == "lora":
-            data["lora"] = {**(data.get("lora") or {}), "enabled": True, "ffn": True}
+        data = merge(data, method.upit_dense_recipe)
         # every checkpoint is a candidate expert: none may be deleted (the interval is set by prepare.py)
         data["checkpoint"] = {**(data.get("checkpoint") or {}), "keep": 1_000_000}
     else:
-        data["method"] = "upit"
+        data["method"] = UpitMethod.name
         # LoRA on the FFN projections would sit under the experts; post-training LoRA is attention only
         data["lora"] = {**(data.get("lora") or {}), "ffn": False}
-    data = _merge(data, forced, top=False)
+    data = merge(data, forced)
     try:
-        recipe = _build(Recipe, data)
+        recipe = build_recipe(data)
         if stage == "upcycle" and not recipe.upit.experts:
             recipe.upit.experts = str(cfg.stage_dir("expand"))  # validated where it is used
         recipe.validate()
@@ -260,7 +242,7 @@ def _build_upit(data: dict) -> UpitConfig:
     for name in own & set(data):
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, f"{name}.")
+            kwargs[name] = build_dataclass(tp, data[name] if data[name] is not None else {}, f"{name}.", "recipe")
         elif not isinstance(data[name], str):
             raise ConfigError(f"{name} must be a string, got {data[name]!r}")
         else:
@@ -271,19 +253,9 @@ def _build_upit(data: dict) -> UpitConfig:
 def load_upit_config(path: str | Path | None, overrides: list[str] | None = None) -> UpitConfig:
     """Read an UpIT YAML config and apply `key=value` overrides (`output_dir=`, `max_steps=`, `data=`, `experts=`,
     `prepare.num_experts=`, ... as in `sparsecraft train`); validated, one-line `ConfigError`s."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"UpIT config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of fields, got {type(data).__name__}")
+    data: dict = read_yaml(path, "UpIT config", mapping=True) if path is not None else {}
     for override in parse_overrides(overrides or []):
-        data = _merge(data, override)
+        data = merge_recipe(data, override)
     cfg = _build_upit(data)
     cfg.validate()
     return cfg

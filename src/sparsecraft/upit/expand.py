@@ -23,22 +23,16 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from sparsecraft.checkpoint.atomic import atomic_write_json
-from sparsecraft.errors import CheckpointError, ConfigError
-from sparsecraft.upit.merge import (
-    dare_merge,
-    dare_merge_lora_product,
-    delta_grams,
-    similarity_from_grams,
-)
-
-if TYPE_CHECKING:
-    from sparsecraft.upit.experts import ExpertSet
+from ..checkpoint.atomic import atomic_write_json
+from ..errors import CheckpointError, ConfigError
+from ..methods import method_for_kind
+from ..methods.expert_set import ExpertSet
+from .merge import dare_merge, dare_merge_lora_product, delta_grams, similarity_from_grams
 
 LORA_MERGES = ("separate", "product")
 PARENT_RULE = "lowest similarity pair (i<j), ties by smallest (i,j), pairs already used skipped"
@@ -142,10 +136,10 @@ def expand(es: ExpertSet, n: int, *, p: float = 0.5, seed: int = 0, lora_merge: 
 
     `base` and `shared` are the same objects as in `es`; meta gains `expansion` (m, n, p, seed, lora_merge,
     parent rule, similarity form), `lineage` (appended to any earlier lineage), `similarity_before` `[m][m]` and
-    `similarity_after` `[n][n]`. lora_merge="product" needs kind "lora".
+    `similarity_after` `[n][n]`. lora_merge="product" needs factored (LoRA) experts.
     """
     es.validate()
-    if lora_merge == "product" and es.kind != "lora":
+    if lora_merge == "product" and not method_for_kind(es.kind).factored_experts:
         raise ConfigError(f"expand: lora_merge='product' needs LoRA experts, these are {es.kind!r}")
     result = genetic_expansion(list(es.states), list(es.names), es.base, n, p=p, seed=seed, merge=lora_merge,
                                progress=progress)

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from sparsecraft.errors import ConfigError
+from ..errors import ConfigError
 
 State = dict[str, torch.Tensor]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_write_json
 from ..errors import ConfigError
+from ..methods.expert_set import ROUTER_NAME, load_expert_set, save_expert_set
 from .config import STAGES, UpitConfig, stage_recipe
-from .experts import load_expert_set, save_expert_set
 from .prepare import EXPERTS_SUBDIR, run_prepare
 from .route import EXPERTS_SUBDIR as ROUTE_EXPERTS
-from .route import ROUTER_NAME, route_done, run_route
+from .route import route_done, run_route
 
 SIMILARITY_NAME = "similarity.json"
 

@@ -1,0 +1,188 @@
+"""Reading training run directories into `Run`s: recipe, summary, metrics log, evaluations and routing.
+
+A run directory is what `sparsecraft train` leaves: `recipe.json`, `summary.json`, `metrics.jsonl`, and
+optionally `eval/results.json` (benchmarks), `eval/quick.json` (held-out loss per source) and `routes/` (from
+`sparsecraft routes`). Any of them may be missing (an unfinished run, a run never evaluated): the `Run` keeps
+what there is and notes what is not.
+
+    runs = load_runs(["runs/dense", "runs/pesc-s0", "runs/pesc-s1"])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .plots import read_metrics
+from .route_stats import ROUTES_JSON, RoutingStats
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "recipe.json")
+
+
+@dataclass
+class Run:
+    """What one run directory holds. Missing or unreadable files leave their field empty and add a note."""
+
+    path: Path
+    name: str
+    recipe: dict | None = None
+    summary: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    benchmarks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> value
+    quick: dict | None = None
+    routes: RoutingStats | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return str(self.summary.get("method") or (self.recipe or {}).get("method") or "unknown")
+
+    @property
+    def seed(self) -> int | None:
+        seed = ((self.recipe or {}).get("train") or {}).get("seed")
+        return seed if isinstance(seed, int) else None
+
+    def value(self, key: str) -> float | None:
+        """A number from the summary, else worked out from the metrics log (or quick eval) where possible."""
+        v = finite_number(self.summary.get(key))
+        if v is not None:
+            return v
+        train = [r for r in self.metrics if finite_number(r.get("loss")) is not None]
+        if key == "final_loss" and train:
+            return finite_number(train[-1]["loss"])
+        if key == "first_loss" and train:
+            return finite_number(train[0]["loss"])
+        if key == "eval_loss":
+            # only the training's own held-out evaluation: the quick eval may be on other data and has its
+            # own table, so it must not enter a mean over seeds here
+            evals = [r for r in self.metrics if finite_number(r.get("eval_loss")) is not None and r.get("step")]
+            return finite_number(evals[-1]["eval_loss"]) if evals else None
+        if key == "initial_eval_loss":
+            first = [r for r in self.metrics if r.get("step") == 0 and finite_number(r.get("eval_loss")) is not None]
+            return finite_number(first[0]["eval_loss"]) if first else None
+        if key == "steps" and train:
+            return finite_number(train[-1].get("step"))
+        return None
+
+    def eval_sources(self) -> dict[str, float]:
+        """Held-out loss per source from the training's final evaluation (the quick eval has its own table)."""
+        found = {k.split("/", 1)[1]: v for k, v in self.summary.items()
+                 if k.startswith("eval_loss/") and finite_number(v) is not None}
+        return found
+
+
+def finite_number(v: Any) -> float | None:
+    """`v` as a float when it is a finite int or float (not a bool); None for anything else."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _read_json(path: Path, notes: list[str], what: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        notes.append(f"{what} unreadable ({type(exc).__name__})")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{what} is not a JSON object")
+        return None
+    return data
+
+
+def _benchmarks(results: dict | None) -> dict[str, float]:
+    """`{"tasks": {task: {metric: value}}, "primary_metric": {task: metric}}` -> `{"task/metric": value}`:
+    a task's primary metric when one is named, else all its metrics; numbers only, standard errors left out."""
+    out = {}
+    primary = (results or {}).get("primary_metric") or {}
+    for task, metrics in ((results or {}).get("tasks") or {}).items():
+        if not isinstance(metrics, dict):
+            continue
+        for metric, value in metrics.items():
+            if "stderr" in str(metric) or finite_number(value) is None:
+                continue
+            if isinstance(primary, dict) and primary.get(task) in metrics and metric != primary[task]:
+                continue
+            out[f"{task}/{str(metric).removesuffix(',none')}"] = float(value)
+    return out
+
+
+def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
+    """Read a run directory. ConfigError when it does not exist or holds none of summary/metrics/recipe."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"run directory not found: {path}")
+    if not path.is_dir():
+        raise ConfigError(f"not a run directory: {path}")
+    if not any((path / f).is_file() for f in RUN_FILES):
+        raise ConfigError(f"{path} is not a training run (none of {', '.join(RUN_FILES)})")
+    run = Run(path=path, name=name or path.name)
+    run.recipe = _read_json(path / "recipe.json", run.notes, "recipe.json")
+    run.summary = _read_json(path / "summary.json", run.notes, "summary.json") or {}
+    run.metrics = read_metrics(path / "metrics.jsonl")
+    if not (path / "summary.json").is_file():
+        run.notes.append("no summary.json (unfinished run?): losses taken from metrics.jsonl")
+    if not (path / "recipe.json").is_file():
+        run.notes.append("no recipe.json: seed unknown, not grouped with other runs")
+    if not (path / "metrics.jsonl").is_file():
+        run.notes.append("no metrics.jsonl: no loss curve")
+    run.benchmarks = _benchmarks(_read_json(path / "eval" / "results.json", run.notes, "eval/results.json"))
+    run.quick = _read_json(path / "eval" / "quick.json", run.notes, "eval/quick.json")
+    if (path / "routes" / ROUTES_JSON).is_file():
+        try:
+            run.routes = RoutingStats.read(path / "routes")
+        except ConfigError as exc:
+            run.notes.append(f"routes/{ROUTES_JSON}: {exc}")
+    for key in ("peak_mem_bytes", "total_params") if run.summary else ():
+        if key not in run.summary:
+            run.notes.append(f"summary.json has no {key}")
+    return run
+
+
+def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The run directories named; a directory that is not a run but holds runs stands for all of them."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not any((p / f).is_file() for f in RUN_FILES):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and any((c / f).is_file() for f in RUN_FILES))
+            if children:
+                out += children
+                continue
+        out.append(p)
+    seen = set()
+    for p in out:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise ConfigError(f"run directory given twice: {p}")
+        seen.add(key)
+    return out
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Directory names, with parents added (then a number) until every run has its own."""
+    names = [p.name or str(p) for p in paths]
+    for depth in (2, 3):
+        clash = {n for n in names if names.count(n) > 1}
+        names = ["/".join(p.resolve().parts[-depth:]) if n in clash else n for p, n in zip(paths, names)]
+    counts: dict[str, int] = {}
+    out = []
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n}#{counts[n]}")
+    return out
+
+
+def load_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
+    """Every run directory named (see `expand_run_dirs`), each under a name of its own. ConfigError for none."""
+    dirs = expand_run_dirs(paths)
+    if not dirs:
+        raise ConfigError("no run directory given")
+    return [load_run(p, n) for p, n in zip(dirs, _unique_names(dirs))]

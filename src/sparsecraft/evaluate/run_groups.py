@@ -1,0 +1,81 @@
+"""Grouping runs into experiments: runs whose recipes differ only in `train.seed` form one `Group`.
+
+Groups are ordered by method (`METHOD_ORDER`) and, where one method has several groups, labelled by the recipe
+settings that tell them apart.
+
+    groups = group_runs(load_runs(["runs/pesc-s0", "runs/pesc-s1", "runs/dense"]))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .run_dirs import Run
+
+# recipe fields that do not make two runs different experiments
+_NOT_THE_EXPERIMENT = ("output_dir", "train.seed", "logging", "checkpoint")
+METHOD_ORDER = {"dense": 0, "upcycle": 1, "pesc": 2, "upit": 3}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def _experiment(recipe: dict) -> dict:
+    flat = _flatten(recipe)
+    return {k: v for k, v in flat.items()
+            if not any(k == x or k.startswith(x + ".") for x in _NOT_THE_EXPERIMENT)}
+
+
+@dataclass
+class Group:
+    """Runs of one experiment (same recipe but for the seed)."""
+
+    label: str
+    method: str
+    runs: list[Run]
+
+    def values(self, get: Callable[[Run], float | None]) -> list[float]:
+        return [v for v in (get(r) for r in self.runs) if v is not None]
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs with equal recipes except for `train.seed` (and output/logging/checkpoint settings) share a group.
+    Groups of one method are labelled by the settings that tell them apart."""
+    groups: dict[str, list[Run]] = {}
+    experiments: dict[str, dict] = {}
+    for run in runs:
+        if run.recipe is None:
+            key = f"{run.method}|{run.name}"
+            experiments[key] = {}
+        else:
+            exp = _experiment(run.recipe)
+            key = json.dumps(exp, sort_keys=True)
+            experiments[key] = exp
+        groups.setdefault(key, []).append(run)
+    out = []
+    for key, members in groups.items():
+        method = members[0].method
+        label = method
+        rivals = [k for k, m in groups.items() if m[0].method == method and k != key]
+        if rivals:
+            mine = experiments[key]
+            differing = sorted({k for r in rivals for k in set(mine) | set(experiments[r])
+                                if mine.get(k) != experiments[r].get(k) and k != "method"})
+            if mine:
+                shown = [f"{k}={json.loads(mine[k]) if k in mine else '-'}" for k in differing[:3]]
+                label = f"{method} ({', '.join(shown)}{', ...' if len(differing) > 3 else ''})" if shown else method
+            else:
+                label = f"{method} ({members[0].name})"
+        members = sorted(members, key=lambda r: (r.seed is None, r.seed or 0, r.name))
+        out.append(Group(label, method, members))
+    out.sort(key=lambda g: (METHOD_ORDER.get(g.method, 9), g.label))
+    return out
