@@ -16,9 +16,10 @@ from .methods import get_method, method_names
 from .report import dry_run, parameter_report
 from .surgery import crafted_layers, is_crafted, new_parameters
 
+from .version import __version__
+
 _register()
 
-__version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "CraftConfig", "CraftError", "SparsecraftError",
     "craft", "craft_from", "crafted_layers", "dry_run", "get_method", "is_crafted", "load", "load_crafted",

@@ -42,7 +42,7 @@ from ..config import CraftConfig
 from ..craft import craft
 from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
 from ..errors import CheckpointError, ConfigError
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .crafted import read_config
 
 LAYOUTS = ("camelidae", "qwen2idae", "sparsetral")

@@ -118,7 +118,7 @@ def run(args) -> int:
         print(format_quick_table(data))
         print(f"wrote {out / QUICK_JSON}")
     if prepared is not None:
-        from .. import __version__
+        from ..version import __version__
         from ..evaluate.lm_eval_bridge import lm_eval_version, run_lm_eval
         from ..evaluate.results import (
             format_results_table,

@@ -39,6 +39,7 @@ def run(args) -> int:
     from ..evaluate.routes import format_summary, write_routes
     from ..generation import load_tokenizer_for
     from ..loading import load
+    from ..methods import get_method
 
     for flag, value in (("--max-records", args.max_records), ("--batch-size", args.batch_size),
                         ("--max-length", args.max_length)):
@@ -47,8 +48,10 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.exists():
         raise ConfigError(f"model not found: {args.model}")
-    if saved_method(model_dir) == "dense":  # refuse before loading the weights
-        raise ConfigError(f"{args.model} is a dense (method: dense) model: routing needs a pesc or upcycle model")
+    method_name = saved_method(model_dir)
+    if method_name is not None and not get_method(method_name).builds_moe:  # refuse before loading the weights
+        raise ConfigError(f"{args.model} is a dense (method: {method_name}) model: routing needs a model with "
+                          "experts")
     saved = saved_recipe_data(model_dir)
     if args.data:
         sources = data_sources(args.data)

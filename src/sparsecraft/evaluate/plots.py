@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.atomic import atomic_write
+from ..atomic import atomic_write
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")

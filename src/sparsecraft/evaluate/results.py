@@ -20,14 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.atomic import atomic_write
+from ..atomic import atomic_write
 
 RESULTS_JSON, RESULTS_MD, RAW_JSON = "results.json", "results.md", "lm_eval_results.json"
 QUICK_JSON, QUICK_MD = "quick.json", "quick.md"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` atomically (see `checkpoint.atomic.atomic_write`)."""
+    """Write `text` atomically (see `atomic.atomic_write`)."""
     return atomic_write(path, text)
 
 

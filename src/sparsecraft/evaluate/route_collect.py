@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..moe.layers import RoutedBlock, RoutingRecord, RoutingRecorder
 from ..moe.model import token_mask_for
+from ..surgery import method_name_of
 from .route_stats import RoutingStats
 
 
@@ -93,7 +94,7 @@ class RoutingCollector:
         # route() computes gates in fp32 unless the router runs in the model's dtype
         self._gate_dtypes = {b.layer_index: torch.float32 if cfg.router_dtype == "float32" else b.router.weight.dtype
                              for b in blocks}
-        self.method = getattr(model, "_sparsecraft_method", "pesc")
+        self.method = method_name_of(model)
         self.sources = list(sources)
         L, E, S = len(self.layers), cfg.num_experts, len(self.sources)
         self.tokens = 0

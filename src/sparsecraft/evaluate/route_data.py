@@ -69,7 +69,8 @@ def _saved_config(model_dir: str | os.PathLike) -> dict:
 
 
 def saved_method(model_dir: str | os.PathLike) -> str | None:
-    """`pesc`, `upcycle` or `dense` for a sparsecraft directory; None for anything else."""
+    """The registered method a sparsecraft directory's config.json names (`pesc`, `dense`, ...); None for anything
+    else."""
     method = _saved_config(model_dir).get("method")
     return method if isinstance(method, str) else None
 

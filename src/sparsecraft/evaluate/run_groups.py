@@ -1,6 +1,6 @@
 """Grouping runs into experiments: runs whose recipes differ only in `train.seed` form one `Group`.
 
-Groups are ordered by method (`METHOD_ORDER`) and, where one method has several groups, labelled by the recipe
+Groups are ordered by method (the registry's order, `methods.method_order`) and, where one method has several groups, labelled by the recipe
 settings that tell them apart.
 
     groups = group_runs(load_runs(["runs/pesc-s0", "runs/pesc-s1", "runs/dense"]))
@@ -12,11 +12,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..methods import method_order
 from .run_dirs import Run
 
 # recipe fields that do not make two runs different experiments
 _NOT_THE_EXPERIMENT = ("output_dir", "train.seed", "logging", "checkpoint")
-METHOD_ORDER = {"dense": 0, "upcycle": 1, "pesc": 2, "upit": 3}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -77,5 +77,5 @@ def group_runs(runs: list[Run]) -> list[Group]:
                 label = f"{method} ({members[0].name})"
         members = sorted(members, key=lambda r: (r.seed is None, r.seed or 0, r.name))
         out.append(Group(label, method, members))
-    out.sort(key=lambda g: (METHOD_ORDER.get(g.method, 9), g.label))
+    out.sort(key=lambda g: (method_order(g.method), g.label))
     return out

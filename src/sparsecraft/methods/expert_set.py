@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint.atomic import atomic_directory, atomic_write
+from ..atomic import atomic_directory, atomic_write
 from ..errors import CheckpointError, ConfigError
 from ..moe.layers import RoutedBlock
 from ..surgery import crafted_layers

@@ -26,7 +26,7 @@ def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=
 
     Crafted models become a standalone sparsecraft directory; dense ones a plain transformers directory.
     """
-    from ..checkpoint.atomic import atomic_directory
+    from ..atomic import atomic_directory
     from ..generation import load_tokenizer_for
     from ..loading import load
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..methods import get_method
 from .batches import BatchPlan
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
@@ -172,9 +173,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     from .artifacts import save_trained
 
     handlers = []
-    if recipe.method in ("upcycle", "upit"):
-        # upcycled FFNs of unusual structure run as a loop over expert copies, and a routed expert no token chose
-        # on a rank takes no part in that step's graph
+    if get_method(recipe.method).experts_may_idle:
+        # e.g. upcycled FFNs of unusual structure run as a loop over expert copies: a routed expert no token
+        # chose on a rank takes no part in that step's graph
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     main = accelerator.is_main_process

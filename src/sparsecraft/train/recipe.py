@@ -13,9 +13,9 @@ from typing import Any
 
 from ..config import CraftConfig
 from ..errors import ConfigError
+from ..methods import get_method
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
 
-METHODS = ("pesc", "dense", "upcycle", "upit")
 QUANTIZATIONS = ("nf4", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -75,7 +75,7 @@ class LoggingSettings:
 class UpitSettings:
     """Method `upit`: the MoE is built from an UpIT expert set (`sparsecraft.upit`), not from the base alone."""
 
-    experts: str = ""  # an ExpertSet directory (upit.experts.save_expert_set)
+    experts: str = ""  # an ExpertSet directory (methods.expert_set.save_expert_set)
     router: str = ""  # optional pre-trained router rows: safetensors {layers.{i}.router: [E, h]}
 
 
@@ -98,7 +98,7 @@ class Recipe:
     upit: UpitSettings = field(default_factory=UpitSettings)  # method upit only
 
     def validate(self) -> None:
-        _choice("method", self.method, METHODS)
+        method = get_method(self.method)  # one line naming the registered methods otherwise
         _choice("quantization", self.quantization, QUANTIZATIONS)
         _choice("adapter_dtype", self.adapter_dtype, ("float32", "bfloat16"))
         _choice("train.precision", self.train.precision, PRECISIONS)
@@ -112,10 +112,10 @@ class Recipe:
             raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
         if self.optim.lr <= 0 or not 0 <= self.optim.warmup_ratio < 1 or self.optim.max_grad_norm < 0:
             raise ConfigError("optim: lr must be > 0, warmup_ratio in [0, 1), max_grad_norm >= 0")
-        if self.method != "dense":
+        if method.builds_moe:
             self.craft_config()  # validates the craft section
-        if self.method == "upit" and not self.upit.experts:
-            raise ConfigError("method upit needs upit.experts: an expert-set directory (from `sparsecraft upit`)")
+        if method.options_field:
+            method.validate_options(getattr(self, method.options_field))
         if not self.data.get("sources"):
             raise ConfigError("data.sources is empty: name at least one data file (or pass data=FILE)")
         from ..data import DataConfig

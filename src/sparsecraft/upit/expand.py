@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.atomic import atomic_write_json
+from ..atomic import atomic_write_json
 from ..errors import CheckpointError, ConfigError
 from ..methods import method_for_kind
 from ..methods.expert_set import ExpertSet

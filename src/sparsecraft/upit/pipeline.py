@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint.atomic import atomic_write_json
+from ..atomic import atomic_write_json
 from ..errors import ConfigError
 from ..methods.expert_set import ROUTER_NAME, load_expert_set, save_expert_set
 from .config import STAGES, UpitConfig, stage_recipe

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.atomic import atomic_write_json
+from ..atomic import atomic_write_json
 from ..config import CraftConfig
 from ..errors import ConfigError
 from ..methods.expert_set import (ROUTER_NAME, ExpertSet, router_rows, save_expert_set, save_router,

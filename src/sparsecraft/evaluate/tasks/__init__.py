@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ...checkpoint.atomic import atomic_write
+from ...atomic import atomic_write
 from ...errors import ConfigError
 
 TASKS_DIR = Path(__file__).resolve().parent
