@@ -144,3 +144,20 @@ def test_training_on_gpu_lowers_the_loss_and_saves(tmp_path, quantization):
     assert summary["peak_mem_bytes"] > 0
     loaded = sparsecraft.load(tmp_path / "run" / "model", dtype=BF16).to(CUDA)
     assert sparsecraft.is_crafted(loaded)
+
+
+@pytest.mark.parametrize("level", ["block", "model"])
+def test_every_bench_variant_steps_on_gpu_in_bf16(level):
+    """Each variant's training step under the bench's own bf16 autocast (a failure shows its traceback here)."""
+    from sparsecraft.bench.block import build_block_variants
+    from sparsecraft.bench.model import build_model_variants
+    from sparsecraft.bench.settings import BenchSettings
+
+    settings = BenchSettings(shape="tiny", tokens=256, seq_len=32, batch_size=2, dtype="bfloat16", device="cuda",
+                             experts=8, top_k=2, adapter_dim=16)
+    names = ["dense", "pesc", "pesc-dense", "pesc-grouped", "pesc-sorted", "upcycle", "loop", "mixlora"]
+    build = build_block_variants if level == "block" else build_model_variants
+    for variant in build(settings, names, CUDA):
+        variant.reset()
+        variant.step()
+        torch.cuda.synchronize()

@@ -10,6 +10,8 @@ import platform
 
 import torch
 
+from .settings import BASELINE
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
@@ -62,7 +64,7 @@ def _ratio(value, reference):
 def add_ratios(records: list[dict]) -> None:
     """Fill `ratio_to_dense`, `flop_floor_ratio`, `flop_executed_ratio`, `peak_mem_ratio_to_dense` and the
     decode ratios of every record from the `dense` record of its level."""
-    dense = {r["level"]: r for r in records if r["method"] == "dense"}
+    dense = {r["level"]: r for r in records if r["method"] == BASELINE}
     for rec in records:
         ref = dense.get(rec["level"], {})
         rec["ratio_to_dense"] = _ratio(rec["median_ms"], ref.get("median_ms"))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gc
 import os
+import traceback
 
 import torch
 
 from .base import Variant
 from .report import add_ratios, machine_info
-from .settings import BenchSettings
+from .settings import BASELINE, BenchSettings
 from .timing import Timed, round_robin, summary_ms, synchronizer
 
 
@@ -18,9 +19,9 @@ def run_bench(settings: BenchSettings, progress: bool = True, log=print) -> dict
     """Measure every (level, method) of `settings`; returns `{"settings", "machine", "records", "notes"}`."""
     settings.validate()
     notes = []
-    if "dense" not in settings.methods:  # ratios to dense are the headline
-        settings.methods = ["dense"] + list(settings.methods)
-        notes.append("dense added: every ratio is taken to it")
+    if BASELINE not in settings.methods:  # ratios to dense are the headline
+        settings.methods = [BASELINE] + list(settings.methods)
+        notes.append(f"{BASELINE} added: every ratio is taken to it")
     settings.methods = list(dict.fromkeys(settings.methods))
     threads_before = torch.get_num_threads()
     if settings.threads:
@@ -44,7 +45,7 @@ def _run(settings: BenchSettings, notes: list, progress: bool, log) -> dict:
     records = []
     for level in settings.levels:
         log(f"[{level}] building {len(settings.methods)} variants ...")
-        variants = _build(settings, level, device)
+        variants = _runnable(_build(settings, level, device), notes, log)
         decode = _decode(settings, variants, device, progress, log) if level == "model" else {}
         timed = [Timed(f"{v.level}/{v.method}", v.step, v.reset) for v in variants]
         log(f"[{level}] timing: {settings.warmup} warm-up step(s) each, {settings.repeats} interleaved rounds")
@@ -61,6 +62,25 @@ def _run(settings: BenchSettings, notes: list, progress: bool, log) -> dict:
     for rec in records:  # each record stands on its own (results of several runs can be concatenated)
         rec["settings"], rec["machine"] = result["settings"], machine
     return result
+
+
+def _runnable(variants: list[Variant], notes: list, log) -> list[Variant]:
+    """The variants whose first step runs; one that fails is left out with a note and its traceback printed (a
+    failing path should not cost the whole run its other numbers). The baseline failing is an error."""
+    kept = []
+    for v in variants:
+        try:
+            v.reset()
+            v.step()
+        except Exception as exc:  # noqa: BLE001 - any failure of one variant is reported, the rest still run
+            if v.method == BASELINE:
+                raise
+            log(f"[{v.level}] {v.method} left out: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            notes.append(f"{v.level}/{v.method} left out: {type(exc).__name__}: {exc}")
+            continue
+        kept.append(v)
+    return kept
 
 
 def _build(settings: BenchSettings, level: str, device: torch.device) -> list[Variant]:
@@ -108,7 +128,7 @@ def _decode(settings: BenchSettings, variants: list[Variant], device: torch.devi
             figures[str(b)] = {"median_ms": s["median_ms"], "p10_ms": s["p10_ms"], "p90_ms": s["p90_ms"],
                                "tokens_per_s": tps, "new_tokens": settings.decode_tokens,
                                "prompt_tokens": prompts[b].shape[1]}
-        same = all(torch.equal(tokens[(v.method, b)], tokens[("dense", b)]) for b in prompts)
+        same = all(torch.equal(tokens[(v.method, b)], tokens[(BASELINE, b)]) for b in prompts)
         out[v.method] = {"decode": figures, "same_tokens_as_dense": same}
     return out
 

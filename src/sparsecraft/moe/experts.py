@@ -18,6 +18,7 @@ for `x: [N, h]`, `gates, idx: [N, k]`, `W_down: [E, r, h]`, `W_up: [E, h, r]`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -90,6 +91,24 @@ class AdapterExperts(nn.Module):
             param[e].copy_(weights[name].to(device=param.device, dtype=param.dtype))
 
 
+def autocast_off(t: torch.Tensor):
+    """A context that turns autocast off on `t`'s device where it is on. The routed-expert kernels compute in
+    the dtype chosen for them (`expert_compute_dtype`); under autocast `torch._grouped_mm` may come back in
+    another dtype than its inputs, and a custom backward (which runs without autocast) would then mix them."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def expert_compute_dtype(activations: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype routed experts compute in: their weights' own, except on CUDA with bf16/fp16 activations, where
+    fp32 expert weights are cast (differentiably) to the activations' dtype, as autocast would, so the grouped
+    GEMM (bf16-only on CUDA) and tensor cores run them."""
+    if activations.device.type == "cuda" and activations.dtype in (torch.bfloat16, torch.float16):
+        return activations.dtype
+    return weight_dtype
+
+
 def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int) -> str:
     """Pick `dense` or `grouped` for a call of this shape.
 
@@ -139,7 +158,8 @@ def dispatch(
     # s is folded into the [N, k] gates instead of scaling the [N, h] result (equal up to rounding; one pass less)
     if scaling != 1.0:
         gates = gates * scaling
-    return fn(x, gates.to(x.dtype), indices, down, up, activation_fn(activation))
+    with autocast_off(x):
+        return fn(x, gates.to(x.dtype), indices, down.to(x.dtype), up.to(x.dtype), activation_fn(activation))
 
 
 def _loop(x, gates, indices, down, up, act):

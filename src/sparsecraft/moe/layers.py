@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..config import CraftConfig
-from .experts import AdapterExperts, dispatch
+from .experts import AdapterExperts, dispatch, expert_compute_dtype
 from .router import route
 
 
@@ -132,18 +132,11 @@ class PescMoE(RoutedBlock):
         x_flat = x.reshape(-1, shape[-1])
         f_flat = ffn_out.reshape(-1, shape[-1])
         gates, indices = self.route_tokens(x_flat, shape)
-        adapter_dtype = self.experts.down.dtype
-        adapter_in = self.dropout(f_flat.to(adapter_dtype))
-        delta = dispatch(
-            adapter_in,
-            gates,
-            indices,
-            self.experts.down,
-            self.experts.up,
-            cfg.activation,
-            cfg.scaling,
-            cfg.dispatch,
-        ).to(ffn_out.dtype)
+        dtype = expert_compute_dtype(f_flat, self.experts.down.dtype)
+        adapter_in = self.dropout(f_flat.to(dtype))
+        down, up = self.experts.down.to(dtype), self.experts.up.to(dtype)
+        delta = dispatch(adapter_in, gates, indices, down, up, cfg.activation, cfg.scaling, cfg.dispatch)
+        delta = delta.to(ffn_out.dtype)
         if cfg.combine == "per_slot":
             # sum_j g_j (F + A_j) = (sum_j g_j) F + sum_j g_j A_j, with the gate sum rounded in the model dtype
             out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CraftConfig
-from .experts import ContiguousGrad, grouped_mm_available
+from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available
 from .gated import GatedLayout
 from .grouped import sort_pairs, unsort_sum
 from .layers import RoutedBlock, switched_class
@@ -139,11 +139,7 @@ class LoraExpertsMoE(RoutedBlock):
         return out.view(*shape[:-1], out.shape[-1])
 
     def _lora_dtype(self, activations: torch.Tensor) -> torch.dtype:
-        # CUDA's grouped GEMM takes bf16 only: there the fp32 factors are cast (differentiably) to bf16
-        # activations, as autocast would; elsewhere the LoRA terms run in the factors' own dtype (fp32)
-        if activations.device.type == "cuda" and activations.dtype == torch.bfloat16:
-            return torch.bfloat16
-        return self.experts.dtype
+        return expert_compute_dtype(activations, self.experts.dtype)
 
     def _lora(self, proj: str, v: torch.Tensor, offs: torch.Tensor, counts: list[int] | None,
               gate: torch.Tensor | None, grouped: bool) -> torch.Tensor:
@@ -151,8 +147,14 @@ class LoraExpertsMoE(RoutedBlock):
 
         `gate [P, 1]` (optional) multiplies the rank-r intermediate: by linearity the same as gating the output,
         `out/r` times fewer multiplications."""
+        with autocast_off(v):
+            return self._lora_terms(proj, v, offs, counts, gate, grouped)
+
+    def _lora_terms(self, proj: str, v: torch.Tensor, offs: torch.Tensor, counts: list[int] | None,
+                    gate: torch.Tensor | None, grouped: bool) -> torch.Tensor:
         a = self.experts.A[proj].to(v.dtype)
         b = self.experts.B[proj].to(v.dtype)
+        gate = gate if gate is None else gate.to(v.dtype)
         rows = v.shape[0]
         if grouped and grouped_mm_available(v, rows, a.shape[1]) and (b.shape[1] * v.element_size()) % 16 == 0:
             t = ContiguousGrad.apply(torch._grouped_mm(v, a.transpose(1, 2), offs=offs))

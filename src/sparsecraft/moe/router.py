@@ -33,7 +33,11 @@ def route(
         logits `[N, E]` in fp32 for the auxiliary losses.
     """
     dtype = compute_dtype or x.dtype
-    logits = F.linear(x.to(dtype), weight.to(dtype))
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the fp32 router in bf16
+            logits = F.linear(x.to(dtype), weight.to(dtype))
+    else:
+        logits = F.linear(x.to(dtype), weight.to(dtype))
     gates, indices = gates_from_logits(logits, top_k, order, normalize_topk)
     return gates, indices, logits.float()
 

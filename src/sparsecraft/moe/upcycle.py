@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from ..config import CraftConfig
-from .experts import ContiguousGrad, grouped_mm_available, sort_by_expert
+from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available, sort_by_expert
 from .gated import gated_weights, join_gate_up, split_gate_up
 from .layers import RoutedBlock
 
@@ -84,17 +84,19 @@ class GatedExperts(nn.Module):
         """
         token, gate, counts = sort_by_expert(indices, gates, self.num_experts)
         xs = x.index_select(0, token)  # [N*k, h], grouped by expert
-        inter = self.down_proj.shape[-1]
+        # weights in x's dtype (a no-op unless fp32 copies run in bf16 on CUDA, see `expert_compute_dtype`)
+        gate_up, down = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        inter = down.shape[-1]
         if path == "grouped" and grouped_mm_available(x, indices.numel(), inter):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             # transposes are views of the stacked weights: no copies
-            h = ContiguousGrad.apply(torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))
-            y = ContiguousGrad.apply(torch._grouped_mm(self._glu(h), self.down_proj.transpose(1, 2), offs=offs))
+            h = ContiguousGrad.apply(torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs))
+            y = ContiguousGrad.apply(torch._grouped_mm(self._glu(h), down.transpose(1, 2), offs=offs))
         else:
             sizes = counts.tolist()
             pieces = [
                 F.linear(self._glu(F.linear(xe, w_gu)), w_d)
-                for xe, w_gu, w_d in zip(xs.split(sizes), self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+                for xe, w_gu, w_d in zip(xs.split(sizes), gate_up.unbind(0), down.unbind(0))
             ]
             y = torch.cat(pieces, 0)
         # the gate scales the [N*k, h] output, the narrower side of the FFN (h < i)
@@ -150,9 +152,10 @@ class UpcycledMoE(RoutedBlock):
         x_flat = x.reshape(-1, shape[-1])
         gates, indices = self.route_tokens(x_flat, shape)
         if isinstance(self.experts, GatedExperts):
-            x_flat = x_flat.to(self.experts.dtype)
+            x_flat = x_flat.to(expert_compute_dtype(x_flat, self.experts.dtype))
             path = "sorted" if cfg.dispatch in ("sorted", "loop") else "grouped"
-            out = self.experts(x_flat, gates.to(x_flat.dtype), indices, path)
+            with autocast_off(x_flat):
+                out = self.experts(x_flat, gates.to(x_flat.dtype), indices, path)
         else:
             out = self.experts(x_flat, gates, indices)
         return out.to(x.dtype).view(*shape[:-1], out.shape[-1])

@@ -61,6 +61,13 @@ def lora_targets(recipe: Recipe, model: nn.Module) -> list[str]:
     return found
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (router losses need it, see `moe/model.py`); transformers before
+    5.2x names it `gradient_checkpointing_enable`."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltModel:
     """Load, quantise, craft/upcycle, LoRA-wrap and freeze according to the recipe."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -95,7 +102,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         if is_added_name(name):
             p.requires_grad_(True)
     if recipe.train.gradient_checkpointing:
-        inner.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(inner)
         inner.config.use_cache = False
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
