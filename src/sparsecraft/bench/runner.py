@@ -45,8 +45,10 @@ def _run(settings: BenchSettings, notes: list, progress: bool, log) -> dict:
     records = []
     for level in settings.levels:
         log(f"[{level}] building {len(settings.methods)} variants ...")
-        variants = _runnable(_build(settings, level, device), notes, log)
+        variants = _build(settings, level, device)
+        # decoding first: its token check needs the weights as built (a training step moves them)
         decode = _decode(settings, variants, device, progress, log) if level == "model" else {}
+        variants = _runnable(variants, notes, log)
         timed = [Timed(f"{v.level}/{v.method}", v.step, v.reset) for v in variants]
         log(f"[{level}] timing: {settings.warmup} warm-up step(s) each, {settings.repeats} interleaved rounds")
         round_robin(timed, settings.repeats, settings.warmup, synchronizer(device), progress, desc=f"{level} rounds")
