@@ -7,6 +7,7 @@ right continuation must score 100%, one with flat logits exactly the share of it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -16,18 +17,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
-
 from sparsecraft import cli
 from sparsecraft.cli import eval as eval_cmd
 from sparsecraft.errors import ConfigError
 from sparsecraft.evaluate import humaneval
-from sparsecraft.evaluate.lm_eval_bridge import prepare_tasks, run_lm_eval
 from sparsecraft.evaluate.results import summarize_lm_eval
 from sparsecraft.evaluate.suites import SUITES, TaskRequest, parse_tasks
 from sparsecraft.evaluate.tasks import LOCAL_TASKS, TASKS_DIR, build_local
 
 REPO = Path(__file__).resolve().parents[1]
+# lm-eval is a dev dependency, but a checkout without the [eval] extra still runs every test that does not need it
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason='lm-eval is not installed: pip install -e ".[eval]"')
+
+
+def run_lm_eval(*args, **kwargs):
+    from sparsecraft.evaluate.lm_eval_bridge import run_lm_eval as run
+
+    return run(*args, **kwargs)
+
+
+def prepare_tasks(*args, **kwargs):
+    from sparsecraft.evaluate.lm_eval_bridge import prepare_tasks as prepare
+
+    return prepare(*args, **kwargs)
 TASK_DATA = TASKS_DIR / "data"
 MC_TASKS = {"sc_math_mc": " ", "sc_general_mc": " ", "sc_code_mc": "\n"}  # task -> target delimiter
 
@@ -181,6 +194,7 @@ def _first_argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+@needs_lm_eval
 def test_oracle_scores_100_percent_and_flat_model_scores_as_computed_by_hand():
     tok = char_tokenizer()
     names = ",".join(MC_TASKS)
@@ -200,6 +214,7 @@ def test_oracle_scores_100_percent_and_flat_model_scores_as_computed_by_hand():
         assert flat[task]["acc_norm"] == pytest.approx(hits_norm / len(mc_docs(task))), task
 
 
+@needs_lm_eval
 def test_random_transformer_scores_near_chance():
     # large random weights, so its preferences are its own rather than the flat model's length bias
     scores = evaluate(tiny_llama(seed=0, init_std=1.0), ",".join(MC_TASKS))
@@ -209,6 +224,7 @@ def test_random_transformer_scores_near_chance():
         assert 0.1 <= acc <= 0.45, (metric, acc)  # chance is 0.25 over 67 items (1 sd = 0.053)
 
 
+@needs_lm_eval
 def test_limit_and_fewshot_reach_lm_eval():
     tok = char_tokenizer()
     raw, prepared = run_lm_eval(ScriptedLM(tok), "sc_math_mc:3,sc_code_mc", tokenizer=tok, limit=5,
@@ -218,6 +234,7 @@ def test_limit_and_fewshot_reach_lm_eval():
     assert summary["num_fewshot"] == {"sc_math_mc": 3, "sc_code_mc": 2}  # name:N wins over --num-fewshot
 
 
+@needs_lm_eval
 def test_crafted_model_scores_like_its_dense_base_through_lm_eval():
     """A freshly crafted model computes what the dense one does (W_up = 0): lm-eval must see the same
     log-likelihoods, which also shows the bridge runs crafted models (router, recorder, aux outputs)."""
@@ -235,6 +252,7 @@ def test_crafted_model_scores_like_its_dense_base_through_lm_eval():
     assert len({round(x, 3) for x in lls[0]}) > 4  # real, varied scores, not a constant
 
 
+@needs_lm_eval
 def test_registered_model_type_loads_a_path(tmp_path):
     """lm-eval's own entry point with `model="sparsecraft"` and a path loads through sparsecraft.load."""
     import lm_eval
@@ -263,6 +281,7 @@ def _math_answers(make) -> dict[str, str]:
     (lambda d: f" So it is {d['answer']}.\nThe answer is: {float(d['answer']) + 1:g}", 0.0, 0.0),
     (lambda d: f" The total comes to {d['answer']}.", 0.0, 1.0),  # right number, not in the strict format
 ])
+@needs_lm_eval
 def test_generation_exact_match_with_scripted_generator(make, strict, flexible):
     tok = char_tokenizer()
     scores = evaluate(ScriptedLM(tok, answers=_math_answers(make)), "sc_math_gen", tokenizer=tok, limit=8)
@@ -270,6 +289,7 @@ def test_generation_exact_match_with_scripted_generator(make, strict, flexible):
     assert scores["sc_math_gen"]["exact_match/flexible-extract"] == flexible
 
 
+@needs_lm_eval
 def test_chat_template_prompts_reach_the_model():
     tok = char_tokenizer()
 
@@ -287,6 +307,7 @@ def test_chat_template_prompts_reach_the_model():
 # ------------------------------------------------------------------------------------------------- HumanEval
 
 
+@needs_lm_eval
 def test_humaneval_refuses_without_permission():
     problem = humaneval.load_problems()[0]
     with humaneval.allow_code_execution(False):
@@ -315,6 +336,7 @@ def test_humaneval_runs_completions_in_a_subprocess(tmp_path):
         assert slow.status == "timed out" and not slow.passed
 
 
+@needs_lm_eval
 def test_humaneval_task_through_lm_eval():
     tok = char_tokenizer()
     problems = humaneval.load_problems()[:3]
@@ -330,6 +352,7 @@ def test_humaneval_task_through_lm_eval():
 # ------------------------------------------------------------------------------------------ suites and names
 
 
+@needs_lm_eval
 def test_task_syntax_and_suites():
     assert parse_tasks("sc_math_mc, sc_math_gen:5,sc_math_mc") == [TaskRequest("sc_math_mc"),
                                                                    TaskRequest("sc_math_gen", 5)]
@@ -343,6 +366,7 @@ def test_task_syntax_and_suites():
         prepare_tasks([TaskRequest("no_such_task_xyz")])
 
 
+@needs_lm_eval
 def test_hub_task_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and this machine has no network
     with pytest.raises(ConfigError, match="hub"):
@@ -463,6 +487,7 @@ def test_cli_bad_input_exits_2(run_cli, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@needs_lm_eval
 def test_cli_end_to_end_on_a_saved_model(run_cli, tmp_path):
     model_dir, out = tmp_path / "run" / "model", tmp_path / "out"
     tiny_llama(seed=2).save_pretrained(model_dir)
@@ -487,7 +512,7 @@ def test_missing_lm_eval_is_one_line_naming_the_extra(run_cli, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "sparsecraft.evaluate.lm_eval_bridge")
+    monkeypatch.delitem(sys.modules, "sparsecraft.evaluate.lm_eval_bridge", raising=False)
     code, _, err = run_cli("some-model", "--tasks", "sc_math_mc")
     assert code == 2 and 'pip install "sparsecraft[eval]"' in err and len(err.strip().splitlines()) == 1
 
