@@ -240,8 +240,8 @@ def test_cli_compare_bad_input_exits_2(main, tmp_path, capsys):
 
 
 def test_real_tiny_runs_routes_and_report(main, monkeypatch, tmp_path, capsys):
-    """Two real training runs (pesc, dense) of a tiny LLaMA, `routes` over the recipe's held-out sources, then
-    one report holding both, with the routing of the pesc run."""
+    """Three real training runs (pesc, mixlora, dense) of a tiny LLaMA, `routes` over the recipe's held-out sources,
+    then one report holding them all, with the routing of the two MoE runs."""
     import transformers as tf
     from conftest import tiny_tokenizer
 
@@ -267,7 +267,7 @@ def test_real_tiny_runs_routes_and_report(main, monkeypatch, tmp_path, capsys):
             f"name: code}}], eval_sources: [{{path: {tmp_path}/math-heldout.jsonl, name: math}}, "
             f"{{path: {tmp_path}/code-heldout.jsonl, name: code}}], max_length: 32}}")
     runs = {}
-    for method in ("pesc", "dense"):
+    for method in ("pesc", "mixlora", "dense"):
         runs[method] = tmp_path / "runs" / method
         train(load_recipe(None, [f"model={tmp_path / 'base'}", f"output_dir={runs[method]}", f"data={data}",
                                  f"method={method}", "quantization=none", "max_steps=4", "batch_size=4",
@@ -278,12 +278,17 @@ def test_real_tiny_runs_routes_and_report(main, monkeypatch, tmp_path, capsys):
     stats = RoutingStats.read(runs["pesc"] / "routes")
     assert sorted(stats.sources) == ["code", "math"] and stats.source_records == [8, 8]
     assert (runs["pesc"] / "routes" / "router_curves.png").is_file()  # from the run's metrics.jsonl
+    assert main(["routes", str(runs["mixlora"] / "model"), "--out", str(runs["mixlora"] / "routes"),
+                 "--no-progress"]) == 0
+    mixlora = RoutingStats.read(runs["mixlora"] / "routes")
+    assert mixlora.method == "mixlora" and int(mixlora.counts.sum()) > 0
     assert main(["routes", str(runs["dense"] / "model"), "--out", str(tmp_path / "x")]) == 2
     assert "dense" in capsys.readouterr().err
     out = tmp_path / "report"
-    assert main(["compare", str(runs["pesc"]), str(runs["dense"]), "--out", str(out)]) == 0
+    assert main(["compare", *(str(r) for r in runs.values()), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "| pesc | 1 (0) |" in md and "| dense | 1 (0) |" in md and "## Routing" in md
+    assert "| mixlora | 1 (0) |" in md and "routes_mixlora_load.png" in md and "routes_pesc_load.png" in md
     assert "## Notes" not in md  # a real run has every file the report reads
     for png in ("loss_curves.png", "router_curves.png", "routes_pesc_load.png", "routes_pesc_sources.png"):
         assert_valid_png(out / png)

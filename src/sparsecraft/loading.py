@@ -61,11 +61,13 @@ def craft_from(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    method: str = "pesc",
     **from_pretrained_kwargs,
 ):
-    """Load a dense base (directory, GGUF file or built-in name) and craft it. Returns the crafted model."""
+    """Load a dense base (directory, GGUF file or built-in name) and craft it with a registered `method` (`pesc`,
+    `upcycle`, `mixlora`, ...). Returns the crafted model."""
     source = resolve_base(base)
     model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
-    craft(model, config or CraftConfig(), seed=seed)
+    craft(model, config or CraftConfig(), seed=seed, method=method)
     model._sparsecraft_base = source
     return model

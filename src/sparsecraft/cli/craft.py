@@ -1,18 +1,23 @@
-"""`sparsecraft craft BASE OUT`: craft a base into a PESC model and save it; `--dry-run` sizes it from the config."""
+"""`sparsecraft craft BASE OUT`: craft a base with a registered method (PESC by default) and save it; `--dry-run`
+sizes it from the config."""
 
 from __future__ import annotations
 
 import time
 
 from ..errors import CheckpointError
+from ..methods import method_names
 from .options import add_craft_options, craft_config_from_options
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("craft", help="turn a dense model into a PESC mixture of experts",
+    p = sub.add_parser("craft", help="turn a dense model into a mixture of experts (PESC by default)",
                        description="Craft BASE (directory, .gguf file, or built-in name such as smollm2-135m).")
     p.add_argument("base", help="base model: directory, .gguf file, config.json, or built-in name")
     p.add_argument("out", nargs="?", help="output directory (not needed with --dry-run)")
+    crafting = method_names(crafts=True)
+    p.add_argument("--method", default="pesc", choices=crafting,
+                   help=f"registered method that crafts from the base alone: {', '.join(crafting)} (default pesc)")
     add_craft_options(p.add_argument_group("crafting settings (CraftConfig)"))
     p.add_argument("--standalone", action="store_true", help="copy the base weights into OUT")
     p.add_argument("--dtype", default=None, help="dtype to load the base in (float32, bfloat16, float16)")
@@ -34,7 +39,8 @@ def run(args) -> int:
             if getattr(args, name) <= 0:
                 raise CheckpointError(f"--{name.replace('_', '-')} must be positive")
         start = time.perf_counter()
-        report = dry_run(args.base, cfg, batch_size=args.batch_size, seq_len=args.seq_len, lora_rank=args.lora_rank)
+        report = dry_run(args.base, cfg, batch_size=args.batch_size, seq_len=args.seq_len, lora_rank=args.lora_rank,
+                         method=args.method)
         print(report.format())
         print(f"(dry run from the config alone in {time.perf_counter() - start:.2f} s)")
         return 0
@@ -45,7 +51,7 @@ def run(args) -> int:
     from ..report import parameter_report
 
     start = time.perf_counter()
-    model = craft_from(args.base, cfg, dtype=args.dtype, seed=args.seed)
+    model = craft_from(args.base, cfg, dtype=args.dtype, seed=args.seed, method=args.method)
     print(parameter_report(model).format())
     out = save_crafted(model, args.out, standalone=args.standalone)
     kind = "standalone" if args.standalone else f"referring to base {args.base}"

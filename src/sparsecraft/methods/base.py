@@ -34,6 +34,8 @@ class Method:
         name: the recipe's `method:` and the `method` a crafted directory's config.json records.
         title: how reports name it (`PESC`, `Sparse Upcycling`, ...).
         builds_moe: False only for the dense baseline (no router, no experts).
+        crafts_from_base: `craft` needs nothing but the base and a CraftConfig (what `sparsecraft craft`, the dry
+            run and the bench offer); False for layers that are built from other material (UpIT expert sets).
         expert_kind: the UpIT expert kind this method's MoE is built from (`adapter`, `ffn`, `lora`), or None.
         experts_full_precision: the experts are copies of base weights that train, so an NF4 base is
             quantised after the method is applied instead of on load.
@@ -55,6 +57,7 @@ class Method:
     name: str = ""
     title: str = ""
     builds_moe: bool = True
+    crafts_from_base: bool = True
     expert_kind: str | None = None
     experts_full_precision: bool = False
     experts_may_idle: bool = False

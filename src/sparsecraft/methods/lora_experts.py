@@ -58,6 +58,7 @@ class LoraExpertsMethod(Method):
     name = "lora_experts"
     title = "LoRA experts"
     expert_kind = "lora"
+    crafts_from_base = False  # needs extra.lora_targets from an expert set; `mixlora` crafts this layer alone
     added_parts = ("routers", "experts")
     upit_dense_method = "dense"  # LoRA on the FFN projections; attention LoRA off unless asked for
     upit_dense_recipe = {"lora": {"enabled": True, "ffn": True}}

@@ -20,6 +20,7 @@ class MixLoraMethod(LoraExpertsMethod):
     name = "mixlora"
     title = "MixLoRA"
     expert_kind = None  # UpIT's lora kind builds `lora_experts`; this one crafts fresh experts
+    crafts_from_base = True
 
     def targets_for(self, config: CraftConfig, layouts: list[tuple[int, nn.Module, GatedLayout]]) -> list[str]:
         if config.extra.get(TARGETS_KEY):

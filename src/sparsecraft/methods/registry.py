@@ -29,7 +29,7 @@ def method_names(*, crafts: bool | None = None) -> tuple[str, ...]:
     (what `sparsecraft craft` and the dry run offer)."""
     out = []
     for name, method in _METHODS.items():
-        if crafts is not None and (method.builds_moe and method.options_field is None) != crafts:
+        if crafts is not None and (method.builds_moe and method.crafts_from_base) != crafts:
             continue
         out.append(name)
     return tuple(out)

@@ -118,6 +118,7 @@ class UpitMethod(Method):
 
     name = "upit"
     title = "UpIT"
+    crafts_from_base = False  # built from an expert set (`upit.experts`)
     experts_full_precision = True  # FFN experts train; all kinds quantise the base after building
     experts_may_idle = True
     options_field = "upit"
