@@ -51,7 +51,7 @@ def llama():
 
 def tiny_tokenizer():
     """A character-level fast tokenizer with 128 ids (fits the tiny models' vocab) and a ChatML template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

@@ -16,7 +16,7 @@ from sparsecraft.bench.settings import METHODS, BenchSettings
 from sparsecraft.bench.timing import Timed, quantile, round_robin, summary_ms
 from sparsecraft.cli import main
 from sparsecraft.config import CraftConfig
-from sparsecraft.moe.layers import PescMoE
+from sparsecraft.moe.layers import PescMoE, RouterSite
 
 REQUIRED = ("level", "method", "path", "median_ms", "p10_ms", "p90_ms", "ratio_to_dense", "tokens_per_s",
             "flop_floor_ratio", "flop_executed_ratio", "peak_mem_bytes", "settings", "machine")
@@ -85,9 +85,8 @@ def test_memory_worker_reports_a_positive_peak(tmp_path):
 
 def test_real_model_directory_in_4bit(tmp_path):
     """`--model DIR --layers 1 --4bit`: NF4 base shared by the variants; NF4 upcycled copies are frozen."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path / "base")
@@ -108,7 +107,7 @@ def test_bad_method_is_a_one_line_error(capsys):
 def test_loop_reference_equals_pesc_block_forward_and_backward(train):
     torch.manual_seed(0)
     cfg = CraftConfig(num_experts=4, top_k=2, adapter_dim=4, scaling=0.5, dropout=0.0 if train else 0.1)
-    moe = PescMoE(16, cfg, 0).train(train)
+    moe = PescMoE(RouterSite(16, cfg)).train(train)
     with torch.no_grad():
         moe.experts.up.normal_(0, 0.3)  # W_up = 0 would hide the adapters
     loop = LoopPescBlock.from_pesc(moe)

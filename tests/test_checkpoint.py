@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import sparsecraft
 from sparsecraft.checkpoint.crafted import WEIGHTS_NAME
-from conftest import tiny_model
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 1, 64, 23], [9, 8, 7, 6, 5, 4, 3, 2, 1]])
 

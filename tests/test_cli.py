@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 
 import sparsecraft
 from sparsecraft.checkpoint.crafted import WEIGHTS_NAME
 from sparsecraft.cli import main
-from conftest import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -158,7 +158,6 @@ def test_entry_point_exit_code_and_single_line():
 
 def test_convert_pickled_camelidae_to_safetensors_and_back(capsys, tmp_path):
     from safetensors.torch import load_file
-
     from test_published import logits_of, make_published
 
     path, _, _ = make_published(tmp_path, "camelidae")

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import FAMILIES, tiny_model
+
 from sparsecraft import CraftConfig, craft, crafted_layers, is_crafted, new_parameters, uncraft
-from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import ConfigError, CraftError
 from sparsecraft.moe.layers import PescMoE, is_pesc_mlp
+from sparsecraft.surgery import set_dispatch
 
 SMALL = dict(num_experts=4, top_k=2, adapter_dim=4, dropout=0.0)
 

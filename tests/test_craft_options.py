@@ -8,13 +8,13 @@ import dataclasses
 import json
 
 import pytest
+from conftest import tiny_model, tiny_tokenizer
 
 from sparsecraft import config as config_module
 from sparsecraft.cli import build_parser, main
 from sparsecraft.cli.bench import BENCH_CRAFT_FIELDS, settings_from_args
 from sparsecraft.cli.options import add_craft_options, craft_config_from_options, option_dest
 from sparsecraft.config import CraftConfig, craft_fields
-from conftest import tiny_model, tiny_tokenizer
 
 EXPOSED = [f.name for f in dataclasses.fields(CraftConfig) if f.name != "extra"]
 CHOICES = {"routing": "ROUTING_ORDERS", "dispatch": "DISPATCH_PATHS", "combine": "COMBINE_FORMS",

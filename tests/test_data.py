@@ -11,11 +11,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_tokenizer
+
 from sparsecraft.data import (
-    DataConfig, DataError, DataSource, IGNORE_INDEX, PaddingCollator, detect_format, encode_conversation,
-    load_records, prepare_data, resolve_template, split_batch, tokenize_records,
+    IGNORE_INDEX,
+    DataConfig,
+    DataError,
+    DataSource,
+    PaddingCollator,
+    detect_format,
+    encode_conversation,
+    load_records,
+    prepare_data,
+    resolve_template,
+    split_batch,
+    tokenize_records,
 )
 from sparsecraft.errors import ConfigError
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
-from conftest import tiny_model, tiny_tokenizer
 from sparsecraft.data import IGNORE_INDEX, PackingCollator, pack_dataset, split_batch, tokenize_records
 from sparsecraft.data.pack import plan_rows
 

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_tokenizer
 
 import sparsecraft
-from conftest import tiny_tokenizer
 from sparsecraft.methods import get_method
 from sparsecraft.moe import experts as ex
 from sparsecraft.surgery import crafted_layers, set_dispatch

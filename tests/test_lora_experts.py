@@ -19,12 +19,12 @@ from sparsecraft import (
     parameter_report,
     uncraft,
 )
-from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import ConfigError, CraftError
-from sparsecraft.moe.layers import RoutedBlock
 from sparsecraft.methods import get_method
 from sparsecraft.moe.gated import gated_layout
+from sparsecraft.moe.layers import RoutedBlock
 from sparsecraft.moe.lora_experts import LoraExpertsMoE, is_lora_experts_mlp
+from sparsecraft.surgery import set_dispatch
 
 METHOD = "lora_experts"
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
 from sparsecraft import craft, is_crafted
 from sparsecraft.checkpoint.published import (
     detect_published_layout,

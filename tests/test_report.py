@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as tf
-
 from conftest import FAMILIES, tiny_config, tiny_model
+
 from sparsecraft import CraftConfig, craft
 from sparsecraft.errors import CheckpointError
 from sparsecraft.memory import estimate_training_memory, logical_numel, nf4_bytes

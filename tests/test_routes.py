@@ -16,13 +16,13 @@ from conftest import tiny_model, tiny_tokenizer
 import sparsecraft
 from sparsecraft import cli
 from sparsecraft.cli import routes as routes_cmd
-from sparsecraft.surgery import crafted_layers
 from sparsecraft.errors import ConfigError
-from sparsecraft.evaluate.route_collect import collect_routing, gates_from_logits
+from sparsecraft.evaluate.route_collect import collect_routing
 from sparsecraft.evaluate.route_data import data_sources, routing_stats
 from sparsecraft.evaluate.route_stats import RoutingStats
 from sparsecraft.evaluate.routes import write_routes
 from sparsecraft.moe.router import route
+from sparsecraft.surgery import crafted_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -208,12 +208,26 @@ def test_upcycled_model_all_to_expert_3():
 
 @pytest.mark.parametrize("routing,normalize", [("topk_softmax", True), ("softmax_topk", True),
                                                ("softmax_topk", False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gates_from_logits_are_the_forwards_gates(routing, normalize, dtype):
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(50, 16, generator=g), torch.randn(8, 16, generator=g)
-    gates, indices, logits = route(x, w, 3, routing, normalize, dtype)
-    assert torch.equal(gates_from_logits(logits, indices, routing, normalize, dtype), gates)
+def test_mean_gates_are_the_forwards_own_gates(routing, normalize):
+    """The statistics use the gates each block computed (recorded with the routing), not a recomputation: the
+    mean gate per expert equals the one taken by hand from a forward's recorded gates."""
+    model = crafted(top_k=2, routing=routing, normalize_topk=normalize)
+    data = batch([6, 4], seed=3)
+    recorder = model._sparsecraft_recorder
+    recorder.start()
+    with torch.no_grad():
+        model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+    records = recorder.stop()
+    stats = collect_routing(model, [data])
+    real = data["attention_mask"].reshape(-1).bool()
+    for i, rec in enumerate(records):
+        gates, indices = rec.gates[real].double(), rec.indices[real]
+        sums = torch.zeros(4, dtype=torch.float64).index_add_(0, indices.reshape(-1), gates.reshape(-1))
+        counts = torch.bincount(indices.reshape(-1), minlength=4).double()
+        want = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+        torch.testing.assert_close(stats.mean_gate()[i].double(), want)
+        if routing == "topk_softmax" or normalize:
+            torch.testing.assert_close(rec.gates.sum(-1), torch.ones(rec.gates.shape[0]))
 
 
 def test_dense_model_and_bad_input_are_refused(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_tokenizer
 from safetensors.torch import load_file
 
 import sparsecraft
@@ -22,7 +23,6 @@ from sparsecraft.train.batches import BatchPlan
 from sparsecraft.train.loop import run
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model, trainable_parameters
-from conftest import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"  # the CLI runs below start from it; so do their references

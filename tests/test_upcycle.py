@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import tiny_config, tiny_model
-from sparsecraft import craft, is_crafted, new_parameters
-from sparsecraft.surgery import set_dispatch
+
+from sparsecraft import craft, is_crafted, new_parameters, upcycle
 from sparsecraft.errors import ConfigError, CraftError
-from sparsecraft import upcycle
 from sparsecraft.methods import method_of
 from sparsecraft.methods.upcycle import dense_ffn_state, upcycled_layers
 from sparsecraft.moe.upcycle import CopiedExperts, GatedExperts, UpcycledMLP, UpcycledMoE, is_upcycled_mlp
+from sparsecraft.surgery import set_dispatch
 
 
 def is_upcycled(model):

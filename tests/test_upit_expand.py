@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from sparsecraft.errors import ConfigError
+from sparsecraft.methods.expert_set import ExpertSet, load_expert_set, save_expert_set
 from sparsecraft.upit.expand import (
     choose_parents,
     expand,
     genetic_expansion,
     write_expansion_report,
 )
-from sparsecraft.methods.expert_set import ExpertSet, load_expert_set, save_expert_set
 from sparsecraft.upit.merge import refactor_low_rank, similarity_matrix
 
 

@@ -13,14 +13,14 @@ from peft import LoraConfig, get_peft_model
 
 import sparsecraft
 from sparsecraft import CraftConfig, craft, crafted_layers
-from sparsecraft.surgery import set_dispatch
 from sparsecraft.errors import CheckpointError, ConfigError
-from sparsecraft.moe.lora_experts import LoraExpertsMoE
-from sparsecraft.moe.upcycle import CopiedExperts, GatedExperts
 from sparsecraft.methods import expert_kinds, get_method
 from sparsecraft.methods.expert_set import ExpertSet, expert_state, load_expert_set, save_expert_set
 from sparsecraft.methods.upit import build_moe
+from sparsecraft.moe.lora_experts import LoraExpertsMoE
 from sparsecraft.moe.parts import expert_modules, set_trainable
+from sparsecraft.moe.upcycle import CopiedExperts, GatedExperts
+from sparsecraft.surgery import set_dispatch
 
 EXPERT_KINDS = expert_kinds()
 

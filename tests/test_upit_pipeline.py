@@ -16,15 +16,14 @@ from sparsecraft.cli import COMMANDS, main
 from sparsecraft.cli import upit as upit_cmd
 from sparsecraft.config import CraftConfig
 from sparsecraft.errors import ConfigError
+from sparsecraft.methods.expert_set import ExpertSet, load_expert_set, load_router
+from sparsecraft.methods.upit import build_moe
 from sparsecraft.train.loop import run
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model
 from sparsecraft.upit.config import load_upit_config, stage_recipe
-from sparsecraft.methods.expert_set import ExpertSet, load_expert_set
-from sparsecraft.methods.upit import build_moe
 from sparsecraft.upit.pipeline import run_pipeline
 from sparsecraft.upit.prepare import Candidate, experts_from_paths, select
-from sparsecraft.methods.expert_set import load_router
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "upit-quick.yaml"

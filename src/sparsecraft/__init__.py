@@ -7,7 +7,8 @@
 """
 
 from .auto import register as _register
-from .checkpoint.crafted import load_crafted, save_crafted as save
+from .checkpoint.crafted import load_crafted
+from .checkpoint.crafted import save_crafted as save
 from .config import CraftConfig
 from .craft import craft, uncraft, upcycle
 from .errors import CheckpointError, ConfigError, CraftError, SparsecraftError
@@ -15,8 +16,7 @@ from .loading import craft_from, load
 from .methods import get_method, method_names
 from .report import dry_run, parameter_report
 from .surgery import crafted_layers, is_crafted, new_parameters
-
-from .version import __version__
+from .version import __version__  # noqa: F401 (the package face)
 
 _register()
 

@@ -13,14 +13,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
+from .errors import ConfigError
+
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
 DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "gathered", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
-
-
-from .errors import ConfigError
+# LoRA on attention, the default of training recipes, the dry run and the memory estimate (peft name suffixes)
+ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass

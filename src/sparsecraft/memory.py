@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from .config import ATTENTION_LORA_TARGETS
 from .methods import method_of
 from .moe.layers import RoutedBlock
 from .surgery import find_decoder_layers, is_added_name, text_config
@@ -212,7 +213,7 @@ def estimate_training_memory(
     batch_size: int = 1,
     seq_len: int = 2048,
     lora_rank: int = 64,
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_targets: tuple[str, ...] = ATTENTION_LORA_TARGETS,
     quantization: str = "bf16",
 ) -> MemoryEstimate:
     """Estimate training memory of `model` (crafted or dense, real or meta) with a frozen base, LoRA of rank

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import CraftConfig
+from .config import ATTENTION_LORA_TARGETS, CraftConfig
 from .errors import CheckpointError, CraftError
 from .memory import MemoryEstimate, estimate_training_memory, gib, logical_numel, lora_targets_of
 from .methods import get_method, method_of
@@ -254,7 +254,7 @@ def dry_run(
     batch_size: int = 1,
     seq_len: int = 2048,
     lora_rank: int = 64,
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_targets: tuple[str, ...] = ATTENTION_LORA_TARGETS,
     method: str = "pesc",
 ) -> DryRunReport:
     """Craft a base model on the meta device and report parameters and estimated training memory.

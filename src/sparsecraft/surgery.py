@@ -10,6 +10,7 @@ size and back with linear layers and is not attention. A crafted MLP is any modu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from .config import DISPATCH_PATHS, CraftConfig, parse_layer_spec
 from .errors import ConfigError, CraftError
-from .moe.layers import RoutingRecorder, is_moe_mlp
+from .moe.layers import RoutedBlock, RouterSite, RoutingRecorder, is_moe_mlp
 from .moe.model import pesc_lm_class
 
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
@@ -164,6 +165,10 @@ class LayerPlan:
     model_dtype: torch.dtype
     router_dtype: torch.dtype
 
+    def site(self, index: int, ffn: nn.Module) -> RouterSite:
+        """The `RouterSite` of the block for layer `index`, on its FFN's device."""
+        return RouterSite(self.hidden, self.config, index, device_of(ffn), self.router_dtype)
+
 
 def plan_layers(model: nn.Module, config: CraftConfig | None, overrides: dict, verb: str = "craft") -> LayerPlan:
     """Resolve the settings (a private copy) and check every chosen layer, raising before any change."""
@@ -204,6 +209,27 @@ def seeded(seed: int | None):
         if seed is not None:
             torch.manual_seed(seed)
         yield
+
+
+def install_blocks(
+    model: nn.Module,
+    plan: LayerPlan,
+    method: str,
+    seed: int | None,
+    build: Callable[[int, nn.Module, RouterSite], RoutedBlock],
+    attach: Callable[[int, str, nn.Module, RoutedBlock], None],
+) -> nn.Module:
+    """The crafting loop every method shares: under `seed`, `build(index, ffn, site)` makes each planned layer's
+    block, which joins the model's routing recorder and follows the FFN's train/eval mode, and `attach(index,
+    name, ffn, block)` puts it in place; then the model is marked as crafted by `method`."""
+    recorder = RoutingRecorder()
+    with seeded(seed):
+        for index, name, ffn in plan.targets:
+            block = build(index, ffn, plan.site(index, ffn))
+            block.recorder = recorder
+            block.train(ffn.training)  # new modules start in train mode; follow the model (dropout off in eval)
+            attach(index, name, ffn, block)
+    return mark_crafted(model, plan, recorder, method)
 
 
 def mark_crafted(model: nn.Module, plan: LayerPlan, recorder: RoutingRecorder, method: str) -> nn.Module:

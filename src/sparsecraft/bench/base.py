@@ -63,8 +63,8 @@ def load_dense_base(settings: BenchSettings, device: torch.device) -> nn.Module:
     """
     dtype = settings.torch_dtype
     if settings.model:
-        from ..surgery import is_crafted
         from ..loading import load
+        from ..surgery import is_crafted
 
         model = load(settings.model, dtype=dtype)
         if is_crafted(model):
@@ -135,7 +135,7 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
 def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, device: torch.device) -> str:
     """The path `sparsecraft.moe.experts.dispatch` takes for a call of `tokens` tokens: `auto:<path>` for the
     automatic choice, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes."""
-    from ..moe.experts import grouped_mm_available, choose_path
+    from ..moe.experts import choose_path, grouped_mm_available
 
     path = dispatch
     if dispatch == "auto":

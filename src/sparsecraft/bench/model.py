@@ -2,7 +2,8 @@
 
 Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training recipe's alpha and dropout,
 same seed); every other variant crafts every layer with its method (`Method.craft`: `pesc*` and `loop` add
-routers and adapters, `upcycle` replaces every FFN by E trainable copies, `mixlora` adds LoRA experts). Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
+routers and adapters, `upcycle` replaces every FFN by E trainable copies, `mixlora` adds LoRA experts).
+Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
 
 In one process all variants share the frozen base tensors (embeddings, attention, norms, FFN, `lm_head`): a
 variant is a deep copy of the base whose parameters are the base's own objects. So the variants start from

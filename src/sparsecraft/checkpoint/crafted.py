@@ -29,13 +29,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_directory
 from ..config import CraftConfig
 from ..errors import CheckpointError, ConfigError
 from ..methods import get_method, method_of
 from ..moe.model import set_saver
 from ..sources import BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
 from ..surgery import craft_config_of, is_added_name, text_config
-from ..atomic import atomic_directory
 
 MODEL_TYPE = "sparsecraft"
 WEIGHTS_NAME = "sparsecraft.safetensors"

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_directory
 from ..config import CraftConfig
 from ..craft import craft
-from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
 from ..errors import CheckpointError, ConfigError
-from ..atomic import atomic_directory
+from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
 from .crafted import read_config
 
 LAYOUTS = ("camelidae", "qwen2idae", "sparsetral")

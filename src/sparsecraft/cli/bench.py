@@ -64,10 +64,10 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    import torch
+
     from ..bench.report import format_table, write_json
     from ..bench.runner import run_bench
-
-    import torch
 
     settings = settings_from_args(args)
     settings.validate()

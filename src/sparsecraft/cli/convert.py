@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..checkpoint.crafted import save_crafted
     from ..checkpoint.published import export_published
-    from ..surgery import is_crafted
     from ..errors import CheckpointError
     from ..loading import load
+    from ..surgery import is_crafted
 
     model = load(args.src, allow_pickle=args.allow_pickle)
     if not is_crafted(model):

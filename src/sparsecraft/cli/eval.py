@@ -118,13 +118,13 @@ def run(args) -> int:
         print(format_quick_table(data))
         print(f"wrote {out / QUICK_JSON}")
     if prepared is not None:
-        from ..version import __version__
         from ..evaluate.lm_eval_bridge import lm_eval_version, run_lm_eval
         from ..evaluate.results import (
             format_results_table,
             summarize_lm_eval,
             write_results,
         )
+        from ..version import __version__
 
         raw, prepared = run_lm_eval(model, prepared, tokenizer=tokenizer, limit=limit, batch_size=batch_size,
                                     allow_code_execution=args.allow_code_execution,

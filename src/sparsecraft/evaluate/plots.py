@@ -303,12 +303,7 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str | os.PathLike, style
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    _run_legend(fig, entries)
-    fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    save_figure(fig, path)
-    write_csv(_csv_beside(path), ["run", "split", "step", "loss"], rows)
-    return path
+    return _finish_run_figure(fig, entries, title, path, ["run", "split", "step", "loss"], rows)
 
 
 def plot_router_curves(runs: dict[str, list[dict]], path: str | os.PathLike, styles: dict | None = None,
@@ -338,9 +333,15 @@ def plot_router_curves(runs: dict[str, list[dict]], path: str | os.PathLike, sty
         ax.grid(alpha=0.3)
         if key == "load_imbalance":
             ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    return _finish_run_figure(fig, entries, title, path, ["run", "metric", "step", "value"], rows)
+
+
+def _finish_run_figure(fig, entries: list, title: str, path: str | os.PathLike, header: list[str],
+                       rows: list) -> Path:
+    """Legend of the runs, title, the PNG and the CSV of its numbers beside it."""
     _run_legend(fig, entries)
     fig.suptitle(title, fontsize=10)
     path = Path(path)
     save_figure(fig, path)
-    write_csv(_csv_beside(path), ["run", "metric", "step", "value"], rows)
+    write_csv(_csv_beside(path), header, rows)
     return path

@@ -22,22 +22,6 @@ from ..surgery import method_name_of
 from .route_stats import RoutingStats
 
 
-def gates_from_logits(logits: torch.Tensor, indices: torch.Tensor, routing: str, normalize_topk: bool,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The gates `[N, k]` that `moe.router.route` gave the chosen `indices: [N, k]`, from logits `[N, E]`.
-
-    The same operations in the same dtype as `route` (softmax over the kept logits, or softmax over all then
-    the kept probabilities, renormalised if asked), so the values are identical to the forward's.
-    """
-    logits = logits.to(dtype)
-    if routing == "topk_softmax":
-        return torch.softmax(logits.gather(-1, indices), dim=-1)
-    if routing == "softmax_topk":
-        gates = torch.softmax(logits, dim=-1).gather(-1, indices)
-        return gates / gates.sum(dim=-1, keepdim=True) if normalize_topk else gates
-    raise ConfigError(f"unknown routing order {routing!r}")
-
-
 def routed_blocks(model: torch.nn.Module) -> list[RoutedBlock]:
     """The model's MoE blocks (PESC or upcycled) in layer order; ConfigError for a dense model."""
     from ..surgery import crafted_layers, is_crafted
@@ -91,9 +75,6 @@ class RoutingCollector:
         self.config = cfg
         self.layers = [b.layer_index for b in blocks]
         self._position = {layer: i for i, layer in enumerate(self.layers)}
-        # route() computes gates in fp32 unless the router runs in the model's dtype
-        self._gate_dtypes = {b.layer_index: torch.float32 if cfg.router_dtype == "float32" else b.router.weight.dtype
-                             for b in blocks}
         self.method = method_name_of(model)
         self.sources = list(sources)
         L, E, S = len(self.layers), cfg.num_experts, len(self.sources)
@@ -119,7 +100,7 @@ class RoutingCollector:
                 raise RuntimeError(f"layer {rec.layer} recorded twice in one forward")
             seen_layers.add(rec.layer)
             i = self._position[rec.layer]
-            logits, indices = rec.logits.detach().float().cpu(), rec.indices.detach().cpu()
+            logits, indices, gates = rec.logits.detach().float().cpu(), rec.indices.detach().cpu(), rec.gates.cpu()
             mask = token_mask_for(rec, attention_mask)
             rows = logits.shape[0] // rec.num_tokens_per_row
             token_source = None
@@ -128,10 +109,8 @@ class RoutingCollector:
                 token_source = ids.cpu().long().repeat_interleave(rec.num_tokens_per_row)
             if mask is not None:
                 mask = mask.cpu()
-                logits, indices = logits[mask], indices[mask]
+                logits, indices, gates = logits[mask], indices[mask], gates[mask]
                 token_source = token_source[mask] if token_source is not None else None
-            gates = gates_from_logits(logits, indices, self.config.routing, self.config.normalize_topk,
-                                      self._gate_dtypes[rec.layer])
             chosen = torch.zeros(indices.shape[0], E, dtype=torch.float64).scatter_(1, indices, 1.0)  # [N, E]
             self.counts[i] += torch.bincount(indices.reshape(-1), minlength=E)
             self.gate_sums[i].index_add_(0, indices.reshape(-1), gates.reshape(-1).double())

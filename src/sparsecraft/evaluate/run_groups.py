@@ -1,7 +1,7 @@
 """Grouping runs into experiments: runs whose recipes differ only in `train.seed` form one `Group`.
 
-Groups are ordered by method (the registry's order, `methods.method_order`) and, where one method has several groups, labelled by the recipe
-settings that tell them apart.
+Groups are ordered by method (the registry's order, `methods.method_order`) and, where one method has several
+groups, labelled by the recipe settings that tell them apart.
 
     groups = group_runs(load_runs(["runs/pesc-s0", "runs/pesc-s1", "runs/dense"]))
 """

@@ -12,8 +12,16 @@ from .dense import DenseMethod
 from .lora_experts import LoraExpertsMethod
 from .mixlora import MixLoraMethod
 from .pesc import PescMethod
-from .registry import (dense_method, expert_kinds, get_method, method_for_kind, method_names, method_of,
-                       method_order, register)
+from .registry import (
+    dense_method,
+    expert_kinds,
+    get_method,
+    method_for_kind,
+    method_names,
+    method_of,
+    method_order,
+    register,
+)
 from .upcycle import UpcycleMethod
 from .upit import UpitMethod
 

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from ..config import CraftConfig
 from ..errors import ConfigError, CraftError
-from ..surgery import crafted_layers, new_parameters
+from ..moe.layers import detach_moe
+from ..surgery import crafted_layers, new_parameters, unmark_crafted
 from .expert_keys import by_layer
 
 ACT_BYTES = 2  # the memory estimate assumes bf16 activations
@@ -96,7 +97,12 @@ class Method:
         return self.craft(model, config, layers=layers)
 
     def uncraft(self, model: nn.Module) -> nn.Module:
-        raise CraftError(f"a {self.title} model has no dense FFN to restore; load the dense base instead")
+        """Remove the MoE blocks, in place, where the dense FFN was kept (`shares_ffn`); CraftError otherwise."""
+        if not self.shares_ffn:
+            raise CraftError(f"a {self.title} model has no dense FFN to restore; load the dense base instead")
+        for _, ffn in crafted_layers(model):
+            detach_moe(ffn)
+        return unmark_crafted(model)
 
     # ------------------------------------------------------------------ files and counts
 
@@ -116,7 +122,8 @@ class Method:
         """One line for parameter reports."""
         if config is None:
             return "Parameters: dense model (not crafted)"
-        return f"Parameters: {self.title}, {config.num_experts} experts, top-{config.top_k}, {num_layers} crafted layers"
+        return (f"Parameters: {self.title}, {config.num_experts} experts, top-{config.top_k}, {num_layers} crafted "
+                "layers")
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         """Bytes per token one crafted layer holds while it is recomputed and back-propagated, and the formula.

@@ -13,10 +13,16 @@ import torch.nn as nn
 from ..config import CraftConfig
 from ..errors import ConfigError, CraftError
 from ..moe.gated import GatedLayout, gated_layout
-from ..moe.layers import RoutingRecorder, detach_moe
+from ..moe.layers import RouterSite
 from ..moe.lora_experts import LoraExpertsMoE, attach_lora_block
-from ..surgery import (LayerPlan, crafted_layers, device_of, find_decoder_layers, find_ffn, mark_crafted,
-                       plan_layers, seeded, text_config, unmark_crafted)
+from ..surgery import (
+    LayerPlan,
+    find_decoder_layers,
+    find_ffn,
+    install_blocks,
+    plan_layers,
+    text_config,
+)
 from .base import ACT_BYTES, Method
 from .expert_keys import by_layer
 
@@ -85,28 +91,17 @@ class LoraExpertsMethod(Method):
         layouts = gated_layouts(plan, f"add {self.title} to")
         targets = self.targets_for(plan.config, layouts)
         plan.config.extra = {**plan.config.extra, TARGETS_KEY: list(targets)}  # saved, so loading rebuilds these
-        blocks = []
+        blocks = {}
         for index, ffn, layout in layouts:  # check every layer before changing any
             unknown = [t for t in targets if t not in layout.projections]
             if unknown:
                 raise ConfigError(f"LoRA expert target {unknown[0]!r} is not a projection of layer {index}'s MLP "
                                   f"(has {', '.join(layout.projections)})")
-            shapes = {t: (getattr(ffn, t).out_features, getattr(ffn, t).in_features) for t in targets}
-            blocks.append((index, ffn, layout, shapes))
-        recorder = RoutingRecorder()
-        with seeded(seed):
-            for index, ffn, layout, shapes in blocks:
-                moe = LoraExpertsMoE(layout, shapes, plan.hidden, plan.config, index, device=device_of(ffn),
-                                     router_dtype=plan.router_dtype)
-                moe.recorder = recorder
-                moe.train(ffn.training)
-                attach_lora_block(ffn, moe)
-        return mark_crafted(model, plan, recorder, self.name)
-
-    def uncraft(self, model: nn.Module) -> nn.Module:
-        for _, ffn in crafted_layers(model):
-            detach_moe(ffn)
-        return unmark_crafted(model)
+            blocks[index] = (layout, {t: (getattr(ffn, t).out_features, getattr(ffn, t).in_features)
+                                      for t in targets})
+        return install_blocks(model, plan, self.name, seed,
+                              lambda index, ffn, site: LoraExpertsMoE(site, *blocks[index]),
+                              lambda index, name, ffn, moe: attach_lora_block(ffn, moe))
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         router, _ = super().moe_bytes_per_token(shape, num_tokens)
@@ -125,7 +120,7 @@ class LoraExpertsMethod(Method):
         targets = self.targets_for(config, [(0, ffn, layout)])
         config = CraftConfig.from_dict({**config.to_dict(), "extra": {**config.extra, TARGETS_KEY: targets}})
         shapes = {t: (getattr(ffn, t).out_features, getattr(ffn, t).in_features) for t in targets}
-        moe = LoraExpertsMoE(layout, shapes, hidden, config, 0, device=device, router_dtype=torch.float32)
+        moe = LoraExpertsMoE(RouterSite(hidden, config, device=device), layout, shapes)
         return moe, (lambda x: moe(x, ffn))
 
     # ------------------------------------------------------------------ UpIT expert sets

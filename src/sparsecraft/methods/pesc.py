@@ -13,8 +13,8 @@ import torch.nn as nn
 from ..config import CraftConfig
 from ..errors import ConfigError
 from ..moe.experts import choose_path
-from ..moe.layers import PescMoE, RoutingRecorder, attach_pesc, detach_moe
-from ..surgery import crafted_layers, device_of, mark_crafted, plan_layers, seeded, unmark_crafted
+from ..moe.layers import PescMoE, RouterSite, attach_pesc
+from ..surgery import crafted_layers, install_blocks, plan_layers
 from .base import ACT_BYTES, Method
 from .expert_keys import by_layer
 
@@ -37,20 +37,9 @@ class PescMethod(Method):
         computes exactly what the dense one did); `adapter_dtype` defaults to the model's floating dtype.
         """
         plan = plan_layers(model, config, overrides)
-        recorder = RoutingRecorder()
-        with seeded(seed):
-            for index, _, ffn in plan.targets:
-                moe = PescMoE(plan.hidden, plan.config, index, device=device_of(ffn),
-                              dtype=adapter_dtype or plan.model_dtype, router_dtype=plan.router_dtype)
-                moe.recorder = recorder
-                moe.train(ffn.training)  # new modules start in train mode; follow the model (dropout off in eval)
-                attach_pesc(ffn, moe)
-        return mark_crafted(model, plan, recorder, self.name)
-
-    def uncraft(self, model: nn.Module) -> nn.Module:
-        for _, ffn in crafted_layers(model):
-            detach_moe(ffn)
-        return unmark_crafted(model)
+        dtype = adapter_dtype or plan.model_dtype
+        return install_blocks(model, plan, self.name, seed, lambda index, ffn, site: PescMoE(site, dtype),
+                              lambda index, name, ffn, moe: attach_pesc(ffn, moe))
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         router, _ = super().moe_bytes_per_token(shape, num_tokens)
@@ -69,7 +58,7 @@ class PescMethod(Method):
         return 2 * hidden * rank  # down [h -> r] + up [r -> h]
 
     def standalone_block(self, ffn: nn.Module, hidden: int, config: CraftConfig, *, device=None, dtype=None):
-        moe = PescMoE(hidden, config, 0, device=device, dtype=dtype, router_dtype=torch.float32)
+        moe = PescMoE(RouterSite(hidden, config, device=device), dtype)
         return moe, (lambda x: moe(x, ffn(x)))
 
     def check_expert_keys(self, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -17,11 +17,18 @@ import torch.nn as nn
 from ..config import CraftConfig
 from ..errors import ConfigError
 from ..moe.gated import gated_weights
+from ..moe.layers import RouterSite
 from ..moe.upcycle import UpcycledMLP, UpcycledMoE, add_noise, make_experts
-from ..surgery import (crafted_layers, device_of, find_decoder_layers, find_ffn, is_crafted, mark_crafted, plan_layers,
-                       seeded, text_config)
+from ..surgery import (
+    crafted_layers,
+    find_decoder_layers,
+    find_ffn,
+    install_blocks,
+    is_crafted,
+    plan_layers,
+    text_config,
+)
 from .base import ACT_BYTES, Method
-from .expert_keys import by_layer
 
 
 class UpcycleMethod(Method):
@@ -50,22 +57,18 @@ class UpcycleMethod(Method):
         if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not 0 <= noise_std < math.inf:
             raise ConfigError(f"noise_std must be a non-negative number, got {noise_std!r}")
         plan = plan_layers(model, config, overrides, verb="upcycle")
-        from ..moe.layers import RoutingRecorder
 
-        recorder = RoutingRecorder()
-        with seeded(seed):
-            for index, name, ffn in plan.targets:
-                device = device_of(ffn)
-                experts = make_experts(ffn, plan.config.num_experts)
-                moe = UpcycledMoE(experts, plan.hidden, plan.config, index, device=device,
-                                  router_dtype=plan.router_dtype)
-                if noise_std:
-                    add_noise(experts, noise_std)
-                moe.recorder = recorder
-                mlp = UpcycledMLP(moe)
-                mlp.train(ffn.training)
-                setattr(plan.layers[index], name, mlp)  # the dense FFN goes: its weights live on only in the copies
-        return mark_crafted(model, plan, recorder, self.name)
+        def build(index: int, ffn: nn.Module, site) -> UpcycledMoE:
+            moe = UpcycledMoE(site, make_experts(ffn, plan.config.num_experts))
+            if noise_std:
+                add_noise(moe.experts, noise_std)
+            return moe
+
+        def attach(index: int, name: str, ffn: nn.Module, moe: UpcycledMoE) -> None:
+            mlp = UpcycledMLP(moe).train(ffn.training)
+            setattr(plan.layers[index], name, mlp)  # the dense FFN goes: its weights live on only in the copies
+
+        return install_blocks(model, plan, self.name, seed, build, attach)
 
     def standalone_base_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**state, **dense_ffn_state(model)}
@@ -82,8 +85,7 @@ class UpcycleMethod(Method):
     def standalone_block(self, ffn: nn.Module, hidden: int, config: CraftConfig, *, device=None, dtype=None):
         # stacked copies leave `ffn` alone; the copy-and-loop fallback would make `ffn` itself expert 0
         source = ffn if gated_weights(ffn) is not None else copy.deepcopy(ffn)
-        moe = UpcycledMoE(make_experts(source, config.num_experts), hidden, config, 0, device=device,
-                          router_dtype=torch.float32)
+        moe = UpcycledMoE(RouterSite(hidden, config, device=device), make_experts(source, config.num_experts))
         for p in moe.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)

@@ -20,7 +20,8 @@ from .router import route
 
 @dataclass
 class RoutingRecord:
-    """Routing of one MoE layer in one forward: logits `[N, E]` fp32, indices `[N, k]`, N = B*T tokens.
+    """Routing of one MoE layer in one forward: logits `[N, E]` fp32, indices `[N, k]`, the gates `[N, k]` the
+    block used (detached), N = B*T tokens.
 
     `router_input` (the detached router input, in the router's compute dtype) and `router_weight` are kept only
     when the logits were computed without autograd while the router trains, which is what happens inside a
@@ -32,6 +33,7 @@ class RoutingRecord:
     logits: torch.Tensor
     indices: torch.Tensor
     num_tokens_per_row: int
+    gates: torch.Tensor | None = None
     router_input: torch.Tensor | None = None
     router_weight: torch.Tensor | None = None
 
@@ -71,22 +73,29 @@ class RoutingRecorder:
         return records
 
 
+@dataclass
+class RouterSite:
+    """Where a MoE block sits and how its router is made: the FFN input width, the crafting settings, the decoder
+    layer index (what routing records carry), and the router's device and dtype."""
+
+    hidden_size: int
+    config: CraftConfig
+    layer_index: int = 0
+    device: torch.device | str | None = None
+    router_dtype: torch.dtype = torch.float32
+
+
 class RoutedBlock(nn.Module):
     """What every MoE block shares: the router `[E, h]` on the FFN input and recording its routing for the
-    model-level losses (`PescMoE` adds adapter experts, `upcycle.UpcycledMoE` FFN copies)."""
+    model-level losses (`PescMoE` adds adapter experts, `upcycle.UpcycledMoE` FFN copies, `lora_experts.
+    LoraExpertsMoE` LoRA experts)."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        config: CraftConfig,
-        layer_index: int,
-        device: torch.device | str | None = None,
-        router_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, site: RouterSite) -> None:
         super().__init__()
-        self.config = config
-        self.layer_index = layer_index
-        self.router = nn.Linear(hidden_size, config.num_experts, bias=False, device=device, dtype=router_dtype)
+        self.config = site.config
+        self.layer_index = site.layer_index
+        self.router = nn.Linear(site.hidden_size, site.config.num_experts, bias=False, device=site.device,
+                                dtype=site.router_dtype)
         self.recorder: RoutingRecorder | None = None
 
     def route_tokens(self, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +106,8 @@ class RoutedBlock(nn.Module):
                                        compute_dtype)
         recorder = self.recorder
         if recorder is not None and recorder.active:
-            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0])
+            record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0],
+                                   gates.detach())
             if not logits.requires_grad and self.training and self.router.weight.requires_grad:
                 # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
                 record.router_input = x_flat.detach().to(compute_dtype)
@@ -113,18 +123,12 @@ class PescMoE(RoutedBlock):
     (or the per-slot form, see `CraftConfig.combine`).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        config: CraftConfig,
-        layer_index: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        router_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(hidden_size, config, layer_index, device, router_dtype)
-        self.experts = AdapterExperts(config.num_experts, hidden_size, config.adapter_dim, device, dtype)
-        self.dropout = nn.Dropout(config.dropout)
+    def __init__(self, site: RouterSite, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the adapters' (default: torch's default dtype)."""
+        super().__init__(site)
+        cfg = site.config
+        self.experts = AdapterExperts(cfg.num_experts, site.hidden_size, cfg.adapter_dim, site.device, dtype)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -7,7 +7,8 @@ called (never read through `.weight`), so they may be plain, NF4 `Linear4bit` or
 base state-dict key keeps its name (`model.layers.3.mlp.gate_proj.weight`).
 
 Attached like PESC (`attach_lora_block`; how a model is crafted is `methods/lora_experts.py`): the MLP gets a
-child `moe` (`LoraExpertsMoE`: router + stacked LoRA factors) and its class is switched to a cached subclass whose forward is `self.moe(x, self)`. New keys:
+child `moe` (`LoraExpertsMoE`: router + stacked LoRA factors) and its class is switched to a cached subclass
+whose forward is `self.moe(x, self)`. New keys:
 `...mlp.moe.router.weight [E, h]`, `...mlp.moe.experts.A.{proj} [E, r, in]`,
 `...mlp.moe.experts.B.{proj} [E, out, r]` (all under `.moe.`, so NF4 quantisation and peft LoRA leave
 them alone and they stay fp32 and trainable).
@@ -30,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CraftConfig
 from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available
 from .gated import GatedLayout
 from .grouped import sort_pairs, unsort_sum
-from .layers import RoutedBlock, switched_class
+from .layers import RoutedBlock, RouterSite, switched_class
 
 
 class LoraExpertWeights(nn.Module):
@@ -108,21 +108,14 @@ class LoraExpertsMoE(RoutedBlock):
     attached to (its projections are called, not stored here, so their keys stay outside `.moe.`).
     """
 
-    def __init__(
-        self,
-        layout: GatedLayout,
-        shapes: dict[str, tuple[int, int]],
-        hidden_size: int,
-        config: CraftConfig,
-        layer_index: int,
-        device: torch.device | str | None = None,
-        router_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(hidden_size, config, layer_index, device, router_dtype)
+    def __init__(self, site: RouterSite, layout: GatedLayout, shapes: dict[str, tuple[int, int]]) -> None:
+        """`shapes`: `{projection: (out, in)}` of the projections that get per-expert LoRA."""
+        super().__init__(site)
+        cfg = site.config
         self.layout = layout
         # LoRA factors are fp32 whatever the model dtype: they are what trains (as peft keeps LoRA in fp32)
-        self.experts = LoraExpertWeights(shapes, config.num_experts, config.adapter_dim, device, torch.float32)
-        self.dropout = nn.Dropout(config.dropout)
+        self.experts = LoraExpertWeights(shapes, cfg.num_experts, cfg.adapter_dim, site.device, torch.float32)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     @property
     def scaling(self) -> float:

@@ -27,10 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from ..config import CraftConfig
 from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available, sort_by_expert
 from .gated import gated_weights, join_gate_up, split_gate_up
-from .layers import RoutedBlock
+from .layers import RoutedBlock, RouterSite
 
 
 class GatedExperts(nn.Module):
@@ -134,16 +133,8 @@ class CopiedExperts(nn.ModuleList):
 class UpcycledMoE(RoutedBlock):
     """Router `[E, h]` on the FFN input + E full-FFN experts. `forward(x: [..., h]) -> [..., h]`."""
 
-    def __init__(
-        self,
-        experts: GatedExperts | CopiedExperts,
-        hidden_size: int,
-        config: CraftConfig,
-        layer_index: int,
-        device: torch.device | str | None = None,
-        router_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(hidden_size, config, layer_index, device, router_dtype)
+    def __init__(self, site: RouterSite, experts: GatedExperts | CopiedExperts) -> None:
+        super().__init__(site)
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

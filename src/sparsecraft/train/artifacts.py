@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from ..checkpoint.crafted import save_crafted
-from ..surgery import is_crafted
 from ..errors import CheckpointError
+from ..surgery import is_crafted
 
 
 def save_trained(built, out_dir: str | os.PathLike, recipe) -> Path:

@@ -35,7 +35,6 @@ def keep_trainable_layout(model: nn.Module) -> int:
     evaluation during training would trigger it. Returns the number of layers changed.
     """
     import bitsandbytes as bnb
-
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     changed = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import CraftConfig
+from ..config import ATTENTION_LORA_TARGETS, CraftConfig
 from ..errors import ConfigError
 from ..methods import get_method
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
@@ -29,7 +29,7 @@ class LoraSettings:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.1
-    targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets: list = field(default_factory=lambda: list(ATTENTION_LORA_TARGETS))
     ffn: bool = False  # also LoRA on the shared FFN (gate/up/down), as the reference training did
     ffn_targets: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "gate_up_proj"])
 

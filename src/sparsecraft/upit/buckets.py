@@ -27,7 +27,6 @@ from ..methods.upit import build_moe
 from ..train.nll import row_nll
 from .config import RouteSettings, UpitConfig, stage_recipe
 
-
 # ------------------------------------------------------------------------------------------------------ seeding
 
 

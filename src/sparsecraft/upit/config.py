@@ -28,10 +28,10 @@ from ..methods import expert_kinds, method_for_kind
 from ..methods.upit import UpitMethod
 from ..train.recipe import Recipe, build_recipe, merge_recipe
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
+from .expand import LORA_MERGES
 
 SELECTIONS = ("even", "last")
 SHARED_MODES = ("average", "last", "base")
-LORA_MERGES = ("separate", "product")
 TOKEN_SCOPES = ("response", "all")
 STAGES = ("prepare", "expand", "route", "upcycle")
 

@@ -69,7 +69,8 @@ def choose_parents(sim: torch.Tensor, used: set[tuple[int, int]]) -> tuple[int, 
     return best
 
 
-def _add_to_grams(grams: torch.Tensor, pool: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor]) -> torch.Tensor:
+def _add_to_grams(grams: torch.Tensor, pool: list[dict[str, torch.Tensor]],
+                  base: dict[str, torch.Tensor]) -> torch.Tensor:
     """`[G, k+1, k+1]`: `grams [G, k, k]` of pool[:-1] plus the dot products of the newest expert pool[-1]."""
     _, row = delta_grams(pool[-1:], pool, base)  # [G, 1, k+1]
     g, k, _ = grams.shape

@@ -259,7 +259,8 @@ def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def refactor_low_rank(delta_w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-r factors of `delta_w [out, in]` by SVD: `B' = U_r S_r^{1/2}` `[out, r]`, `A' = S_r^{1/2} V_r^T` `[r, in]`.
+    """Best rank-r factors of `delta_w [out, in]` by SVD: `B' = U_r S_r^{1/2}` `[out, r]`,
+    `A' = S_r^{1/2} V_r^T` `[r, in]`.
 
     `B' @ A'` equals `delta_w` exactly (up to rounding) when its rank is at most r, else it is the best rank-r
     approximation (Eckart-Young). Computed in float64, returned in `delta_w`'s dtype.

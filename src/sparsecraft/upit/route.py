@@ -24,8 +24,7 @@ import torch
 from ..atomic import atomic_write_json
 from ..config import CraftConfig
 from ..errors import ConfigError
-from ..methods.expert_set import (ROUTER_NAME, ExpertSet, router_rows, save_expert_set, save_router,
-                                  states_from_moe)
+from ..methods.expert_set import ROUTER_NAME, ExpertSet, router_rows, save_expert_set, save_router, states_from_moe
 from ..methods.upit import build_moe
 from .buckets import bucket_report, expert_nll, seed_data
 from .config import UpitConfig, stage_recipe
