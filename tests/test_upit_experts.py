@@ -371,3 +371,23 @@ def test_states_read_back_from_a_built_moe(kind):
         assert sorted(a) == sorted(b)
         for key in b:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_settings_the_set_fixes_are_derived_and_never_silently_replace_the_users():
+    """The set fixes E, the layers and what its experts were trained with: a default is replaced and reported, a
+    value the user wrote that differs is a one-line error naming both values."""
+    from sparsecraft.methods.upit import settings_from_set
+
+    es = lora_set([expert_state(peft_dense(), "lora")] * E)
+    settings, derived = settings_from_set(es, MOE)  # nothing written by the user
+    assert settings["num_experts"] == E and settings["adapter_dim"] == 4 and settings["scaling"] == 2.0
+    assert derived == {"num_experts": E, "adapter_dim": 4, "scaling": 2.0, "layers": [0, 1, 2]}
+    same, _ = settings_from_set(es, CraftConfig(num_experts=E, top_k=2, adapter_dim=4), ["num_experts", "adapter_dim"])
+    assert same["num_experts"] == E  # written and equal: fine
+    with pytest.raises(ConfigError, match=r"craft.num_experts=2 conflicts with the lora expert set, which fixes "
+                                          r"num_experts=4"):
+        settings_from_set(es, MOE, ["num_experts"])
+    with pytest.raises(ConfigError, match=r"craft.adapter_dim=64 conflicts"):
+        settings_from_set(es, CraftConfig(num_experts=E, top_k=2), ["adapter_dim"])
+    with pytest.raises(ConfigError, match="conflicts"):  # through training's build path too
+        build_moe(tiny_model("llama"), es, CraftConfig(num_experts=E, top_k=2, scaling=0.5), explicit=["scaling"])
