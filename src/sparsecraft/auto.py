@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-# keyword arguments of from_pretrained that concern the hub and mean nothing for local directories
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder",
-               "trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "config", "adapter_kwargs")
+# keyword arguments of from_pretrained that `sparsecraft.load` does not take (the config is re-read from the
+# directory; there is no remote code); `revision`, `token` and `cache_dir` are passed on to the hub lookups
+_DROPPED_KWARGS = ("force_download", "proxies", "local_files_only", "subfolder", "trust_remote_code",
+                   "code_revision", "_from_auto", "_from_pipeline", "config", "adapter_kwargs")
 
 
 class SparsecraftConfig(PretrainedConfig):
@@ -29,7 +30,7 @@ class SparsecraftForCausalLM(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         from .loading import load
 
-        for key in _HUB_KWARGS:
+        for key in _DROPPED_KWARGS:
             kwargs.pop(key, None)
         return load(pretrained_model_name_or_path, **kwargs)
 

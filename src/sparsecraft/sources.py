@@ -1,7 +1,10 @@
-"""Where a base model comes from: a built-in name, a local transformers directory, or a GGUF file.
+"""Where a base model comes from: a built-in name, a local transformers directory, a GGUF file, or a hub repo ID.
 
-Everything is local: sparsecraft never downloads weights. `resolve_base` turns what the user typed into a
-`BaseSource`; `load_base_config`, `load_base_model` and `load_tokenizer` read it with transformers.
+`resolve_base` turns what the user typed into a `BaseSource`; `load_base_config`, `load_base_model` and
+`load_tokenizer` read it with transformers. As in transformers, an existing local path is a path and anything
+else that looks like `org/name` (optionally `org/name@revision`) is a hub ID, resolved to its commit hash so a
+crafted directory that refers to it reloads the same weights anywhere. Downloads, cache, token and offline mode
+are huggingface_hub's (`hub.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from .hub import looks_like_repo_id, snapshot, split_revision
 
 # name -> (python package holding the file, file name, how to install the package)
 BUILTIN_MODELS = {
@@ -34,14 +36,24 @@ class BaseSource:
     spec: str
     directory: str
     gguf_file: str | None = None
+    revision: str | None = None  # hub repos: the resolved commit hash (`directory` is then the repo ID)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.revision is not None
 
     @property
     def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        out = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
 
 
-def resolve_base(spec: str | os.PathLike) -> BaseSource:
-    """Resolve a built-in name, a directory with `config.json`, a `.gguf` file or a directory holding one GGUF.
+def resolve_base(spec: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> BaseSource:
+    """Resolve a built-in name, a directory with `config.json`, a `.gguf` file, a directory holding one GGUF, or a
+    hub repo ID (`org/name`, `org/name@revision`, or `revision=`; its config.json is fetched to pin the commit).
 
     Raises `CheckpointError` with one line saying what is missing (and how to install a built-in model).
     """
@@ -57,8 +69,11 @@ def resolve_base(spec: str | os.PathLike) -> BaseSource:
         return BaseSource(text, directory, filename)
     path = Path(text).expanduser()
     if not path.exists():
+        if looks_like_repo_id(text):
+            return resolve_hub_base(text, revision, token=token, cache_dir=cache_dir)
         builtin = ", ".join(BUILTIN_MODELS)
-        raise CheckpointError(f"model path not found: {text} (built-in names: {builtin})")
+        raise CheckpointError(f"model path not found: {text} (built-in names: {builtin}; hub IDs look like "
+                              "org/name)")
     if path.is_file():
         if path.suffix == ".gguf":
             return BaseSource(text, str(path.parent.resolve()), path.name)
@@ -73,6 +88,18 @@ def resolve_base(spec: str | os.PathLike) -> BaseSource:
     if len(ggufs) > 1:
         raise CheckpointError(f"{text} holds several GGUF files ({', '.join(ggufs)}); name one of them")
     raise CheckpointError(f"{text} is not a model directory: it has no config.json and no .gguf file")
+
+
+def resolve_hub_base(text: str, revision: str | None = None, *, token: str | bool | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> BaseSource:
+    """A hub model repo as a `BaseSource` pinned to a commit: only its config.json is fetched here, the weights
+    when the model is loaded (both through huggingface_hub's cache)."""
+    repo_id, pinned = split_revision(text)
+    folder = snapshot(repo_id, revision=revision or pinned, allow_patterns=["config.json"], token=token,
+                      cache_dir=cache_dir)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"hub repo {repo_id} has no config.json: not a transformers model")
+    return BaseSource(repo_id, repo_id, None, folder.name)
 
 
 def load_base_config(source: BaseSource):

@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True)
     parser.add_argument("--settings", required=True, help="BenchSettings as JSON")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = measure_in_this_process(json.loads(args.settings), args.level, args.method)
     print(json.dumps(result), flush=True)
     return 0

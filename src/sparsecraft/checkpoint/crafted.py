@@ -14,7 +14,8 @@ A crafted directory is self-describing and holds no pickle:
 `lora_experts` per-expert LoRA on the shared MLP, ...); the method says which weights the file holds and how
 the structure is rebuilt on load. `dense` has no MoE: the dense-LoRA baseline, base + lora/ only.
 
-Referenced directories point at their base (a built-in name, an absolute directory or GGUF file) instead of
+Referenced directories point at their base (a built-in name, an absolute directory or GGUF file, or a hub ID with
+the commit it resolved to) instead of
 copying it. Loading = load the base with `from_pretrained` (so every from_pretrained option works: dtype,
 device_map, 4-bit quantization), craft it with the saved settings, then load the new weights.
 """
@@ -97,6 +98,8 @@ def save_crafted(
             base_entry = {"spec": BASE_SUBDIR, "relative": True, "gguf_file": None}
         else:
             base_entry = {"spec": source.spec, "directory": source.directory, "gguf_file": source.gguf_file}
+            if source.is_hub:
+                base_entry["revision"] = source.revision  # the commit: the same weights wherever it is loaded
         config = {
             "model_type": MODEL_TYPE,
             "architectures": ["SparsecraftForCausalLM"],
@@ -224,6 +227,8 @@ def resolve_saved_base(path: Path, entry: dict) -> BaseSource:
             raise CheckpointError(f"standalone model at {path} is missing its {entry['spec']}/ folder")
         return resolve_base(base_dir)
     spec = entry.get("spec")
+    if entry.get("revision"):  # a hub base, pinned to its commit; its errors (offline, gated, ...) say it best
+        return resolve_base(spec, entry["revision"])
     try:
         return resolve_base(spec)
     except CheckpointError:

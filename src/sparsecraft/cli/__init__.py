@@ -40,22 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_offline_mode() -> None:
-    """huggingface_hub and datasets read HF_HUB_OFFLINE once, at import, and importing sparsecraft already
-    imported them: pass the setting on, so a hub request fails at once instead of retrying for half a minute."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-        return
-    import huggingface_hub.constants as hub_constants
-
-    hub_constants.HF_HUB_OFFLINE = True
-    datasets_config = sys.modules.get("datasets.config")
-    if datasets_config is not None:
-        datasets_config.HF_HUB_OFFLINE = True
-
-
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _apply_offline_mode()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
