@@ -51,6 +51,8 @@ _DEFAULTS = {"num_experts": 8, "topk": 1, "adapter_dim": 64, "moe_scaling": 0.25
 _MOE_FIELDS = ("num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype", "output_router_logits",
                "adapter_dropout", "router_aux_loss_coef", "auto_map")
 _EXPERT_PART = {"camelidae": r"expert_(\d+)", "qwen2idae": r"expert_(\d+)", "sparsetral": r"(\d+)"}
+# `model_type`s the published configuration classes declare -> the transformers family their base is
+_BASE_FAMILY = {"sparsetral": "mistral", "camelidae": "llama", "qwen2idae": "qwen2"}
 _TARGET = re.compile(r"^(.+)\.moe\.(router\.weight|experts\.down|experts\.up)$")
 _PICKLE_HELP = ("unpickling can run arbitrary code, so it is refused by default; pass allow_pickle=True "
                 "(CLI: --allow-pickle) once, then export_published() it to safetensors")
@@ -67,6 +69,8 @@ def detect_published_layout(config: dict) -> str | None:
     for layout in ("sparsetral", "qwen2idae", "camelidae"):
         if layout in names:
             return layout
+    if config.get("model_type") in _BASE_FAMILY:  # Sparsetral's config says `model_type: sparsetral`
+        return config["model_type"]
     if not ("num_experts" in config and "adapter_dim" in config and ("moe_scaling" in config or "topk" in config)):
         return None
     if "adapter_dropout" in config:
@@ -176,7 +180,7 @@ def _build_base(config: dict, dtype: torch.dtype, device: torch.device | str | N
 
     fields = {k: v for k, v in config.items() if k not in _MOE_FIELDS and k not in ("model_type", "torch_dtype")}
     fields["dtype"] = str(dtype).replace("torch.", "")
-    model_type = config.get("model_type")
+    model_type = _BASE_FAMILY.get(config.get("model_type"), config.get("model_type"))
     try:
         base_config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError, TypeError) as exc:
@@ -217,19 +221,27 @@ def load_published(
     if layout is None:
         raise CheckpointError(f"{root}/config.json has no PESC fields (num_experts, adapter_dim, moe_scaling/topk) "
                               "or auto_map naming Camelidae/Sparsetral; load it as a plain transformers model")
-    craft_config = published_craft_config(config, layout)
     files = _weight_files(root, allow_pickle)
-    model_dtype = _resolve_dtype(dtype, config)
-    model = _build_base(config, model_dtype, device)
+    model = published_skeleton(config, dtype=_resolve_dtype(dtype, config), device=device)
+    craft_config = craft_config_of(model)
     if layout == "camelidae":
         rope = getattr(model.config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
         if theta != 10000.0:
             warnings.warn(f"{root}: the Camelidae reference code ignores rope_theta={theta} and uses 10000; "
                           "loaded with the config's value", stacklevel=2)
-    craft(model, craft_config)
     _load_tensors(model, files, layout, craft_config, root)
     return model.eval()
+
+
+def published_skeleton(config: dict, *, dtype: torch.dtype = torch.bfloat16,
+                       device: torch.device | str | None = "meta") -> nn.Module:
+    """The crafted model a published config.json describes, its weights not loaded (on the meta device by
+    default): structure and parameter counts without reading a file."""
+    layout = detect_published_layout(config)
+    if layout is None:
+        raise CheckpointError("config.json is not a published PESC layout (no num_experts/adapter_dim/auto_map)")
+    return craft(_build_base(config, dtype, device), published_craft_config(config, layout))
 
 
 @torch.no_grad()
