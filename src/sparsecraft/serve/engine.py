@@ -1,0 +1,287 @@
+"""The batching engine: one thread owns the model and decodes every running request one token per step.
+
+Requests wait in a bounded queue. Before each decode step the engine admits waiting requests into free slots
+(up to `max_batch_size`): their prompts are prefilled together, left-padded, and their rows join the running
+batch's KV cache (`kvbatch.KVBatch.merge`), so a request that arrives mid-generation starts on the next step
+instead of waiting for the batch to end. Finished or cancelled rows leave the cache at once. Each row keeps its
+own positions, mask, sampling settings and generator, so its tokens do not depend on which rows share its batch
+(greedy output equals the solo run up to floating-point summation order).
+
+Results go out through each request's `sink` (called on the engine thread; the server hands them to its event
+loop), so a client that reads slowly never holds up the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .kvbatch import KVBatch, cache_argument, left_pad, positions_from_mask
+from .sampling import choose_tokens, make_generator
+from .textstream import TextStream
+
+log = logging.getLogger("sparsecraft.serve")
+
+
+@dataclass
+class Event:
+    """What a request hears: `text` (a delta), `done` (finish reason and token counts) or `error`."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One completion to generate. `temperature` 0 is greedy; `stop` strings end it early."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sink: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    cancelled: bool = False
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new work."""
+
+
+class _Slot:
+    """A running request: its text stream, generator, token count and last token."""
+
+    def __init__(self, request: GenerationRequest, tokenizer) -> None:
+        self.request = request
+        self.stream = TextStream(tokenizer, request.stop)
+        self.generator = make_generator(request.seed)
+        self.generated = 0
+        self.last = 0
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's (one or several) and the tokenizer's."""
+    ids = set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Engine:
+    """Continuous batching over a causal LM (any model `sparsecraft.load` returns) and its tokenizer."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
+                 max_prefill_tokens: int = 4096) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.eos = eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self._cache_arg = cache_argument(model)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cond = threading.Condition()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._slots: list[_Slot] = []
+        self._batch: KVBatch | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- called from the server's threads -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sparsecraft-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop taking work, end what is left with an error event, join the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; `QueueFull` when `max_queue` requests already wait, `EngineStopped` when stopping."""
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Forget a request (its client left): its slot is freed before the next step."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"running": len(self._slots), "waiting": len(self._waiting), "steps": self.steps,
+                    "alive": self._thread is not None and self._thread.is_alive()}
+
+    # -- the engine thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._slots:
+                        self._cond.wait()
+                    if self._stopping:
+                        self._abort_all("the server is shutting down")
+                        return
+                    new = self._take_waiting()
+                try:
+                    if new:
+                        self._prefill(new)
+                    self._drop_cancelled()
+                    if self._slots:
+                        self._decode()
+                except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, never the server
+                    log.exception("generation step failed")
+                    for slot in self._slots:
+                        self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
+                    self._slots, self._batch = [], None
+
+    def _take_waiting(self) -> list[GenerationRequest]:
+        """Waiting requests for the free slots, within the prefill token budget (one always fits)."""
+        taken: list[GenerationRequest] = []
+        width = 0
+        while self._waiting and len(self._slots) + len(taken) < self.max_batch_size:
+            head = self._waiting[0]
+            if head.cancelled:
+                self._waiting.popleft()
+                continue
+            new_width = max(width, len(head.prompt_ids))
+            if taken and new_width * (len(taken) + 1) > self.max_prefill_tokens:
+                break
+            taken.append(self._waiting.popleft())
+            width = new_width
+        return taken
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits of the last position `[B, V]` (fp32)."""
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), **kwargs)
+        self.steps += 1
+        return out.logits[:, -1].float()
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
+        cache = DynamicCache()
+        slots = [_Slot(r, self.tokenizer) for r in requests]
+        try:
+            logits = self._forward(ids, mask, positions_from_mask(mask), cache)
+        except Exception as exc:  # noqa: BLE001 - these requests fail; the running batch goes on
+            log.exception("prefill failed")
+            for r in requests:
+                self._finish_error(r, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        keep = self._accept(slots, self._choose(logits, slots))
+        if not keep:
+            return
+        joined = KVBatch(cache, mask).select(keep)
+        self._batch = joined if self._batch is None else self._batch.merge(joined)
+        self._slots += [slots[i] for i in keep]
+
+    def _decode(self) -> None:
+        mask, positions = self._batch.step_inputs(self.device)
+        ids = torch.tensor([[slot.last] for slot in self._slots], dtype=torch.long)
+        logits = self._forward(ids, mask, positions, self._batch.cache)
+        self._batch.advance()
+        self._keep(self._accept(self._slots, self._choose(logits, self._slots)))
+
+    def _choose(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+        return choose_tokens(logits, [s.request.temperature for s in slots], [s.request.top_p for s in slots],
+                             [s.generator for s in slots])
+
+    def _drop_cancelled(self) -> None:
+        if any(s.request.cancelled for s in self._slots):
+            self._keep([i for i, s in enumerate(self._slots) if not s.request.cancelled])
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self._slots):
+            return
+        self._batch = self._batch.select(rows)
+        self._slots = [self._slots[i] for i in rows]
+
+    def _accept(self, slots: list[_Slot], tokens: list[int]) -> list[int]:
+        """Record each row's new token and send its text; returns the rows that go on."""
+        going = []
+        for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+            request = slot.request
+            if request.cancelled:
+                continue
+            slot.generated += 1
+            slot.last = token
+            if token in self.eos and not request.ignore_eos:
+                self._finish(slot, "stop")
+                continue
+            delta, stopped = slot.stream.push(token)
+            if delta:
+                request.sink(Event("text", delta))
+            if stopped:
+                self._finish(slot, "stop")
+            elif slot.generated >= request.max_tokens:
+                self._finish(slot, "length")
+            else:
+                going.append(i)
+        return going
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        tail = slot.stream.finish()
+        if tail:
+            slot.request.sink(Event("text", tail))
+        slot.request.sink(Event("done", finish_reason=reason, prompt_tokens=len(slot.request.prompt_ids),
+                                completion_tokens=slot.generated))
+
+    @staticmethod
+    def _finish_error(request: GenerationRequest, message: str) -> None:
+        if not request.cancelled:
+            request.sink(Event("error", message))
+
+    def _abort_all(self, message: str) -> None:
+        for request in [s.request for s in self._slots] + list(self._waiting):
+            self._finish_error(request, message)
+        self._slots, self._batch = [], None
+        self._waiting.clear()
+
+
+def wait_until_idle(engine: Engine, timeout: float) -> bool:
+    """Poll until nothing runs or waits (tests, shutdown); True when idle in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if not stats["running"] and not stats["waiting"]:
+            return True
+        time.sleep(0.01)
+    return False
