@@ -296,7 +296,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     if main:
         metrics.log({"step": total_steps, **{k: v for k, v in final_eval.items()}})
         metrics.close()
-        model_dir = save_trained(built, output / "model", recipe)
+        model_dir = save_trained(built, output / "model", recipe, summary)
         summary["model_dir"] = str(model_dir)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
