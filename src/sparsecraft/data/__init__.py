@@ -1,6 +1,9 @@
 """Instruction data: record formats → conversations → tokens with prompt masks → batches (padded or packed).
 
-    config = DataConfig.from_dict({"sources": [{"path": "slimorca.jsonl", "weight": 2}, "metamath.json"],
+Sources are local files (JSON, JSON Lines, Parquet, CSV, Arrow), local folders (data files or `save_to_disk`) or
+hub dataset IDs (read from huggingface_hub's cache, offline too); docs/data.md has the whole recipe.
+
+    config = DataConfig.from_dict({"sources": [{"path": "Open-Orca/SlimOrca", "weight": 2}, "metamath.json"],
                                    "eval_fraction": 0.02, "max_length": 2048, "packing": True})
     train_records, eval_records, report = load_records(config)      # no tokenizer: fails fast on bad data
     prepared = prepare_data(config, tokenizer)                     # PreparedData(train, eval, collator, report)
@@ -10,9 +13,11 @@
 from .collate import PackingCollator, PaddingCollator, split_batch
 from .config import DataConfig, DataError, DataSource
 from .formats import REASONS, BadRecord, detect_format, normalise
+from .known import KNOWN_SETS
 from .load import load_records, load_source
 from .pack import pack_dataset
 from .prepare import PreparedData, prepare_data
+from .read import OpenedSource
 from .report import DataReport, SourceReport
 from .templates import CAMELIDAE_TEMPLATE, CHATML_TEMPLATE, resolve_template
 from .tokenize import IGNORE_INDEX, encode_conversation, tokenize_records
@@ -22,4 +27,5 @@ __all__ = [
     "load_records", "load_source", "tokenize_records", "prepare_data", "detect_format", "normalise",
     "encode_conversation", "pack_dataset", "PaddingCollator", "PackingCollator", "split_batch",
     "resolve_template", "CAMELIDAE_TEMPLATE", "CHATML_TEMPLATE", "IGNORE_INDEX", "REASONS", "BadRecord",
+    "KNOWN_SETS", "OpenedSource",
 ]

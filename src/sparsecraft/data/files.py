@@ -1,7 +1,9 @@
-"""Reading records from local files: JSON Lines, JSON (an array, or an object holding one), Parquet.
+"""Reading records from local files: JSON Lines, JSON (an array, or an object holding one), Parquet, CSV, Arrow.
 
 JSON is read by hand, line by line for JSON Lines, so that one bad line or invalid UTF-8 costs one record
-(yielded as a `BadRecord` with its line number) and never the whole file.
+(yielded as a `BadRecord` with its line number) and never the whole file. Parquet, CSV and Arrow (the files
+`save_to_disk` and the hub write) are read by datasets' builders, streamed: row batches, never the whole file, and
+no copy in datasets' cache.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any, Iterator
 from .config import DataError
 from .formats import BadRecord, detect_format
 
-Located = tuple[str, Any]  # (where in the file: "12" = line 12, "row 12" for Parquet; record or BadRecord)
+Located = tuple[str, Any]  # (where in the file: "12" = line 12, "row 12" for tables; record or BadRecord)
 
 _WS = re.compile(r"\s*")
 _DECODER = json.JSONDecoder()
 _LIST_KEYS = ("data", "train", "records", "examples", "rows", "instances")
+TABLES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}  # extension -> datasets' packaged builder
 
 
 def iter_records(path: str | Path) -> Iterator[Located]:
@@ -27,18 +30,18 @@ def iter_records(path: str | Path) -> Iterator[Located]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data source not found: {path}")
-    name = path.name.lower().removesuffix(".gz")
+    name = path.name.lower()
     try:
-        if name.endswith(".parquet"):
-            yield from _iter_parquet(path)
-        elif name.endswith((".jsonl", ".ndjson")):
+        if path.suffix.lower() in TABLES:
+            yield from _iter_table(path, TABLES[path.suffix.lower()])
+        elif name.removesuffix(".gz").endswith((".jsonl", ".ndjson")):
             with _open(path) as f:
                 yield from _iter_lines(f)
-        elif name.endswith(".json"):
+        elif name.removesuffix(".gz").endswith(".json"):
             yield from _iter_json(path)
         else:
-            raise DataError(f"{path}: unknown file type (expected .json, .jsonl, .ndjson or .parquet, "
-                            "optionally .gz)")
+            raise DataError(f"{path}: unknown file type (expected .json, .jsonl or .ndjson, optionally .gz, "
+                            ".parquet, .csv or .arrow)")
     except (OSError, EOFError) as e:  # unreadable file, broken gzip stream
         raise DataError(f"{path}: cannot read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -174,15 +177,30 @@ def _iter_array(text: str, i: int, lines: _Lines) -> Iterator[Located]:
             return
 
 
-def _iter_parquet(path: Path) -> Iterator[Located]:
-    import pyarrow.parquet as pq
+def _iter_table(path: Path, builder: str) -> Iterator[Located]:
+    """Rows of a Parquet, CSV or Arrow file through datasets' builder, streamed (a local file: no network)."""
+    from datasets import load_dataset
 
+    kind = {"parquet": "Parquet", "csv": "CSV", "arrow": "Arrow"}[builder]
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-        row = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                row += 1
-                yield f"row {row}", record
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: cannot read Parquet: {str(e).splitlines()[0]}") from None
+        options = _csv_options(path) if builder == "csv" else {}
+        rows = load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **options)
+        for row, record in enumerate(rows, 1):
+            yield f"row {row}", record
+    except Exception as e:  # pyarrow and the builders raise many kinds of error for a damaged file
+        if isinstance(e, DataError):
+            raise
+        text = str(e).strip().splitlines()
+        raise DataError(f"{path}: cannot read {kind}: {text[0] if text else type(e).__name__}") from None
+
+
+def _csv_options(path: Path) -> dict:
+    """Every CSV column read as text, empty cells as "" (instruction data: `2` is an answer, not a number, and
+    `NA` a word)."""
+    import csv
+
+    from datasets import Features, Value
+
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}

@@ -16,6 +16,18 @@ REASONS = (
     "unknown_role", "misplaced_system", "no_assistant_turn", "not_ending_with_assistant",
 )
 
+# Each format's field names: the record's own, and those of each turn of its list of turns (None: no turns).
+# `columns:` in a source maps its own column names onto these.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "sharegpt": ("conversations",), "messages": ("messages",), "alpaca": ("instruction", "input", "output", "system"),
+    "metamath": ("query", "response"), "magicoder": ("problem", "solution", "instruction", "response"),
+    "camelidae": ("instruction", "conversation"),
+}
+TURNS: dict[str, tuple[str, tuple[str, ...]]] = {  # format -> (list field, fields of each turn)
+    "sharegpt": ("conversations", ("from", "value")), "messages": ("messages", ("role", "content")),
+    "camelidae": ("conversation", ("input", "output")),
+}
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MESSAGE_ROLES = ("system", "user", "assistant")
 

@@ -1,63 +1,32 @@
-"""`load_records`: files → validated conversations → the mixed train split and the held-out split.
+"""`load_records`: sources → validated conversations → the mixed train split and the held-out split.
 
 Needs no tokenizer and no model, so bad data fails before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
-from itertools import chain, islice
-from pathlib import Path
-
 from datasets import Dataset, concatenate_datasets
 
 from .config import DataConfig, DataError, DataSource
-from .files import iter_records
-from .formats import BadRecord, detect_file_format, normalise
 from .mixing import draw, plan_counts, rng_for, split_eval
+from .read import OpenedSource
 from .report import DataReport, SourceReport
-
-DETECT_FROM = 16  # records looked at to detect a file's layout
 
 _TRAIN_DRAW, _EVAL_SPLIT, _EVAL_DRAW = 0, 1, 2  # RNG purposes
 
 
 def load_source(source: DataSource, split: str = "train") -> tuple[list[dict], SourceReport]:
-    """The usable conversations of one file (`{"messages": [...], "source": name}`) and its report.
+    """The usable conversations of one source (`{"messages": [...], "source": name}`) and its report.
 
-    Raises `DataError` when the layout cannot be detected or no record is usable.
+    `split`: the role the report gives it (train or eval). Raises `DataError` when the source is not there, its
+    layout cannot be detected or no record is usable.
     """
-    path = Path(source.path)
-    report = SourceReport(name=source.display_name, path=str(path), format=source.format, split=split)
-    items = iter_records(path)
-    head = list(islice(items, DETECT_FROM * 4))  # room for bad lines before the first records
-    if source.format == "auto":
-        fmt = detect_file_format([r for _, r in head if not isinstance(r, BadRecord)][:DETECT_FROM])
-        if fmt is None:
-            keys = next((sorted(r) for _, r in head if isinstance(r, dict)), None)
-            seen = (f"first record keys: {', '.join(keys)}" if keys is not None
-                    else "no JSON object in the first records")
-            raise DataError(f"{path}: cannot tell the record format ({seen}); set format: to one of "
-                            "sharegpt, messages, alpaca, metamath, magicoder, camelidae")
-        report.format = fmt
-    records = []
-    for where, record in chain(head, items):
-        report.read += 1
-        if isinstance(record, BadRecord):
-            report.skip(record.reason, f"{path}:{where}", record.detail)
-            continue
-        try:
-            messages = normalise(record, report.format)
-        except BadRecord as bad:
-            report.skip(bad.reason, f"{path}:{where}", bad.detail)
-            continue
-        records.append({"messages": messages, "source": report.name})
-    report.valid = len(records)
+    opened = OpenedSource(source, split)
+    records = list(opened.conversations())
+    opened.report.valid = len(records)
     if not records:
-        why = "the file holds no record"
-        if report.examples:
-            why = f"skipped {sum(report.skipped.values())}: {report.skipped_summary()}; first: {report.examples[0]}"
-        raise DataError(f"{path}: no usable {report.format} record out of {report.read} ({why})")
-    return records, report
+        raise opened.no_usable_record()
+    return records, opened.report
 
 
 def _mix(pools: list[list[dict]], sources: list[DataSource], reports: list[SourceReport], total: int | None,
