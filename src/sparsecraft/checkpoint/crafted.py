@@ -37,6 +37,7 @@ from ..methods import get_method, method_of
 from ..moe.model import set_saver
 from ..sources import BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
 from ..surgery import craft_config_of, is_added_name, text_config
+from .card import write_model_card
 
 MODEL_TYPE = "sparsecraft"
 WEIGHTS_NAME = "sparsecraft.safetensors"
@@ -62,6 +63,8 @@ def save_crafted(
     tokenizer=None,
     lora_model=None,
     extra: dict | None = None,
+    summary: dict | None = None,
+    card_name: str | None = None,
 ) -> Path:
     """Write a crafted model to `out_dir` (atomically: a temp dir renamed into place).
 
@@ -71,6 +74,8 @@ def save_crafted(
         tokenizer: saved beside the weights; defaults to the base's tokenizer when one can be found.
         lora_model: a peft model wrapping `model`; its LoRA adapter is saved in `lora/` and merged on load.
         extra: more JSON fields for config.json (e.g. the training recipe).
+        summary: a training run's summary, for the model card's held-out results (README.md, always written).
+        card_name: what the model card calls the model (default: the directory's name).
 
     A model that is not crafted is saved as method `dense` (base + optional LoRA), the baseline's format.
     """
@@ -119,6 +124,9 @@ def save_crafted(
         tok = tokenizer if tokenizer is not None else (load_tokenizer(source) if source is not None else None)
         if tok is not None:
             tok.save_pretrained(str(tmp))
+        origin = None if source is None else {"spec": source.spec, "revision": source.revision}
+        write_model_card(tmp, config, standalone=standalone, name=card_name or out_dir.name, base=origin,
+                         summary=summary)
     return out_dir
 
 

@@ -35,7 +35,17 @@ def run(args) -> int:
         standalone = getattr(model, "_sparsecraft_base", None) is None
         out = save_crafted(model, args.out, standalone=standalone)
     else:
+        from pathlib import Path
+
+        from ..checkpoint.card import write_model_card
+        from ..checkpoint.crafted import read_config
+        from ..methods import method_of
+
         out = export_published(model, args.out, layout=args.to, overwrite=args.overwrite)
+        # the published layout holds its base: a card of the method and settings, as any model directory has
+        card_config = {"method": method_of(model).name, "craft": model._sparsecraft_config.to_dict(),
+                       **read_config(out)}
+        write_model_card(out, card_config, standalone=True, name=Path(out).name)
     _copy_tokenizer(args.src, out, model)
     print(f"wrote {args.to} layout to {out}")
     return 0

@@ -5,20 +5,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint.card import write_model_card
 from ..checkpoint.crafted import save_crafted
 from ..errors import CheckpointError
 from ..surgery import is_crafted
 
 
-def save_trained(built, out_dir: str | os.PathLike, recipe) -> Path:
-    """Save a trained model: base reference + router/adapters (or upcycled experts) + the LoRA adapter.
+def save_trained(built, out_dir: str | os.PathLike, recipe, summary: dict | None = None) -> Path:
+    """Save a trained model: base reference + router/adapters (or upcycled experts) + the LoRA adapter, with a
+    model card (`summary`: the run's held-out results); then upload it when the recipe says `push_to_hub`.
 
     The base weights are frozen during training, so referring to the base is exact; `sparsecraft export`
     writes a standalone copy with LoRA merged.
     """
     lora_model = built.model if recipe.lora.enabled else None
-    return save_crafted(built.inner, out_dir, base=built.source, tokenizer=built.tokenizer, lora_model=lora_model,
-                        extra={"recipe": recipe.to_dict()})
+    out = save_crafted(built.inner, out_dir, base=built.source, tokenizer=built.tokenizer, lora_model=lora_model,
+                       extra={"recipe": recipe.to_dict()}, summary=summary,
+                       card_name=recipe.push_to_hub or Path(recipe.output_dir).name)
+    if recipe.push_to_hub:
+        from ..checkpoint.push import push_to_hub
+
+        url = push_to_hub(out, recipe.push_to_hub, private=recipe.push_private)
+        print(f"pushed {out} to {recipe.push_to_hub}: {url}")
+    return out
 
 
 def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None) -> Path:
@@ -44,4 +53,15 @@ def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        base = getattr(model, "_sparsecraft_base", None)
+        origin = None if base is None else {"spec": base.spec, "revision": base.revision}
+        write_model_card(tmp, {"method": "dense", "recipe": _saved_recipe(path)}, standalone=True,
+                         name=out_dir.name, base=origin)
     return out_dir
+
+
+def _saved_recipe(path: str | os.PathLike) -> dict | None:
+    """The training recipe a sparsecraft directory's config.json holds, if any."""
+    from ..checkpoint.crafted import is_crafted_dir, read_config
+
+    return read_config(path).get("recipe") if is_crafted_dir(path) else None

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import ATTENTION_LORA_TARGETS, CraftConfig
 from ..errors import ConfigError
+from ..hub import looks_like_repo_id
 from ..methods import get_method
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
 
@@ -96,6 +97,8 @@ class Recipe:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     upit: UpitSettings = field(default_factory=UpitSettings)  # method upit only
+    push_to_hub: str = ""  # a hub repo ID: the trained model is uploaded there when the run ends
+    push_private: bool = False  # create that repo private
 
     def validate(self) -> None:
         method = get_method(self.method)  # one line naming the registered methods otherwise
@@ -116,6 +119,8 @@ class Recipe:
             self.craft_config()  # validates the craft section
         if method.options_field:
             method.validate_options(getattr(self, method.options_field))
+        if self.push_to_hub and (not looks_like_repo_id(self.push_to_hub) or "@" in self.push_to_hub):
+            raise ConfigError(f"push_to_hub must be a hub repo ID (org/name), got {self.push_to_hub!r}")
         if not self.data.get("sources"):
             raise ConfigError("data.sources is empty: name at least one data file (or pass data=FILE)")
         from ..data import DataConfig
