@@ -88,7 +88,8 @@ def test_training_a_hub_model_by_id_offline(cache, tmp_path):
     code = f"""
 import json
 from sparsecraft.cli import main
-code = main(["train", "{REPO / 'configs' / 'quickstart.yaml'}", "model=org/tiny", "output_dir=run", "data={data}", "quantization=none", "max_steps=2",
+code = main(["train", "{REPO / 'configs' / 'quickstart.yaml'}", "model=org/tiny", "output_dir=run", "data={data}",
+             "quantization=none", "max_steps=2",
              "batch_size=4", "lora.r=4", "craft.num_experts=4", "craft.adapter_dim=8", "data.max_length=32",
              "logging.progress=false", "checkpoint.every=0"])
 print(json.dumps({{"code": code, "base": json.load(open("run/model/config.json"))["base"]}}))
@@ -143,10 +144,9 @@ def _raising(exc):
     ("RevisionNotFoundError", "has no revision 'v9'"),
 ])
 def test_hub_errors_are_one_line(monkeypatch, name, message):
+    import httpx
     import huggingface_hub
     from huggingface_hub import errors
-
-    import httpx
 
     response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/org/private"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _raising(getattr(errors, name)("boom",
