@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
 from .config import CraftConfig
 from .craft import craft
-from .errors import CheckpointError
 from .hub import looks_like_repo_id, snapshot, split_revision
 from .sources import BUILTIN_MODELS, load_base_model, resolve_base
 
@@ -39,14 +37,13 @@ def load(
         text = _hub_folder_if_sparsecraft(text, revision, hub) or text
     if os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json")):
         if is_crafted_dir(text):
-            return load_crafted(text, dtype=dtype, device=device, **from_pretrained_kwargs)
+            return load_crafted(text, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
         from .checkpoint.published import detect_published_layout, load_published
 
         if detect_published_layout(read_config(text)):
             return load_published(text, allow_pickle=allow_pickle, dtype=dtype, device=device)
-        _refuse_pickle_only(Path(text), allow_pickle)
     source = resolve_base(text, revision, **hub)
-    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     model._sparsecraft_base = source
     return model.eval()
 
@@ -66,15 +63,6 @@ def _hub_folder_if_sparsecraft(repo: str, revision: str | None, hub: dict) -> st
     return str(snapshot(repo_id, revision=revision, **hub))
 
 
-def _refuse_pickle_only(path: Path, allow_pickle: bool) -> None:
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors and any(path.glob("*.bin")) and not allow_pickle:
-        raise CheckpointError(
-            f"{path} holds only pickled .bin weights, which can run code when loaded; pass --allow-pickle "
-            "(allow_pickle=True) if you trust it, then re-save it as safetensors"
-        )
-
-
 def craft_from(
     base: str | os.PathLike,
     config: CraftConfig | None = None,
@@ -84,13 +72,14 @@ def craft_from(
     seed: int | None = None,
     method: str = "pesc",
     revision: str | None = None,
+    allow_pickle: bool = False,
     **from_pretrained_kwargs,
 ):
     """Load a dense base (directory, GGUF file, built-in name or hub ID) and craft it with a registered `method`
     (`pesc`, `upcycle`, `mixlora`, ...). Returns the crafted model."""
     hub = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
     source = resolve_base(base, revision, **hub)
-    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     craft(model, config or CraftConfig(), seed=seed, method=method)
     model._sparsecraft_base = source
     return model

@@ -113,16 +113,27 @@ def load_base_config(source: BaseSource):
         raise CheckpointError(f"cannot read the model config at {source.spec}: {_first_line(exc)}") from exc
 
 
+PICKLE_HELP = ("pickled .bin weights can run code when loaded, so they are read only on request: pass "
+               "--allow-pickle (allow_pickle=True, `allow_pickle: true` in a recipe) if you trust them, then re-save "
+               "as safetensors")
+
+
 def load_base_model(
     source: BaseSource,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    *,
+    allow_pickle: bool = False,
     **from_pretrained_kwargs,
 ):
-    """Load a base causal LM with `AutoModelForCausalLM.from_pretrained` (GGUF weights are de-quantised)."""
+    """Load a base causal LM with `AutoModelForCausalLM.from_pretrained` (GGUF weights are de-quantised).
+
+    The one gate every weight load passes: safetensors (or GGUF) only, unless `allow_pickle`."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(from_pretrained_kwargs)
+    if not allow_pickle and not source.gguf_file:
+        kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
     elif source.gguf_file:
@@ -132,7 +143,23 @@ def load_base_model(
     try:
         return AutoModelForCausalLM.from_pretrained(source.directory, **source.kwargs, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if kwargs.get("use_safetensors") and _has_only_pickles(source):
+            raise CheckpointError(f"{source.spec} holds only pickled weights: {PICKLE_HELP}") from None
         raise CheckpointError(f"cannot load the model at {source.spec}: {_first_line(exc)}") from exc
+
+
+def _has_only_pickles(source: BaseSource) -> bool:
+    """Whether the base's weights are `.bin` files only (locally, or as the hub repo lists them)."""
+    if source.is_hub:
+        try:
+            from huggingface_hub import list_repo_files
+
+            names = list_repo_files(source.directory, revision=source.revision)
+        except Exception:  # noqa: BLE001 - offline or unreachable: the cached snapshot is all we can tell from
+            return False
+    else:
+        names = [p.name for p in Path(source.directory).iterdir()]
+    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
 
 
 def load_tokenizer(source: BaseSource):

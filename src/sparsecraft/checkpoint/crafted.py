@@ -35,7 +35,7 @@ from ..config import CraftConfig
 from ..errors import CheckpointError, ConfigError
 from ..methods import get_method, method_of
 from ..moe.model import set_saver
-from ..sources import BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
+from ..sources import PICKLE_HELP, BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
 from ..surgery import craft_config_of, is_added_name, text_config
 from .card import write_model_card
 
@@ -255,9 +255,11 @@ def load_crafted(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    allow_pickle: bool = False,
     **from_pretrained_kwargs,
 ):
-    """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model."""
+    """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model; pickled base or LoRA
+    weights only with `allow_pickle`."""
     path = Path(path)
     config = read_config(path)
     try:
@@ -275,7 +277,7 @@ def load_crafted(
             raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
     source = resolve_saved_base(path, config["base"])
     _check_base_shapes(path, source, config["base_config"])
-    model = load_base_model(source, dtype=dtype, device=device, **from_pretrained_kwargs)
+    model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     if config.get("shared"):
         # before crafting: these are base weights under the base's own keys (an upcycled FFN's keys go away)
         model._sparsecraft_shared = load_shared_weights(model, path / config["shared"])
@@ -283,18 +285,22 @@ def load_crafted(
         method.restore(model, craft_cfg, config.get("crafted_layers") or craft_cfg.layers)
         load_new_weights(model, path / (config.get("weights") or WEIGHTS_NAME))
     if config.get("lora"):
-        model = _merge_lora(model, path / config["lora"])
+        model = _merge_lora(model, path / config["lora"], allow_pickle)
     model._sparsecraft_base = source
     model._sparsecraft_path = str(path)
     return model.eval()
 
 
-def _merge_lora(model, lora_dir: Path):
+def _merge_lora(model, lora_dir: Path, allow_pickle: bool = False):
     """Apply a saved peft LoRA adapter and merge it into the base weights (de-quantising 4-bit ones)."""
     from peft import PeftModel
 
     if not lora_dir.is_dir():
         raise CheckpointError(f"missing LoRA adapter folder {lora_dir}")
+    if not (lora_dir / "adapter_model.safetensors").is_file() and not allow_pickle:
+        pickled = (lora_dir / "adapter_model.bin").is_file()
+        raise CheckpointError(f"{lora_dir} holds only a pickled adapter_model.bin: {PICKLE_HELP}" if pickled
+                              else f"{lora_dir} has no adapter_model.safetensors")
     peft_model = PeftModel.from_pretrained(model, str(lora_dir))
     merged = peft_model.merge_and_unload()
     for attr in ("_sparsecraft_base",):

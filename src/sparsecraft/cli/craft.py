@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--standalone", action="store_true", help="copy the base weights into OUT")
     p.add_argument("--dtype", default=None, help="dtype to load the base in (float32, bfloat16, float16)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new weights' initialisation")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (they can run code)")
     p.add_argument("--dry-run", action="store_true",
                    help="report parameters and training memory from the config alone (meta device, no weights)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the --dry-run memory estimate")
@@ -51,7 +52,8 @@ def run(args) -> int:
     from ..report import parameter_report
 
     start = time.perf_counter()
-    model = craft_from(args.base, cfg, dtype=args.dtype, seed=args.seed, method=args.method)
+    model = craft_from(args.base, cfg, dtype=args.dtype, seed=args.seed, method=args.method,
+                       allow_pickle=args.allow_pickle)
     print(parameter_report(model).format())
     out = save_crafted(model, args.out, standalone=args.standalone)
     kind = "standalone" if args.standalone else f"referring to base {args.base}"

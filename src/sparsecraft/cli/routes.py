@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
                    help="a training metrics.jsonl for the aux-loss / imbalance curve (default: the one beside the "
                         "model directory, if any)")
     p.add_argument("--dtype", default=None, help="model dtype (default: as saved)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (they can run code)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -68,7 +69,7 @@ def run(args) -> int:
     if args.metrics and not metrics.is_file():
         raise ConfigError(f"metrics file not found: {args.metrics}")
 
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
     tokenizer = load_tokenizer_for(args.model, model)
     stats = routing_stats(model, tokenizer, sources, max_records=args.max_records, batch_size=args.batch_size,
                           max_length=max_length, template=args.template or "auto", truncation=truncation,

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
                    help="run one stage (its inputs must exist) or all four (default)")
     p.add_argument("--resume", action="store_true",
                    help="skip finished stages and continue an interrupted one from its checkpoints")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled .bin weights (they can run code); same as allow_pickle=true")
     p.set_defaults(run=run)
 
 
@@ -23,7 +25,7 @@ def run(args) -> int:
     from ..upit.config import load_upit_config
     from ..upit.pipeline import run_pipeline
 
-    cfg = load_upit_config(args.config, args.overrides)
+    cfg = load_upit_config(args.config, args.overrides + (["allow_pickle=true"] if args.allow_pickle else []))
     results = run_pipeline(cfg, args.stage, resume=args.resume)
     route = results.get("route") or {}
     if route.get("record_accuracy") is not None:

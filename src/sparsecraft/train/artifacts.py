@@ -30,7 +30,8 @@ def save_trained(built, out_dir: str | os.PathLike, recipe, summary: dict | None
     return out
 
 
-def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=None,
+                  allow_pickle: bool = False) -> Path:
     """Load a trained model (LoRA merged into de-quantised base weights) and write it standalone.
 
     Crafted models become a standalone sparsecraft directory; dense ones a plain transformers directory.
@@ -42,7 +43,7 @@ def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty")
-    model = load(path, dtype=dtype)
+    model = load(path, dtype=dtype, allow_pickle=allow_pickle)
     try:
         tokenizer = load_tokenizer_for(path, model)
     except CheckpointError:

@@ -97,6 +97,7 @@ class Recipe:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     upit: UpitSettings = field(default_factory=UpitSettings)  # method upit only
+    allow_pickle: bool = False  # read pickled .bin weights (they can run code when loaded)
     push_to_hub: str = ""  # a hub repo ID: the trained model is uploaded there when the run ends
     push_private: bool = False  # create that repo private
 

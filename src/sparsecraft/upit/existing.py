@@ -122,7 +122,7 @@ def lora_experts_from_peft(paths: list[Path], base_model: nn.Module, shared_mode
 
 
 def ffn_experts_from_checkpoints(paths: list[Path], base_model: nn.Module, shared_mode: str,
-                                 kind: str) -> ExpertSet:
+                                 kind: str, allow_pickle: bool = False) -> ExpertSet:
     """Full checkpoints of the same base as experts: their FFNs -> experts, other weights -> `shared`
     (`average`: mean of the checkpoints, `last`: the last one's, `base`: none). base = the base's FFNs."""
     from ..loading import load
@@ -135,7 +135,7 @@ def ffn_experts_from_checkpoints(paths: list[Path], base_model: nn.Module, share
     base_weights = base_model.state_dict()
     states, others = [], []
     for path in paths:
-        model = load(path, dtype=torch.float32)
+        model = load(path, dtype=torch.float32, allow_pickle=allow_pickle)
         if is_crafted(model):
             raise ConfigError(f"{path} is a mixture-of-experts model; FFN experts come from dense checkpoints")
         weights = model.state_dict()
@@ -152,7 +152,8 @@ def ffn_experts_from_checkpoints(paths: list[Path], base_model: nn.Module, share
                      names=[expert_name(p) for p in paths])
 
 
-def experts_from_paths(paths: list[str | Path], model: str, kind: str, shared: str = "average") -> ExpertSet:
+def experts_from_paths(paths: list[str | Path], model: str, kind: str, shared: str = "average",
+                       allow_pickle: bool = False) -> ExpertSet:
     """Existing experts instead of the dense stage.
 
     kind `lora`: PEFT LoRA adapter folders (or sparsecraft `method: dense` model folders holding `lora/`) of the
@@ -165,7 +166,7 @@ def experts_from_paths(paths: list[str | Path], model: str, kind: str, shared: s
     for p in resolved:
         if not p.is_dir():
             raise CheckpointError(f"expert path not found: {p}")
-    base_model = load_base_model(resolve_base(model), dtype=torch.float32)
+    base_model = load_base_model(resolve_base(model), dtype=torch.float32, allow_pickle=allow_pickle)
     source = method_for_kind(kind).upit_existing
     if source == "peft":
         peft_dirs = [_peft_dir(p) for p in resolved]
@@ -174,7 +175,7 @@ def experts_from_paths(paths: list[str | Path], model: str, kind: str, shared: s
             raise ConfigError(f"{bad[0]} is not a PEFT LoRA adapter folder (no adapter_config.json)")
         es = lora_experts_from_peft(peft_dirs, base_model, shared, kind)
     elif source == "checkpoint":
-        es = ffn_experts_from_checkpoints(resolved, base_model, shared, kind)
+        es = ffn_experts_from_checkpoints(resolved, base_model, shared, kind, allow_pickle)
     else:
         takers = ", ".join(k for k in expert_kinds() if method_for_kind(k).upit_existing)
         raise ConfigError(f"existing experts can be of kind {takers}, not kind {kind}")

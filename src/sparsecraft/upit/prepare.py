@@ -85,7 +85,8 @@ def experts_from_run(cfg: UpitConfig, out: Path) -> ExpertSet:
         deltas.append(shared_lora_deltas(built.inner, skip_ffn) if recipe.lora.enabled else {})
     base_model = None
     if cfg.prepare.shared != "base" and deltas and deltas[0]:
-        base_model = load_base_model(resolve_base(recipe.model), dtype=torch.float32)
+        base_model = load_base_model(resolve_base(recipe.model), dtype=torch.float32,
+                                     allow_pickle=recipe.allow_pickle)
     shared = combine_shared(deltas, cfg.prepare.shared, base_model)
     meta.update(model=recipe.model, source="dense-stage", steps=[c.step for c in chosen],
                 shared_mode=cfg.prepare.shared, shared_keys=len(shared))
@@ -100,7 +101,8 @@ def run_prepare(cfg: UpitConfig, *, resume: bool = False) -> ExpertSet:
     """Stage 1: the dense run (or the named existing experts) -> `prepare/experts/` (an ExpertSet)."""
     target = cfg.stage_dir("prepare") / EXPERTS_SUBDIR
     if cfg.prepare.experts_from:
-        es = experts_from_paths(cfg.prepare.experts_from, cfg.model, cfg.kind, cfg.prepare.shared)
+        es = experts_from_paths(cfg.prepare.experts_from, cfg.model, cfg.kind, cfg.prepare.shared,
+                                bool(cfg.common.get("allow_pickle")))
     else:
         out = run_dense(cfg, resume=resume)
         es = experts_from_run(cfg, out)

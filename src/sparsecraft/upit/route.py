@@ -58,7 +58,7 @@ def run_route(cfg: UpitConfig, es: ExpertSet, *, resume: bool = False) -> dict:
     if not train_idx:
         raise ConfigError("route: the seed holds no record to pre-train the router on; raise route.seed_min")
     seed_ds = train_ds + held_ds
-    base = load_base_model(resolve_base(cfg.model), dtype=torch.float32)
+    base = load_base_model(resolve_base(cfg.model), dtype=torch.float32, allow_pickle=post.allow_pickle)
     buckets_path = out / BUCKETS_NAME
     reuse = None
     if resume and buckets_path.is_file():
