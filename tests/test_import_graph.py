@@ -13,8 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sparsecraft"
 
 # Bottom to top: a unit (top-level module or package) may import units of a lower rank, and itself.
 RANKS = {
-    "errors": 0, "version": 0, "atomic": 0,
-    "config": 1, "yaml_settings": 1, "hub": 1, "sources": 2,
+    "errors": 0, "version": 0,
+    "atomic": 1, "config": 1, "yaml_settings": 1, "hub": 1, "sources": 2,
     "data": 2,
     "moe": 3, "generation": 3,
     "surgery": 4,
@@ -23,7 +23,7 @@ RANKS = {
     "checkpoint": 7, "report": 7,
     "loading": 8,
     "auto": 9, "train": 9,
-    "evaluate": 10, "upit": 10, "bench": 10,
+    "evaluate": 10, "upit": 10, "bench": 10, "serve": 10, "integrations": 10,
     "cli": 11,
     "__main__": 12, "__init__": 12,
 }

@@ -16,6 +16,29 @@ from pathlib import Path
 from typing import Any
 
 
+def check_output_path(target: str | os.PathLike, *, directory: bool = True, empty: bool = False) -> Path:
+    """Check before any work that `target` can be written: not a file where a directory goes (or the reverse),
+    not a non-empty directory when `empty`, a parent that is a writable directory. One-line CheckpointError."""
+    from .errors import CheckpointError
+
+    target = Path(target)
+    if target.exists():
+        if directory and not target.is_dir():
+            raise CheckpointError(f"{target} is a file; the output must be a directory")
+        if not directory and target.is_dir():
+            raise CheckpointError(f"{target} is a directory; the output must be a file")
+        if directory and empty and any(target.iterdir()):
+            raise CheckpointError(f"{target} exists and is not empty")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {target}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write {target}: {parent} is not writable")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a temporary directory beside `target`; on success it replaces `target` in one rename."""

@@ -38,6 +38,32 @@ def build_prompt_ids(tokenizer, prompt: str, chat: bool = True, system: str | No
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (`max_position_embeddings` of its text config), if known."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def fit_new_tokens(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """`max_new_tokens`, capped (with a note on stderr) so prompt + answer stay within the model's context;
+    ConfigError when the prompt alone fills it."""
+    import sys
+
+    from .errors import ConfigError
+
+    context = context_length(model)
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    room = context - prompt_tokens
+    if room <= 0:
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens, the model's context is {context}: shorten it")
+    print(f"note: max new tokens capped from {max_new_tokens} to {room}: the prompt takes {prompt_tokens} of the "
+          f"model's {context}-token context", file=sys.stderr)
+    return room
+
+
 def generate_text(
     model,
     tokenizer,
@@ -59,6 +85,7 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = build_prompt_ids(tokenizer, prompt, chat, system).to(model.device)
+    max_new_tokens = fit_new_tokens(model, input_ids.shape[1], max_new_tokens)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)

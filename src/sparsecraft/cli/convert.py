@@ -17,12 +17,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..atomic import check_output_path
     from ..checkpoint.crafted import save_crafted
     from ..checkpoint.published import export_published
     from ..errors import CheckpointError
     from ..loading import load
     from ..surgery import is_crafted
 
+    check_output_path(args.out)  # before loading
     model = load(args.src, allow_pickle=args.allow_pickle)
     if not is_crafted(model):
         raise CheckpointError(f"{args.src} is a dense model; craft it first (sparsecraft craft)")

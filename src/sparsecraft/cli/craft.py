@@ -47,6 +47,9 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise CheckpointError("craft needs an output directory (or --dry-run)")
+    from ..atomic import check_output_path
+
+    check_output_path(args.out)  # before loading the base
     from ..checkpoint.crafted import save_crafted
     from ..loading import craft_from
     from ..report import parameter_report

@@ -36,13 +36,11 @@ def export_merged(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=
 
     Crafted models become a standalone sparsecraft directory; dense ones a plain transformers directory.
     """
-    from ..atomic import atomic_directory
+    from ..atomic import atomic_directory, check_output_path
     from ..generation import load_tokenizer_for
     from ..loading import load
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir} exists and is not empty")
+    out_dir = check_output_path(out_dir, empty=True)  # before the (long) load
     model = load(path, dtype=dtype, allow_pickle=allow_pickle)
     try:
         tokenizer = load_tokenizer_for(path, model)

@@ -7,6 +7,7 @@ types are one-line `ConfigError`s raised before any data or model is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,26 @@ class Recipe:
                             ("logging.every", self.logging.every)):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if self.train.max_steps < 0 or self.train.epochs <= 0:
-            raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
-        if self.optim.lr <= 0 or not 0 <= self.optim.warmup_ratio < 1 or self.optim.max_grad_norm < 0:
-            raise ConfigError("optim: lr must be > 0, warmup_ratio in [0, 1), max_grad_norm >= 0")
+        for name, value in (("train.max_steps", self.train.max_steps), ("checkpoint.every", self.checkpoint.every),
+                            ("train.eval_every", self.train.eval_every),
+                            ("train.eval_batches", self.train.eval_batches)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {value}")
+        # every number is checked as finite: NaN fails no `<` test (a NaN max_grad_norm would silently turn
+        # clipping off) and an infinite lr diverges at the first step
+        _in_range("train.epochs", self.train.epochs, low=0, low_open=True)
+        _in_range("optim.lr", self.optim.lr, low=0, low_open=True)
+        _in_range("optim.eps", self.optim.eps, low=0, low_open=True)
+        _in_range("optim.weight_decay", self.optim.weight_decay, low=0)
+        _in_range("optim.max_grad_norm", self.optim.max_grad_norm, low=0)
+        _in_range("optim.warmup_ratio", self.optim.warmup_ratio, low=0, high=1)
+        _in_range("lora.alpha", self.lora.alpha, low=0, low_open=True)
+        _in_range("lora.dropout", self.lora.dropout, low=0, high=1)
+        betas = self.optim.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+        for beta in betas:
+            _in_range("optim.betas", beta, low=0, high=1)
         if method.builds_moe:
             self.craft_config()  # validates the craft section
         if method.options_field:
@@ -133,6 +150,15 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _in_range(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """A finite number with `low <= value < high` (`low < value` when `low_open`); one-line ConfigError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        span = f"({low}, {high})" if low_open else f"[{low}, {high})"
+        raise ConfigError(f"{name} must be a finite number in {span}, got {value!r}")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

@@ -1,0 +1,74 @@
+"""Bad numbers and bad paths are refused before any work, in one line (issue 15: items 1, 6, 7, 8)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+import sparsecraft
+from sparsecraft.cli import main
+from sparsecraft.errors import ConfigError
+from sparsecraft.train.recipe import load_recipe
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=.inf", "optim.lr must be a finite number"), ("lr=-1", "optim.lr"), ("lr=.nan", "optim.lr"),
+    ("optim.max_grad_norm=.nan", "max_grad_norm"),  # NaN there would silently turn clipping off
+    ("optim.eps=0", "optim.eps"), ("optim.weight_decay=.inf", "weight_decay"), ("optim.betas=[0.9, 1.0]", "betas"),
+    ("optim.betas=[0.9]", "betas"), ("epochs=.nan", "train.epochs"), ("lora.dropout=1.0", "lora.dropout"),
+    ("craft.dropout=.nan", "dropout"), ("checkpoint.every=-1", "checkpoint.every"),
+    ("train.eval_every=-2", "eval_every"),
+])
+def test_numbers_are_finite_and_in_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(None, ["data=x.jsonl", override])
+
+
+def test_recipe_number_errors_reach_the_cli_as_one_line(capsys):
+    assert main(["train", "configs/quickstart.yaml", "lr=.inf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr" in err[0]
+
+
+def test_generate_caps_new_tokens_at_the_models_context(tmp_path, capsys):
+    model = tiny_model("llama")  # max_position_embeddings 128
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--max-new-tokens", "100000",
+                 "--no-stream"]) == 0
+    err = capsys.readouterr().err
+    assert "capped from 100000 to" in err and "128-token context" in err
+    long_prompt = "x" * 200  # a character tokenizer: 200 tokens
+    assert main(["generate", str(tmp_path / "m"), "--prompt", long_prompt, "--no-chat-template"]) == 2
+    assert "context is 128" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    model = sparsecraft.craft(tiny_model(), sparsecraft.CraftConfig(num_experts=4, adapter_dim=8), seed=0)
+    sparsecraft.save(model, tmp_path / "pesc", standalone=True, tokenizer=tiny_tokenizer())
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory")
+    capsys.readouterr()
+    for argv in (["export", str(tmp_path / "pesc"), str(a_file)],
+                 ["craft", str(tmp_path / "pesc" / "base"), str(a_file)],
+                 ["convert", str(tmp_path / "pesc"), str(a_file), "--to", "camelidae"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a file" in err[0], argv
+    assert a_file.read_text() == "not a directory"
+
+
+def test_report_markdown_shows_html_in_names_as_text():
+    from sparsecraft.evaluate.report_doc import Section, Table
+    from sparsecraft.evaluate.report_markdown import render_markdown
+
+    md = render_markdown([Section("Runs <b>", ["a <script>alert(1)</script> & b",
+                                               Table(["run"], [["<img src=x onerror=alert(1)>"]])])])
+    assert "<script>" not in md and "<img" not in md and "<b>" not in md
+    assert "&lt;script&gt;" in md and "&lt;img src=x onerror=alert(1)&gt;" in md and "&amp; b" in md
+
+
+def test_no_nan_reaches_the_recipe_through_yaml(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim: {lr: .nan}\ndata: {sources: [{path: a.jsonl}]}\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_recipe(tmp_path / "r.yaml")
