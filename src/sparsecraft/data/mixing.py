@@ -9,9 +9,9 @@ import numpy as np
 from .config import DataSource
 
 
-def rng_for(seed: int, index: int, purpose: int) -> np.random.Generator:
-    """An RNG per (seed, source, purpose): one source's draw does not depend on the others'."""
-    return np.random.default_rng([seed, index, purpose])
+def rng_for(seed: int, index: int, purpose: int, *more: int) -> np.random.Generator:
+    """An RNG per (seed, source, purpose, ...): one source's draw does not depend on the others'."""
+    return np.random.default_rng([seed, index, purpose, *more])
 
 
 def split_eval(size: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""`prepare_data`: the whole pipeline, config + tokenizer → tokenised (optionally packed) splits + collator."""
+"""`prepare_data`: the whole pipeline, config + tokenizer → tokenised (optionally packed) splits + collator; a
+streaming config's train split is a `TokenStream` (tokenised on the fly) instead."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from datasets import Dataset, load_from_disk
 
 from .collate import PackingCollator, PaddingCollator, pad_id_of
 from .config import DataConfig, DataError
-from .load import load_records
+from .load import load_data
 from .pack import pack_dataset
 from .report import DataReport
+from .stream import RecordStream, TokenStream
 from .templates import resolve_template
 from .tokenize import token_stats, tokenize_fingerprint, tokenize_records
 
@@ -23,9 +25,9 @@ from .tokenize import token_stats, tokenize_fingerprint, tokenize_records
 @dataclass
 class PreparedData:
     """Tokenised splits (`input_ids`, `labels`, and `source` or, packed, `position_ids` and `num_samples`), the
-    collator that batches them, and the report."""
+    collator that batches them, and the report. Streaming: `train` is an endless `TokenStream` of samples."""
 
-    train: Dataset
+    train: Dataset | TokenStream
     eval: Dataset | None
     collator: Callable
     report: DataReport
@@ -69,11 +71,15 @@ def prepare_data(config: DataConfig, tokenizer, loaded: tuple | None = None,
                  cache_dir: str | Path | None = None) -> PreparedData:
     """Load and validate records, tokenise with prompt masking, pack if asked.
 
-    `loaded`: the result of an earlier `load_records(config)` (call it before loading the model to fail fast on
-    bad data, then pass it here). `cache_dir`: keep tokenised splits on disk, reused when nothing changed.
+    `loaded`: the result of an earlier `load_data(config)` (call it before loading the model to fail fast on
+    bad data, then pass it here). `cache_dir`: keep tokenised splits on disk, reused when nothing changed (not
+    for a stream, which is tokenised as it is read).
     """
-    train_records, eval_records, report = loaded if loaded is not None else load_records(config)
-    train = _tokenised(train_records, tokenizer, config, "train", report, cache_dir)
+    train_records, eval_records, report = loaded if loaded is not None else load_data(config)
+    if isinstance(train_records, RecordStream):
+        train: Dataset | TokenStream = TokenStream(train_records, tokenizer, config)
+    else:
+        train = _tokenised(train_records, tokenizer, config, "train", report, cache_dir)
     evaluation = (_tokenised(eval_records, tokenizer, config, "eval", report, cache_dir)
                   if eval_records is not None else None)
     pad = pad_id_of(tokenizer)

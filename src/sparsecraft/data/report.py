@@ -48,6 +48,7 @@ class DataReport:
     dropped: dict[str, Counter] = field(default_factory=dict)  # split -> tokenisation drop reason -> count
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> samples/tokens/targets/rows
     notes: list[str] = field(default_factory=list)
+    streamed: bool = False  # the train split is a stream: no record count until it is read
 
     @property
     def skipped(self) -> Counter:
@@ -70,12 +71,13 @@ class DataReport:
 
     def format(self) -> str:
         """A few lines for the terminal."""
-        lines = [f"data: {len(self.sources)} file(s), "
-                 f"{self.train_records:,} train / {self.eval_records:,} eval records"]
+        train = "streamed" if self.streamed else f"{self.train_records:,}"
+        lines = [f"data: {len(self.sources)} source(s), {train} train / {self.eval_records:,} eval records"]
         for s in self.sources:
             split = "" if s.split == "train" else f" [{s.split}]"
-            line = (f"  {s.name}{split} ({s.format}, {s.path}): {s.read:,} read, {s.valid:,} valid -> "
-                    f"{s.train:,} train, {s.eval:,} eval")
+            line = f"  {s.name}{split} ({s.format}, {s.path}): {s.read:,} read, {s.valid:,} valid"
+            if not (self.streamed and s.split == "train"):  # a stream's draws are not counted per source
+                line += f" -> {s.train:,} train, {s.eval:,} eval"
             if s.skipped:
                 line += f"; skipped {sum(s.skipped.values()):,} ({s.skipped_summary()})"
             lines.append(line)

@@ -107,6 +107,18 @@ def truncate(ids: list[int], labels: list[int], max_length: int, side: str = "ri
     return ids[:keep] + ids[len(ids) - max_length + keep:], labels[:keep] + labels[len(ids) - max_length + keep:]
 
 
+def encode_record(tokenizer, messages: list[Message], chat_template: str, bos_id: int | None, max_length: int,
+                  truncation: str) -> tuple[list[int], list[int], str]:
+    """`(input_ids, labels, drop)` of one conversation cut to `max_length`; `drop` is "" for a usable sample, else
+    why it is not: `dropped_no_target`, `template_error`, `template_mismatch` (see `tokenize_records`)."""
+    try:
+        ids, labels = encode_conversation(tokenizer, messages, chat_template, bos_id)
+        ids, labels = truncate(ids, labels, max_length, truncation, tokenizer.bos_token_id)
+    except BadRecord as bad:
+        return [], [], bad.reason
+    return ids, labels, "dropped_no_target" if all(x == IGNORE_INDEX for x in labels) else ""
+
+
 def tokenize_fingerprint(records: Dataset, tokenizer, chat_template: str, max_length: int,
                          truncation: str) -> str:
     """A hash of everything the tokenised result depends on: records, tokenizer, template, length, side."""
@@ -130,14 +142,7 @@ def tokenize_records(records: Dataset, tokenizer, template: str = "auto", max_le
     def encode_batch(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "drop": []}
         for messages, source in zip(batch["messages"], batch["source"]):
-            drop = ""
-            try:
-                ids, labels = encode_conversation(tokenizer, messages, chat_template, bos_id)
-                ids, labels = truncate(ids, labels, max_length, truncation, tokenizer.bos_token_id)
-                if all(x == IGNORE_INDEX for x in labels):
-                    drop = "dropped_no_target"
-            except BadRecord as bad:
-                drop, ids, labels = bad.reason, [], []
+            ids, labels, drop = encode_record(tokenizer, messages, chat_template, bos_id, max_length, truncation)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["source"].append(source)

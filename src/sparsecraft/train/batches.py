@@ -4,12 +4,16 @@ Epoch `e` visits the samples in `randperm(N, seed + e)`. Each micro-step takes t
 world_size` indices of that order and rank r keeps its own `batch_size`; an optimizer step is `grad_accum`
 micro-steps. Where a run is in the data is a pure function of the step number, so resuming at step s
 replays exactly what an uninterrupted run would have seen, and global token counts need no communication.
+
+A streamed train split (`StreamBatches`) has no length and no index: the steps come off the stream in order, the
+micro-batches split over ranks the same way, and the stream's position is saved with each checkpoint instead.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -64,3 +68,39 @@ class BatchPlan:
 
     def epoch_of(self, step: int) -> float:
         return step * self.grad_accum / max(1, self.micro_steps_per_epoch)
+
+
+class SampleStream(Protocol):
+    """What `StreamBatches` reads: endless samples, and a JSON-able position to save and restore."""
+
+    def __next__(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class StreamBatches:
+    """Optimizer steps taken off an endless sample stream, in order.
+
+    Every rank reads the whole stream and keeps its own `batch_size` of each global micro-batch of `batch_size *
+    world_size` samples, so the ranks agree on every batch with no communication (each tokenises every sample,
+    cheap next to the model's forward and backward). After step s, `state_dict()` is where step s + 1 starts.
+    """
+
+    def __init__(self, stream: SampleStream | Iterator, batch_size: int, world_size: int = 1, rank: int = 0,
+                 grad_accum: int = 1):
+        self.stream, self.batch_size, self.world_size = stream, batch_size, world_size
+        self.rank, self.grad_accum = rank, grad_accum
+
+    def rank_samples(self) -> list[list[dict]]:
+        """This rank's `grad_accum` micro-batches (lists of `batch_size` samples) for the next optimizer step."""
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        micro = [[next(self.stream) for _ in range(self.batch_size * self.world_size)] for _ in range(self.grad_accum)]
+        return [m[lo:hi] for m in micro]
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

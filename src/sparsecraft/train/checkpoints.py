@@ -1,7 +1,8 @@
 """Training checkpoints that survive being killed mid-write, and resume from the last complete one.
 
 A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors), optimizer and
-scheduler state, every rank's RNG state and `state.json` (step, tokens seen). It is written into
+scheduler state, every rank's RNG state and `state.json` (step, tokens seen, and for a streamed train split the
+stream's position under `data_stream`). It is written into
 `.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
 always complete; a kill during the write leaves only the `.tmp` folder, which the next save removes.
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 
 STATE_NAME = "state.json"
+STREAM_KEY = "data_stream"  # state.json: where a streamed train split stood after the checkpoint's step
 _PREFIX = "step-"
 # Test hook: seconds to sleep after writing and before the rename, so a test can kill a real process mid-save.
 _DELAY_ENV = "SPARSECRAFT_TEST_SAVE_DELAY"
@@ -147,3 +149,14 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((path / f"rng_{rank}.json").read_text()))
     return state
+
+
+def stream_position(state: dict, path: Path, streamed: bool) -> dict | None:
+    """The data stream's position saved in checkpoint `path` (None for a run over a fixed dataset); one line when
+    the checkpoint and the recipe disagree about streaming, whose positions cannot stand in for each other."""
+    if streamed and STREAM_KEY not in state:
+        raise CheckpointError(f"{path} was written by a run without data streaming; resume it with the same data "
+                              "settings (or start a new output_dir)")
+    if not streamed and STREAM_KEY in state:
+        raise CheckpointError(f"{path} was written by a run with data streaming; resume it with streaming on")
+    return state.get(STREAM_KEY)

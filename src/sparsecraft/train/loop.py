@@ -1,7 +1,8 @@
 """The training run a recipe describes, top to bottom: data -> model -> optimizer -> steps -> checkpoints -> model.
 
 Multi-process: run it under `accelerate launch` or `torchrun`; accelerate wraps the model for DDP (or FSDP /
-DeepSpeed from an accelerate config). Each rank reads its own slice of every global batch (see batches.py).
+DeepSpeed from an accelerate config). Each rank reads its own slice of every global batch (see batches.py); a
+streamed train split (`data.streaming`) runs `train.max_steps` steps and saves its position in every checkpoint.
 The LM loss is normalised by the number of target tokens in the whole global step, so any split of a global
 batch over processes and accumulation steps gives the same gradient as one process taking it at once.
 """
@@ -19,8 +20,8 @@ import torch
 
 from ..errors import ConfigError
 from ..methods import get_method
-from .batches import BatchPlan
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .batches import BatchPlan, StreamBatches
+from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, stream_position
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
 from .nll import row_nll
 from .recipe import Recipe
@@ -167,7 +168,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
-    from ..data import DataConfig, PaddingCollator, load_records, prepare_data, resolve_template
+    from ..data import DataConfig, PaddingCollator, load_data, prepare_data, resolve_template
     from ..data.collate import pad_id_of
     from ..memory import logical_numel
     from .artifacts import save_trained
@@ -187,7 +188,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         raise ConfigError(f"{output} already holds checkpoints: pass --resume to continue, or another output_dir")
 
     data_cfg = DataConfig.from_dict(recipe.data)
-    loaded = load_records(data_cfg)  # unusable data is an error before any model is loaded
+    streamed = data_cfg.streams
+    if streamed and recipe.train.max_steps <= 0:
+        raise ConfigError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
+    loaded = load_data(data_cfg)  # unusable data is an error before any model is loaded
     set_seed(recipe.train.seed)
     built = build_model(recipe, device=accelerator.device)
     prepared = prepare_data(data_cfg, built.tokenizer, loaded=loaded)
@@ -211,12 +215,18 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         model, optimizer = accelerator.prepare(built.model, optimizer)
     else:
         model = accelerator.prepare_model(built.model)  # DDP (or nothing on one process)
-    plan = BatchPlan(len(prepared.train), recipe.train.batch_size, accelerator.num_processes,
-                     accelerator.process_index, recipe.train.grad_accum, recipe.train.seed)
-    if plan.micro_steps_per_epoch == 0:
-        raise ConfigError(f"{len(prepared.train)} training samples cannot fill one global batch of "
-                          f"{plan.global_micro_batch}; lower train.batch_size")
-    total_steps = plan.total_steps(recipe.train.epochs, recipe.train.max_steps)
+    plan, feed = None, None
+    if streamed:
+        feed = StreamBatches(prepared.train, recipe.train.batch_size, accelerator.num_processes,
+                             accelerator.process_index, recipe.train.grad_accum)
+        total_steps = recipe.train.max_steps
+    else:
+        plan = BatchPlan(len(prepared.train), recipe.train.batch_size, accelerator.num_processes,
+                         accelerator.process_index, recipe.train.grad_accum, recipe.train.seed)
+        if plan.micro_steps_per_epoch == 0:
+            raise ConfigError(f"{len(prepared.train)} training samples cannot fill one global batch of "
+                              f"{plan.global_micro_batch}; lower train.batch_size")
+        total_steps = plan.total_steps(recipe.train.epochs, recipe.train.max_steps)
     scheduler = _scheduler(recipe, optimizer, total_steps)
     start, state = 0, {"tokens": 0, "seconds": 0.0}
     metrics = MetricsLog(output, enabled=main, tensorboard=recipe.logging.tensorboard)
@@ -224,6 +234,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         state = load_checkpoint(last, params, optimizer, scheduler, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)
         start = state["step"]
+        position = stream_position(state, last, streamed)
+        if feed is not None:
+            feed.load_state_dict(position)
         if main:
             truncate_after(metrics.path, start)
             print(f"resumed from {last} (step {start} of {total_steps})")
@@ -245,8 +258,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     last_stats = None
     for step in range(start, total_steps):
         t0 = time.perf_counter()
-        batches = [_to_device(prepared.collator([prepared.train[i] for i in idx]), accelerator.device)
-                   for idx in plan.rank_indices(step)]
+        samples = (feed.rank_samples() if feed is not None
+                   else [[prepared.train[i] for i in idx] for idx in plan.rank_indices(step)])
+        batches = [_to_device(prepared.collator(micro), accelerator.device) for micro in samples]
         stats = train_step(model, batches, accelerator, craft_cfg)
         grad_norm = None
         if recipe.optim.max_grad_norm > 0:
@@ -260,9 +274,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         first_loss = stats.lm_loss if first_loss is None else first_loss
         last_stats = stats
         done = step + 1
-        record = {"step": done, "epoch": round(plan.epoch_of(done), 4), "loss": stats.lm_loss,
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens,
-                  "tokens_per_s": stats.tokens / dt if dt > 0 else None}
+        epoch = {"epoch": round(plan.epoch_of(done), 4)} if plan is not None else {}  # a stream has no epochs
+        record = {"step": done, **epoch, "loss": stats.lm_loss, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": stats.tokens / dt if dt > 0 else None}
         if stats.aux_loss is not None:
             record.update(aux_loss=stats.aux_loss, z_loss=stats.z_loss, load_imbalance=load_imbalance(stats.counts),
                           expert_load=expert_load(stats.counts))
@@ -275,9 +289,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
-            save_checkpoint(output, done, params, optimizer, scheduler,
-                            {"tokens": tokens, "seconds": seconds, "first_loss": first_loss,
-                             "initial_eval": initial_eval},
+            progress = {"tokens": tokens, "seconds": seconds, "first_loss": first_loss, "initial_eval": initial_eval}
+            if feed is not None:
+                progress[STREAM_KEY] = feed.state_dict()
+            save_checkpoint(output, done, params, optimizer, scheduler, progress,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep)
     bar.close()
@@ -292,6 +307,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         "total_params": sum(logical_numel(p) for p in built.model.parameters()),
         "peak_mem_bytes": peak_memory_bytes(accelerator.device),
         "world_size": accelerator.num_processes,
+        **({STREAM_KEY: feed.state_dict()} if feed is not None else {}),
     }
     if main:
         metrics.log({"step": total_steps, **{k: v for k, v in final_eval.items()}})
