@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sparsecraft.data import DataConfig, DataError, DataSource, load_records, load_source
+from sparsecraft.data import DataConfig, DataError, DataSource, load_records, load_source, open_stream
 from sparsecraft.train.recipe import load_recipe
 
 MAIN, OLD = "a" * 40, "b" * 40
@@ -101,6 +101,14 @@ def test_paper_sets_have_a_ready_mapping(hub):
     assert report.skipped == Counter({"malformed_json": 1}) and report.examples[0].startswith("org/chat/train.jsonl:3")
 
 
+def test_a_cached_hub_set_streams(hub):
+    cache_repo(hub, "Open-Orca/SlimOrca", {"data/train-00000-of-00001.parquet": parquet(SLIMORCA)})
+    stream, _, report = open_stream(DataConfig([DataSource("Open-Orca/SlimOrca")], streaming=True, shuffle_buffer=0))
+    drawn = [next(stream)["messages"][1]["content"] for _ in range(7)]
+    assert drawn == [f"hi {i}" for i in range(5)] + ["hi 0", "hi 1"]  # file order, then the next pass
+    assert report.sources[0].format == "sharegpt" and report.sources[0].read == 5
+
+
 def test_revision_subset_and_files(hub):
     rows = [{"query": "new?", "response": "new"}]
     cache_repo(hub, "org/multi", {"README.md": b"---\nconfigs:\n- config_name: easy\n  data_files: easy/*.jsonl\n"
@@ -116,6 +124,20 @@ def test_revision_subset_and_files(hub):
         load_source(DataSource("org/multi"))
     with pytest.raises(DataError, match=r"no subset 'medium' \(subsets: easy, hard\)"):
         load_source(DataSource("org/multi", subset="medium"))
+
+
+def test_partly_cached_repo_reads_the_files_it_has(hub):
+    """`hf download --include "data/*.parquet"`: the cache knows the repo's whole file list but holds only part."""
+    from huggingface_hub._snapshot_download import TreeCacheEntry, write_tree_cache
+
+    rows = [{"query": "q?", "response": "r"}]
+    cache_repo(hub, "org/big", {"data/train.parquet": parquet(rows)})
+    listing = {name: TreeCacheEntry(size=1, blob_id="0" * 40, lfs_sha256=None, lfs_size=None, xet_hash=None)
+               for name in ("data/train.parquet", "extra/huge.parquet", "README.md")}
+    write_tree_cache(str(hub / "datasets--org--big"), MAIN, listing)
+    with pytest.raises(DataError, match=r"org/big: the cache holds only part of it \(missing: .*extra/huge.parquet"):
+        load_source(DataSource("org/big"))
+    assert len(load_source(DataSource("org/big", files="data/*.parquet"))[0]) == 1
 
 
 def test_not_cached_while_offline_names_the_id_and_the_setting(hub):

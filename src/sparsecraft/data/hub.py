@@ -21,13 +21,15 @@ def _first_line(exc: BaseException) -> str:
 def snapshot_folder(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """The snapshot folder of hub dataset `repo_id` in huggingface_hub's cache (downloaded unless offline).
 
-    `allow_patterns`: fetch only the files matching these globs (and the README, which names subsets).
-    Raises a one-line `DataError` naming the ID: not on the hub, gated, no such revision, offline and not cached.
+    `allow_patterns`: fetch (or, offline, expect in the cache) only the files matching these globs.
+    Raises a one-line `DataError` naming the ID: not on the hub, gated, no such revision, offline and not cached,
+    cached only in part.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -35,9 +37,8 @@ def snapshot_folder(repo_id: str, revision: str | None = None, allow_patterns: l
 
     what = f"hub dataset {repo_id}" + (f"@{revision}" if revision else "")
     offline = constants.is_offline_mode()
-    patterns = allow_patterns + ["README.md"] if allow_patterns else None
     try:
-        folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns,
+        folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=allow_patterns,
                                    local_files_only=offline)
     except GatedRepoError:
         raise DataError(f"{what} is gated: accept its terms on the hub, then log in (`hf auth login`) or set "
@@ -47,6 +48,10 @@ def snapshot_folder(repo_id: str, revision: str | None = None, allow_patterns: l
                         "`hf auth login` or HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise DataError(f"{what}: no such revision on the hub") from None
+    except IncompleteSnapshotError as exc:  # e.g. `hf download --include ...` fetched only some files
+        missing = str(exc).split(" are missing (", 1)[-1].split(")", 1)[0] if " are missing (" in str(exc) else ""
+        raise DataError(f"{what}: the cache holds only part of it (missing: {missing or _first_line(exc)}); "
+                        "fetch the rest, or name the files you have with files:") from None
     except LocalEntryNotFoundError as exc:
         if offline:
             raise DataError(f"{what}: no such local path, and not in the hub cache while HF_HUB_OFFLINE is set; "
