@@ -22,7 +22,7 @@ from .prompts import chat_prompt_ids, check_sampling, completion_budget, complet
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .responses import ChunkWriter, RequestChannel, full_response, new_id
 
-# how often a non-streamed request checks whether its client is still there
+# how often a request without news checks that its client is still there (a streamed one writes an SSE comment)
 DISCONNECT_POLL_S = 0.5
 
 
@@ -96,7 +96,11 @@ def create_app(engine: Engine, *, model_name: str, context: int, max_body_bytes:
             if opening:
                 yield opening
             while True:
-                event = await channel.get()
+                try:
+                    event = await channel.get(DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    yield ": waiting\n\n"  # an SSE comment: a write, so a client that left is noticed
+                    continue
                 if event.kind == "text":
                     yield writer.text(event.text)
                 elif event.kind == "done":

@@ -111,6 +111,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_running = 0  # most rows ever decoded together (shows that batching happened)
 
     # -- called from the server's threads -------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +131,8 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue and any(r.cancelled for r in self._waiting):
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)  # their clients have left
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(request)
@@ -144,6 +147,7 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"running": len(self._slots), "waiting": len(self._waiting), "steps": self.steps,
+                    "peak_running": self.peak_running,
                     "alive": self._thread is not None and self._thread.is_alive()}
 
     # -- the engine thread -----------------------------------------------------------------------------------
@@ -212,6 +216,7 @@ class Engine:
         joined = KVBatch(cache, mask).select(keep)
         self._batch = joined if self._batch is None else self._batch.merge(joined)
         self._slots += [slots[i] for i in keep]
+        self.peak_running = max(self.peak_running, len(self._slots))
 
     def _decode(self) -> None:
         mask, positions = self._batch.step_inputs(self.device)

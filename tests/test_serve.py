@@ -1,0 +1,259 @@
+"""`sparsecraft serve` over HTTP, driven by the real `openai` client against a live server on 127.0.0.1: chat and
+text completions, plain and streamed, 8 concurrent clients getting exactly their solo answers, every kind of bad
+request answered with an OpenAI-style error (and the server still answering), 429 on a full queue, a client that
+disconnects mid-stream freeing its slot."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+import transformers as tf  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
+
+import sparsecraft  # noqa: E402
+from sparsecraft.config import CraftConfig  # noqa: E402
+from sparsecraft.serve.server import prepare  # noqa: E402
+from sparsecraft.serve.settings import ServeSettings  # noqa: E402
+
+CONTEXT = 256
+NAME = "tiny-pesc"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny LLaMA base with a ChatML character tokenizer, and a PESC model crafted from it (trained-looking
+    adapters), saved as a sparsecraft directory that refers to the base."""
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                         eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    model = sparsecraft.load(root / "base")
+    sparsecraft.craft(model, CraftConfig(num_experts=4, top_k=2, adapter_dim=8, dropout=0.0), seed=0)
+    with torch.no_grad():
+        for p in sparsecraft.new_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    sparsecraft.save(model, root / "pesc")
+    return root / "pesc"
+
+
+class Live:
+    """A server running in a thread of this process; `stop()` drains it as a signal would."""
+
+    def __init__(self, model_dir, **kw) -> None:
+        settings = ServeSettings(model=str(model_dir), port=0, served_model_name=NAME, log_level="warning", **kw)
+        self.prepared = prepare(settings)
+        self.engine = self.prepared.engine
+        self.url = self.prepared.url
+        self.thread = threading.Thread(target=self.prepared.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not come up")
+
+    def client(self, max_retries: int = 0):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=max_retries, timeout=60)
+
+    def stop(self) -> None:
+        self.prepared.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    server = Live(model_dir, max_model_len=CONTEXT, max_body_bytes=64 * 1024)
+    yield server
+    server.stop()
+
+
+def solo(live, prompt: str, n: int = 16) -> str:
+    """The model's own greedy continuation of the chat prompt, with transformers' generate."""
+    tok = live.engine.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        out = live.engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                         min_new_tokens=n, do_sample=False, pad_token_id=0, temperature=None,
+                                         top_p=None, top_k=None)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+
+
+GREEDY = {"temperature": 0, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_and_health(live):
+    models = live.client().models.list()
+    assert [m.id for m in models.data] == [NAME]
+    health = httpx.get(f"{live.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME
+
+
+def test_chat_plain_and_streamed(live):
+    client = live.client()
+    want, prompt_tokens = solo(live, "hello there")
+    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello there"}], **GREEDY)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == want and reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, 16)
+    assert reply.usage.total_tokens == prompt_tokens + 16
+    chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello there"}],
+                                                 stream=True, stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].choices == []
+
+
+def test_text_completions_plain_and_streamed(live):
+    client = live.client()
+    reply = client.completions.create(model=NAME, prompt="Once upon", **GREEDY)
+    assert reply.object == "text_completion" and reply.usage.completion_tokens == 16
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=NAME, prompt="Once upon",
+                                                                            stream=True, **GREEDY))
+    assert streamed == reply.choices[0].text
+    stopped = client.completions.create(model=NAME, prompt="Once upon", stop=[reply.choices[0].text[3:5]], **GREEDY)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == reply.choices[0].text[:3]
+
+
+def test_eight_concurrent_clients_get_their_solo_answers(live):
+    prompts = ["hi", "what is a mixture of experts?", "2+2=", "tell me a story", "abc", "def ghi", "x" * 40, "?"]
+    want = [solo(live, p)[0] for p in prompts]
+    peak_before = live.engine.peak_running
+
+    def ask(i: int) -> str:
+        client = live.client()
+        messages = [{"role": "user", "content": prompts[i]}]
+        if i % 2:
+            stream = client.chat.completions.create(model=NAME, messages=messages, stream=True, **GREEDY)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return client.chat.completions.create(model=NAME, messages=messages, **GREEDY).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(8)))
+    assert got == want
+    assert live.engine.peak_running > 1 or peak_before > 1  # requests shared decode steps
+
+
+def raw(live, body, path="/v1/chat/completions"):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{live.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
+
+
+def chat_body(**kw):
+    return {"model": NAME, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+BAD = [
+    ("malformed JSON", '{"model": "tiny-pesc", "messages": [', 400, None),
+    ("not an object", "[1, 2]", 422, None),
+    ("unknown model", chat_body(model="gpt-4"), 404, "model"),
+    ("empty messages", chat_body(messages=[]), 422, "messages"),
+    ("unknown role", chat_body(messages=[{"role": "wizard", "content": "hi"}]), 422, "messages[0].role"),
+    ("negative max_tokens", chat_body(max_tokens=-1), 422, "max_tokens"),
+    ("zero max_tokens", chat_body(max_tokens=0), 422, "max_tokens"),
+    ("huge max_tokens", chat_body(max_tokens=10**12), 400, "max_tokens"),
+    ("prompt over the context", chat_body(messages=[{"role": "user", "content": "y" * 400}]), 400, "messages"),
+    ("oversized message", chat_body(messages=[{"role": "user", "content": "z" * 100_000}]), 413, None),
+    ("n > 1", chat_body(n=2), 400, "n"),
+    ("temperature out of range", chat_body(temperature=5), 422, "temperature"),
+    ("image content", chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+     "messages[0].content[0]"),
+    ("missing messages", {"model": NAME}, 422, "messages"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, param", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(live, what, body, status, param):
+    response = raw(live, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_requests_through_the_client_and_the_server_still_answers(live):
+    client = live.client()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=NAME, prompt="w" * 300, max_tokens=5)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=NAME, prompt="w", max_tokens=-5)
+    assert raw(live, {}, path="/v1/nothing").status_code == 404
+    assert httpx.get(f"{live.url}/v1/models/nope").status_code == 404
+    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "still there?"}],
+                                           **GREEDY)
+    assert reply.usage.completion_tokens == 16
+    assert httpx.get(f"{live.url}/health").json()["alive"]
+
+
+def slowed(server, seconds: float):
+    """Make each engine step take at least `seconds` (so a test can act while a request is mid-generation)."""
+    forward = server.engine._forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    server.engine._forward = slow
+
+
+@pytest.fixture
+def narrow(model_dir):
+    """One slot, one waiting place, 20 ms per step."""
+    server = Live(model_dir, max_batch_size=1, max_queue=1)
+    slowed(server, 0.02)
+    yield server
+    server.stop()
+
+
+def test_full_queue_gets_429_with_retry_after(narrow):
+    long = {"max_tokens": 150, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as first, httpx.Client(timeout=30) as second:
+        with first.stream("POST", f"{narrow.url}/v1/chat/completions", json=chat_body(**long)) as running:
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(lines)  # the first request holds the only slot
+            with second.stream("POST", f"{narrow.url}/v1/chat/completions", json=chat_body(**long)) as waiting:
+                assert waiting.status_code == 200  # the only waiting place
+                third = raw(narrow, chat_body(max_tokens=2))
+                assert third.status_code == 429 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    narrow.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}])
+    # the closed streams leave within a retry or two (the server notices a disconnect on its next write)
+    retrying = narrow.client(max_retries=5)
+    reply = retrying.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert reply.usage.completion_tokens <= 2
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(narrow):
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{narrow.url}/v1/completions",
+                           json={"model": NAME, "prompt": "go", "max_tokens": 200, "temperature": 0,
+                                 "ignore_eos": True, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+    # the connection is closed: the slot must be free long before the 200 tokens (4 s at 20 ms a step) are done
+    start = time.monotonic()
+    reply = narrow.client().completions.create(model=NAME, prompt="next", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens <= 3 and time.monotonic() - start < 1.5
+    assert narrow.engine.steps < 100
