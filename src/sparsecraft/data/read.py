@@ -30,6 +30,8 @@ class OpenedSource:
         self.location = locate(source)
         known = None if Path(source.path).exists() else known_set(source.path)  # hub IDs only
         self.columns = source.columns or (known.columns if known else None) or None
+        # columns given with format auto were checked as record fields: they rename record fields only
+        self.mapped_as = source.format if source.columns else (known.format if known else "auto")
         fmt = source.format if source.format != "auto" or known is None else known.format
         self.report = SourceReport(name=source.display_name, path=source.path, format=fmt, split=split)
         items = self.location.records()
@@ -37,7 +39,7 @@ class OpenedSource:
         self._rest: Iterator | None = items
         records = [r for _, r in self._head if not isinstance(r, BadRecord)]
         if fmt == "auto":
-            fmt = detect_file_format([rename(r, self.columns, "auto") for r in records][:DETECT_FROM])
+            fmt = detect_file_format([rename(r, self.columns, self.mapped_as) for r in records][:DETECT_FROM])
             if fmt is None:
                 keys = next((sorted(r) for r in records if isinstance(r, dict)), None)
                 seen = (f"first record keys: {', '.join(keys)}" if keys is not None
@@ -45,7 +47,7 @@ class OpenedSource:
                 raise DataError(f"{source.path}: cannot tell the record format ({seen}); set format: to one of "
                                 f"{', '.join(FORMATS[1:])}, or map columns: onto one")
             self.report.format = fmt
-        missing, seen = unknown_columns(records, self.columns, fmt)
+        missing, seen = unknown_columns(records, self.columns, self.mapped_as)
         if missing:
             raise DataError(f"{source.path}: unknown column {missing[0]!r} in columns: (its records have: "
                             f"{', '.join(seen)})")
@@ -73,7 +75,7 @@ class OpenedSource:
                     report.skip(record.reason, where, record.detail)
                 continue
             try:
-                messages = normalise(rename(record, self.columns, self.format), self.format)
+                messages = normalise(rename(record, self.columns, self.mapped_as), self.format)
             except BadRecord as bad:
                 if count:
                     report.skip(bad.reason, where, bad.detail)
