@@ -20,7 +20,7 @@ RANKS = {
     "surgery": 4,
     "methods": 5,
     "craft": 6, "memory": 6,
-    "checkpoint": 7, "report": 7,
+    "checkpoint": 7, "report": 7, "scale": 8,
     "loading": 8,
     "auto": 9, "train": 9,
     "evaluate": 10, "upit": 10, "bench": 10, "serve": 10, "integrations": 10,

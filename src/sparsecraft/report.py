@@ -235,7 +235,7 @@ def _load_config(base_or_config: Any) -> tuple[Any, str]:
     return load_base_config(source), source.spec
 
 
-def _meta_model(config: Any) -> nn.Module:
+def meta_model(config: Any) -> nn.Module:
     """The causal LM of `config` with every tensor on the meta device: shapes only, no memory, no init."""
     from transformers import AutoModelForCausalLM
 
@@ -280,7 +280,7 @@ def dry_run(
     elif isinstance(craft_config, dict):
         craft_config = CraftConfig.from_dict(craft_config)
     config, label = _load_config(base_or_config)
-    model = _meta_model(config)
+    model = meta_model(config)
     architecture = type(model).__name__
     chosen.craft(model, craft_config)
     params = parameter_report(model)

@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-4)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parameters and per-GPU memory under each engine, from the model's config alone")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .bin base weights (they can run code); same as allow_pickle=true")
     p.set_defaults(run=run)
@@ -20,6 +22,11 @@ def run(args) -> int:
     from ..train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides + (["allow_pickle=true"] if args.allow_pickle else []))
+    if args.dry_run:
+        from ..scale import plan_training
+
+        print(plan_training(recipe).format())
+        return 0
     summary = run_recipe(recipe, resume=args.resume)
     if "model_dir" in summary:
         loss, before = summary.get("eval_loss"), summary.get("initial_eval_loss")
