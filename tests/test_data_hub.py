@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -157,6 +158,26 @@ def test_hub_unreachable_when_online_is_one_line(hub, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refuses connections at once
     with pytest.raises(DataError, match="hub dataset org/absent: cannot reach the hub and it is not in the cache"):
         load_source(DataSource("org/absent"))
+
+
+@pytest.mark.parametrize("error,message", [
+    ("RepositoryNotFoundError", "hub dataset org/x@v2: no such dataset on the hub and no such local path"),
+    ("GatedRepoError", "hub dataset org/x@v2 is gated: accept its terms on the hub"),
+    ("RevisionNotFoundError", "hub dataset org/x@v2: no such revision on the hub"),
+])
+def test_hub_answers_become_one_line_errors(hub, monkeypatch, error, message):
+    """What the hub answers online (simulated: these tests never reach it), as the user reads it."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def answer(*args, **kwargs):
+        raise getattr(errors, error)("404 Client Error\nmore detail",
+                                     response=SimpleNamespace(headers={}, status_code=404, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", answer)
+    with pytest.raises(DataError, match=message) as e:
+        load_source(DataSource("org/x", revision="v2"))
+    assert "\n" not in str(e.value)
 
 
 def test_ids_in_recipes_and_the_data_shorthand(hub, tmp_path):
