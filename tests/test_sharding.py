@@ -1,0 +1,160 @@
+"""Sharded training on the CPU with gloo, 2 processes: FSDP2 (`fully_shard`, experts split along the expert
+dimension) and DeepSpeed ZeRO-2/3 give the single-process run's losses and weights after a few AdamW steps; the
+gathered trainable tensors reload in one process. (accelerate refuses FSDP and DeepSpeed on a CPU, so these drive
+the engines directly; docs/scale.md has the GPU commands.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import tiny_model
+
+import sparsecraft
+
+STEPS, LR = 3, 1e-2
+IDS = torch.randint(5, 120, (4, 12), generator=torch.Generator().manual_seed(0))  # 4 rows, no padding
+
+
+def crafted():
+    model = sparsecraft.craft(tiny_model("llama"), sparsecraft.CraftConfig(num_experts=4, top_k=2, adapter_dim=8,
+                                                                           dropout=0.0), seed=0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".moe." in f".{name}")
+    with torch.no_grad():  # non-zero up-projections, so the adapters' gradients are not trivially zero
+        for _, mlp in sparsecraft.crafted_layers(model):
+            mlp.moe.experts.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return model.train()
+
+
+def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = crafted()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses, {k: v.detach().clone() for k, v in sparsecraft.new_parameters(model).items()}
+
+
+def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from sparsecraft.train import sharding
+
+    model = crafted()
+    model._sparsecraft_recorder.sync_across_processes = True  # router statistics over the global batch
+    rows = IDS[rank * 2:(rank + 1) * 2]
+    losses = []
+    if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        sharding.shard_model(model, init_device_mesh("cpu", (world,)))
+        expert = next(mlp.moe.experts.down for _, mlp in sparsecraft.crafted_layers(model))
+        shard_rows = expert.to_local().shape[0]  # the stacked experts split along the expert dimension
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        for _ in range(STEPS):
+            loss = model(input_ids=rows, labels=rows).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        state = sharding.full_trainable_state(model)
+    else:
+        import deepspeed
+
+        stage = int(engine[-1])
+        if stage == 3:
+            sharding.register_zero3_externals(model)
+        config = sharding.deepspeed_config(stage=stage, micro_batch=2, grad_accum=1, world_size=world,
+                                           max_grad_norm=0.0, bf16=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        ds, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR), config=config,
+                                           dist_init_required=False)
+        for _ in range(STEPS):
+            loss = ds(input_ids=rows, labels=rows).loss
+            ds.backward(loss)
+            ds.step()
+            losses.append(float(loss))
+        shard_rows = None
+        if stage == 3:
+            named = sparsecraft.new_parameters(ds.module)
+            with deepspeed.zero.GatheredParameters(list(named.values())):
+                state = {k: v.detach().clone() for k, v in named.items()}
+        else:
+            state = {k: v.detach().clone() for k, v in sparsecraft.new_parameters(ds.module).items()}
+    mean = torch.tensor(losses)
+    dist.all_reduce(mean)
+    if rank == 0:
+        torch.save({"losses": (mean / world).tolist(), "state": state, "shard_rows": shard_rows}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return reference()
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_two_processes_match_one(engine, single, tmp_path):
+    if engine != "fsdp2":
+        pytest.importorskip("deepspeed")
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), engine, str(out)), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=False)
+    want_losses, want_state = single
+    assert got["losses"] == pytest.approx(want_losses, rel=1e-4, abs=1e-5)
+    assert set(got["state"]) == set(want_state)
+    for key, value in want_state.items():
+        torch.testing.assert_close(got["state"][key].float(), value, rtol=1e-4, atol=1e-5)
+    if engine == "fsdp2":
+        assert got["shard_rows"] == 2  # 4 experts over 2 ranks
+
+
+def test_gathered_state_reloads_in_one_process(single, tmp_path):
+    """What a sharded run gathers is what `sparsecraft.save` writes: it reloads as the single-process model."""
+    _, state = single
+    model = crafted()
+    with torch.no_grad():
+        for key, param in sparsecraft.new_parameters(model).items():
+            param.copy_(state[key])
+    sparsecraft.save(model, tmp_path / "m", standalone=True)
+    loaded = sparsecraft.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model.eval()(IDS).logits)
+
+
+def test_fsdp1_wrap_policy_sees_the_experts():
+    from sparsecraft.moe.layers import RoutedBlock
+    from sparsecraft.train.sharding import fsdp1_wrap_policy
+
+    model = crafted()
+    policy = fsdp1_wrap_policy(model).keywords["lambda_fn"]
+    blocks = [m for m in model.modules() if isinstance(m, RoutedBlock)]
+    assert blocks and all(policy(b) for b in blocks)
+    assert all(policy(layer) for layer in model.model.layers)
+    assert not policy(model.model.embed_tokens)  # frozen leaf: left to its parent unit
+    from sparsecraft.train.sharding import deepspeed_config
+
+    cfg = deepspeed_config(stage=3, micro_batch=4, grad_accum=4, world_size=8, max_grad_norm=0.3, bf16=True)
+    assert cfg["train_batch_size"] == 128 and cfg["zero_optimization"]["stage"] == 3
+    json.dumps(cfg)
+    assert Path(__file__).name == "test_sharding.py"
