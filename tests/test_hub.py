@@ -140,8 +140,8 @@ def _raising(exc):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "no such repo"),
-    ("RevisionNotFoundError", "has no revision 'v9'"),
+    ("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "no such model on the hub"),
+    ("RevisionNotFoundError", "org/private@v9: no such revision"),
 ])
 def test_hub_errors_are_one_line(monkeypatch, name, message):
     import httpx

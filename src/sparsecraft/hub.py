@@ -33,7 +33,7 @@ def is_offline() -> bool:
     """The user's `HF_HUB_OFFLINE` setting, as huggingface_hub read it."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(constants.is_offline_mode())
 
 
 def snapshot(
@@ -55,32 +55,38 @@ def snapshot(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    what = f"{repo_type} {repo_id}" + (f"@{revision}" if revision else "")
+    what = f"hub {repo_type} {repo_id}" + (f"@{revision}" if revision else "")
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns,
-                                   token=token, cache_dir=cache_dir)
+                                   token=token, cache_dir=cache_dir, local_files_only=is_offline())
     except GatedRepoError:
         raise CheckpointError(f"{what} is gated: accept its terms on the hub, then log in (`hf auth login`) or set "
                               "HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"{what}: no such repo on the hub and no such local path (a private repo needs a "
+        raise CheckpointError(f"{what}: no such {repo_type} on the hub and no such local path (a private one needs a "
                               "token: `hf auth login` or HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"{repo_id} has no revision {revision!r}") from None
+        raise CheckpointError(f"{what}: no such revision on the hub") from None
+    except IncompleteSnapshotError as exc:  # e.g. `hf download --include ...` fetched only some files
+        text = str(exc)
+        missing = text.split(" are missing (", 1)[-1].split(")", 1)[0] if " are missing (" in text else ""
+        raise CheckpointError(f"{what}: the cache holds only part of it (missing: {missing or _first_line(exc)}); "
+                              "fetch the rest, or name the files you have") from None
     except LocalEntryNotFoundError as exc:
         if is_offline():
-            raise CheckpointError(f"{what} is not in the hub cache and HF_HUB_OFFLINE is set: download it where the "
-                                  f"hub is reachable (`hf download {repo_id}"
-                                  f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) or unset "
-                                  "HF_HUB_OFFLINE") from None
-        raise CheckpointError(f"cannot reach the hub for {what} and it is not cached: {_first_line(exc)}") from None
+            kind = " --repo-type dataset" if repo_type == "dataset" else ""
+            raise CheckpointError(f"{what}: not in the hub cache while HF_HUB_OFFLINE is set; fetch it where the hub "
+                                  f"is reachable (`hf download{kind} {repo_id}`) or unset HF_HUB_OFFLINE") from None
+        raise CheckpointError(f"{what}: cannot reach the hub and it is not in the cache ({_first_line(exc)})") \
+            from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot fetch {what} from the hub: {_first_line(exc)}") from None
+        raise CheckpointError(f"{what}: cannot fetch it: {_first_line(exc)}") from None
     return Path(folder)
 
 

@@ -10,18 +10,18 @@ extension, or one starting with `/`, `.` or `~`, is a local file that is not the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from ..hub import looks_like_repo_id
 
 # file types read by extension; `.gz` only for JSON / JSON Lines
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".arrow", ".gz")
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def looks_like_hub_id(text: str) -> bool:
     """Whether `text` could be a hub dataset ID (callers check that no such local path exists first)."""
-    return (bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text
-            and not text.lower().endswith(DATA_SUFFIXES))
+    return looks_like_repo_id(text) and "@" not in text and "--" not in text and \
+        not text.lower().endswith(DATA_SUFFIXES)
 
 
 @dataclass(frozen=True)
