@@ -1,20 +1,67 @@
-"""`sparsecraft export MODEL OUT`: merge LoRA into the (de-quantised) base and write a standalone model."""
+"""`sparsecraft export MODEL OUT`: merge LoRA into the (de-quantised) base and write a standalone model;
+`--to mixtral|qwen2_moe|qwen3_moe` writes a Sparse-Upcycling model as that standard MoE architecture instead
+(exact: checked by comparing logits after writing)."""
 
 from __future__ import annotations
 
+# largest logit difference accepted between the sparsecraft model and its native export, by dtype
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="merge LoRA into the base and write a standalone model")
+    from ..checkpoint.native_moe import TARGETS
+
+    p = sub.add_parser("export", help="merge LoRA into the base and write a standalone model, or a native MoE")
     p.add_argument("model", help="a trained model directory (RUN/model) or any model sparsecraft loads")
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (float32, bfloat16)")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (they can run code)")
+    p.add_argument("--to", choices=TARGETS, default=None,
+                   help="write an upcycled model as a plain transformers MoE (no sparsecraft needed to load it): "
+                        "mixtral for LLaMA/Mistral bases, qwen2_moe / qwen3_moe for Qwen2 / Qwen3 bases")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --to: skip loading the export back to compare its logits (saves memory)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from ..train.artifacts import export_merged
+    if args.to is None:
+        from ..train.artifacts import export_merged
 
-    out = export_merged(args.model, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    print(f"standalone model written to {out}")
+        out = export_merged(args.model, args.out, dtype=args.dtype)
+        print(f"standalone model written to {out}")
+        return 0
+    return run_native(args)
+
+
+def run_native(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint.native_moe import export_native, max_logit_difference, plan_export
+    from ..errors import CheckpointError, ConfigError
+    from ..generation import load_tokenizer_for
+    from ..loading import load
+
+    dtype = None
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"--dtype must be a torch dtype name (float32, bfloat16, float16), got {args.dtype!r}")
+    model = load(args.model, dtype=dtype)
+    plan_export(model, args.to)  # refuse before reading the tokenizer or writing anything
+    try:
+        tokenizer = load_tokenizer_for(args.model, model)
+    except CheckpointError:
+        tokenizer = None
+    out = export_native(model, args.out, args.to, tokenizer=tokenizer, dtype=dtype)
+    print(f"{args.to} checkpoint written to {out} (loads with transformers alone)")
+    if args.no_verify:
+        return 0
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype or model.dtype).eval()
+    diff = max_logit_difference(model, exported, model.config.get_text_config().vocab_size)
+    limit = TOLERANCE.get(str(exported.dtype).removeprefix("torch."), 1e-4)
+    if not diff <= limit:
+        raise CheckpointError(f"the {args.to} export at {out} differs from the model: max |logit difference| "
+                              f"{diff:.3g} > {limit}; please report this")
+    print(f"verified: max |logit difference| {diff:.2e} on a random probe")
     return 0
