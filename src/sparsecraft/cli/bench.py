@@ -46,6 +46,15 @@ def add_parser(sub) -> None:
                         "RSS follows live tensors, not heap fragmentation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", default=None, metavar="FILE", help="write every record (and settings, machine) here")
+    s = p.add_argument_group("serving load (--serve)")
+    s.add_argument("--serve", default=None, metavar="MODEL",
+                   help="instead: serve MODEL and its dense base in turn on 127.0.0.1 and drive concurrent clients")
+    s.add_argument("--serve-base", default=None, metavar="BASE", help="the dense model to compare with (default: "
+                   "the base MODEL refers to)")
+    s.add_argument("--clients", type=int, default=8, help="concurrent streaming clients (default 8)")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of load per model (default 60)")
+    s.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (default 64)")
+    s.add_argument("--max-batch-size", type=int, default=None, help="server batch size (default: --clients)")
     p.set_defaults(run=run)
 
 
@@ -64,6 +73,8 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    if args.serve is not None:
+        return run_serve(args)
     import torch
 
     from ..bench.report import format_table, write_json
@@ -77,5 +88,44 @@ def run(args) -> int:
     print(format_table(result))
     if args.json:
         write_json(args.json, result)
+        print(f"records written to {args.json}")
+    return 0
+
+
+def run_serve(args) -> int:
+    """`--serve`: the load benchmark of a crafted model beside its dense base (docs/serving.md)."""
+    import json
+
+    from ..bench.serve_bench import base_of, machine, run_serve_bench
+    from ..bench.serve_load import format_load_table
+
+    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
+        raise ConfigError("--clients and --max-tokens must be positive, --duration > 0")
+    try:
+        from ..serve.process import start_server_process
+        from ..serve.settings import ServeSettings
+    except ImportError as exc:
+        raise ConfigError(f"bench --serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'sparsecraft[serve]'") from None
+    base = args.serve_base or base_of(args.serve)
+    batch = args.max_batch_size or args.clients
+
+    def start(model: str):
+        settings = ServeSettings(model=model, port=0, max_batch_size=batch, max_queue=max(64, args.clients),
+                                 threads=args.threads, log_level="warning", dtype=args.dtype)
+        return start_server_process(settings.validate())
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    results = run_serve_bench([("dense " + base, base), ("crafted " + args.serve, args.serve)], start,
+                              clients=args.clients, duration_s=args.duration, max_tokens=args.max_tokens, log=log)
+    print(format_load_table(results))
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores; {info['date']}; crafted/dense generated tokens/s "
+          f"{results[1].tokens_per_s / results[0].tokens_per_s:.3f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"machine": info, "settings": {"clients": args.clients, "duration_s": args.duration,
+                                                     "max_tokens": args.max_tokens, "max_batch_size": batch},
+                       "results": [r.to_dict() for r in results]}, f, indent=2)
         print(f"records written to {args.json}")
     return 0
