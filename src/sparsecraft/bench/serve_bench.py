@@ -1,6 +1,6 @@
 """The serving load benchmark: a crafted model beside its dense base, each behind its own server on 127.0.0.1,
-driven by the same concurrent clients for the same time (`serve_load.run_load`). How a server is started is
-handed in (`start_server`), so this module needs no server code of its own."""
+driven by the same concurrent clients for the same time (`serve_load.run_load`), in alternating rounds. How a
+server is started is handed in (`start_server`), so this module needs no server code of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError
-from .serve_load import LoadResult, run_load
+from .serve_load import LoadResult, percentile, run_load
 
 
 class Server(Protocol):
@@ -34,26 +34,45 @@ def base_of(model: str) -> str:
 
 
 def run_serve_bench(models: list[tuple[str, str]], start_server: Callable[[str], Server], *, clients: int = 8,
-                    duration_s: float = 30.0, max_tokens: int = 64, warmup_requests: int = 2,
+                    duration_s: float = 30.0, max_tokens: int = 64, rounds: int = 3, warmup_requests: int = 2,
                     log: Callable[[str], None] = print) -> list[LoadResult]:
-    """For each `(label, model)` in turn: start its server, warm it up, drive the load, stop it."""
-    results = []
-    for label, model in models:
-        log(f"[{label}] starting a server for {model}")
-        server = start_server(model)
-        try:
-            warm = run_load(server.url, server.model_name, clients=1, duration_s=0.0, max_tokens=8,
+    """Serve every `(label, model)` at once, then drive the load in `rounds` rounds, one model after the other
+    in each round (`duration_s / rounds` seconds a turn), so that a change in the machine's load over the run
+    falls on all models alike. Returns one merged result per model."""
+    servers: list[Server] = []
+    try:
+        for label, model in models:
+            log(f"[{label}] starting a server for {model}")
+            servers.append(start_server(model))
+        for (label, _), server in zip(models, servers):
+            warm = run_load(server.url, server.model_name, clients=1, duration_s=600.0, max_tokens=8,
                             label="warmup", max_requests=warmup_requests)
-            if warm.errors:
+            if warm.errors or not warm.requests:
                 raise RuntimeError(f"[{label}] the warm-up requests failed")
-            log(f"[{label}] {clients} clients for {duration_s:.0f} s, {max_tokens} tokens per request")
-            result = run_load(server.url, server.model_name, clients=clients, duration_s=duration_s,
-                              max_tokens=max_tokens, label=label)
-            results.append(result)
-            log(f"[{label}] {result.requests} requests, {result.tokens_per_s:.1f} generated tokens/s")
-        finally:
+        turns: dict[str, list[LoadResult]] = {label: [] for label, _ in models}
+        for r in range(rounds):
+            for (label, _), server in zip(models, servers):
+                result = run_load(server.url, server.model_name, clients=clients, duration_s=duration_s / rounds,
+                                  max_tokens=max_tokens, label=label)
+                turns[label].append(result)
+                log(f"[{label}] round {r + 1}/{rounds}: {result.requests} requests, "
+                    f"{result.tokens_per_s:.1f} generated tokens/s")
+    finally:
+        for server in servers:
             server.stop()
-    return results
+    return [merge(label, turns[label]) for label, _ in models]
+
+
+def merge(label: str, parts: list[LoadResult]) -> LoadResult:
+    """One result from several turns of the same load: totals over the summed wall time, percentiles over all
+    requests."""
+    timings = [t for p in parts for t in p.timings]
+    wall = sum(p.wall_s for p in parts)
+    tokens = sum(t.completion_tokens for t in timings)
+    ttft, latency = [t.ttft_s for t in timings], [t.latency_s for t in timings]
+    return LoadResult(label, parts[0].clients, wall, len(timings), sum(p.errors for p in parts), tokens,
+                      len(timings) / wall, tokens / wall, percentile(ttft, 50), percentile(ttft, 95),
+                      percentile(latency, 50), percentile(latency, 95), timings)
 
 
 def machine() -> dict:

@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     s.add_argument("--duration", type=float, default=60.0, help="seconds of load per model (default 60)")
     s.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (default 64)")
     s.add_argument("--max-batch-size", type=int, default=None, help="server batch size (default: --clients)")
+    s.add_argument("--rounds", type=int, default=3, help="alternating rounds per model (default 3)")
     p.set_defaults(run=run)
 
 
@@ -99,8 +100,8 @@ def run_serve(args) -> int:
     from ..bench.serve_bench import base_of, machine, run_serve_bench
     from ..bench.serve_load import format_load_table
 
-    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
-        raise ConfigError("--clients and --max-tokens must be positive, --duration > 0")
+    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1 or args.rounds < 1:
+        raise ConfigError("--clients, --max-tokens and --rounds must be positive, --duration > 0")
     try:
         from ..serve.process import start_server_process
         from ..serve.settings import ServeSettings
@@ -117,7 +118,8 @@ def run_serve(args) -> int:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = run_serve_bench([("dense " + base, base), ("crafted " + args.serve, args.serve)], start,
-                              clients=args.clients, duration_s=args.duration, max_tokens=args.max_tokens, log=log)
+                              clients=args.clients, duration_s=args.duration, max_tokens=args.max_tokens,
+                              rounds=args.rounds, log=log)
     print(format_load_table(results))
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores; {info['date']}; crafted/dense generated tokens/s "
@@ -125,7 +127,8 @@ def run_serve(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": info, "settings": {"clients": args.clients, "duration_s": args.duration,
-                                                     "max_tokens": args.max_tokens, "max_batch_size": batch},
+                                                     "max_tokens": args.max_tokens, "max_batch_size": batch,
+                                                     "rounds": args.rounds},
                        "results": [r.to_dict() for r in results]}, f, indent=2)
         print(f"records written to {args.json}")
     return 0

@@ -15,9 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="a trained model directory (RUN/model) or any model sparsecraft loads")
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (float32, bfloat16)")
-    p.add_argument("--to", choices=TARGETS, default=None,
+    p.add_argument("--to", choices=(*TARGETS, "vllm"), default=None,
                    help="write an upcycled model as a plain transformers MoE (no sparsecraft needed to load it): "
-                        "mixtral for LLaMA/Mistral bases, qwen2_moe / qwen3_moe for Qwen2 / Qwen3 bases")
+                        "mixtral for LLaMA/Mistral bases, qwen2_moe / qwen3_moe for Qwen2 / Qwen3 bases; vllm: a "
+                        "PESC model for vLLM with the sparsecraft plugin (docs/serving.md)")
     p.add_argument("--no-verify", action="store_true",
                    help="with --to: skip loading the export back to compare its logits (saves memory)")
     p.set_defaults(run=run)
@@ -30,30 +31,56 @@ def run(args) -> int:
         out = export_merged(args.model, args.out, dtype=args.dtype)
         print(f"standalone model written to {out}")
         return 0
+    if args.to == "vllm":
+        return run_vllm(args)
     return run_native(args)
 
 
-def run_native(args) -> int:
+def _dtype(name):
     import torch
+
+    from ..errors import ConfigError
+
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"--dtype must be a torch dtype name (float32, bfloat16, float16), got {name!r}")
+    return dtype
+
+
+def _tokenizer(path, model):
+    from ..errors import CheckpointError
+    from ..generation import load_tokenizer_for
+
+    try:
+        return load_tokenizer_for(path, model)
+    except CheckpointError:
+        return None
+
+
+def run_vllm(args) -> int:
+    from ..integrations.vllm.layout import check_servable, write_vllm_dir
+    from ..loading import load
+
+    model = load(args.model, dtype=_dtype(args.dtype))
+    check_servable(model)
+    out = write_vllm_dir(model, args.out, tokenizer=_tokenizer(args.model, model), dtype=_dtype(args.dtype))
+    print(f"vLLM directory written to {out}: serve it with `vllm serve {out}` where sparsecraft[vllm] is installed")
+    return 0
+
+
+def run_native(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint.native_moe import export_native, max_logit_difference, plan_export
-    from ..errors import CheckpointError, ConfigError
-    from ..generation import load_tokenizer_for
+    from ..errors import CheckpointError
     from ..loading import load
 
-    dtype = None
-    if args.dtype is not None:
-        dtype = getattr(torch, args.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ConfigError(f"--dtype must be a torch dtype name (float32, bfloat16, float16), got {args.dtype!r}")
+    dtype = _dtype(args.dtype)
     model = load(args.model, dtype=dtype)
     plan_export(model, args.to)  # refuse before reading the tokenizer or writing anything
-    try:
-        tokenizer = load_tokenizer_for(args.model, model)
-    except CheckpointError:
-        tokenizer = None
-    out = export_native(model, args.out, args.to, tokenizer=tokenizer, dtype=dtype)
+    out = export_native(model, args.out, args.to, tokenizer=_tokenizer(args.model, model), dtype=dtype)
     print(f"{args.to} checkpoint written to {out} (loads with transformers alone)")
     if args.no_verify:
         return 0

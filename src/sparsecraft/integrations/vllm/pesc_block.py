@@ -1,0 +1,98 @@
+"""PESC's MoE block in plain torch for inference engines: `y = F + s * sum_j g_j W_up_j act(W_down_j F)`.
+
+The masked-dense form: every adapter runs on every token as two wide matmuls (`[h, E*r]`, `[E*r, h]`) with
+the gates as a per-token mask in between. No gather, no data-dependent shapes (so CUDA graphs and torch.compile
+take it as it is) and no custom kernels (so it runs on any device vLLM runs on). Its extra FLOPs are E/k times
+the routed adapters', small beside the FFN for PESC's adapter widths. Computes what sparsecraft's `PescMoE` does
+in eval mode (same routing orders, router dtype, activations and combine forms; the parity test checks it).
+Parameter names match sparsecraft's checkpoint keys below the MLP: `moe.router.weight [E, h]`,
+`moe.experts.down [E, r, h]`, `moe.experts.up [E, h, r]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class AdapterWeights(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, rank: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.zeros(num_experts, rank, hidden, dtype=dtype), requires_grad=False)
+        self.up = nn.Parameter(torch.zeros(num_experts, hidden, rank, dtype=dtype), requires_grad=False)
+
+
+class PescBlock(nn.Module):
+    """Router on the FFN input, adapters on the FFN output. `craft` is a sparsecraft `CraftConfig` as a dict."""
+
+    def __init__(self, hidden: int, craft: dict, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_experts = int(craft["num_experts"])
+        self.top_k = int(craft["top_k"])
+        self.routing = craft.get("routing", "topk_softmax")
+        self.normalize_topk = bool(craft.get("normalize_topk", True))
+        self.router_fp32 = craft.get("router_dtype", "float32") == "float32"
+        self.scaling = float(craft.get("scaling", 1.0))
+        self.per_slot = craft.get("combine", "residual") == "per_slot"
+        self.act = ACTIVATIONS[craft.get("activation", "gelu")]
+        rank = int(craft["adapter_dim"])
+        self.router = nn.Linear(hidden, self.num_experts, bias=False, dtype=torch.float32 if self.router_fp32
+                                else dtype)
+        self.router.weight.requires_grad_(False)
+        self.experts = AdapterWeights(self.num_experts, hidden, rank, dtype)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense gate matrix `[N, E]` (zero for experts a token does not use) from the FFN input `x: [N, h]`."""
+        dtype = torch.float32 if self.router_fp32 else x.dtype
+        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        if self.routing == "topk_softmax":
+            top, index = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        else:
+            weights, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+            if self.normalize_topk:
+                weights = weights / weights.sum(-1, keepdim=True)
+        return torch.zeros_like(logits).scatter(1, index, weights)
+
+    def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
+        """`x, ffn_out: [..., h]` -> `[..., h]`."""
+        shape = ffn_out.shape
+        x_flat, f_flat = x.reshape(-1, shape[-1]), ffn_out.reshape(-1, shape[-1])
+        gates = self.gates(x_flat)
+        dtype = self.experts.down.dtype
+        num, rank, hidden = self.experts.down.shape
+        f_in = f_flat.to(dtype)
+        h = self.act(F.linear(f_in, self.experts.down.reshape(num * rank, hidden)))
+        mask = (gates * self.scaling).to(dtype)
+        h = (h.view(-1, num, rank) * mask.unsqueeze(-1)).reshape(-1, num * rank)
+        delta = (h @ self.experts.up.transpose(1, 2).reshape(num * rank, hidden)).to(ffn_out.dtype)
+        if self.per_slot:
+            out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta
+        else:
+            out = f_flat + delta
+        return out.view(shape)
+
+
+def _pesc_forward(self, x, *args, **kwargs):
+    return self.moe(x, type(self).__mro__[1].forward(self, x, *args, **kwargs))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def attach(mlp: nn.Module, block: PescBlock) -> None:
+    """Give an engine's MLP module the block as its `moe` child and a forward computing `moe(x, mlp(x))`, keeping
+    the MLP's own parameter names (so the engine's weight loader still finds them)."""
+    base = type(mlp)
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Pesc{base.__name__}", (base,), {"forward": _pesc_forward})
+    mlp.add_module("moe", block)
+    mlp.__class__ = _CLASSES[base]
