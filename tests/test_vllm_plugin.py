@@ -119,4 +119,9 @@ def test_vllm_with_the_plugin_generates_what_sparsecraft_generates(tmp_path, mon
               seed=0)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert [list(o.outputs[0].token_ids) for o in outs] == want
+    dense = sparsecraft.uncraft(model)  # the control: without the adapters the answers differ
+    ids = tok(prompts[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = dense.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out[0, ids.shape[1]:].tolist() != want[0]
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
