@@ -215,11 +215,13 @@ def test_resume_after_real_kill_during_save_matches_uninterrupted(workdir, tmp_p
     args = [a if not a.startswith("output_dir=") else f"output_dir={killed}" for a in common]
     proc = _cli("train", QUICKSTART, *args, env={"SPARSECRAFT_TEST_SAVE_DELAY": "6"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tmp_ckpt = killed / "checkpoints" / ".step-000002.tmp"
+    def saving(step: int) -> bool:  # the save's temp folder carries the run's own token: `.step-N.tmp-<token>`
+        return any((p / "state.json").exists() for p in (killed / "checkpoints").glob(f".step-{step:06d}.tmp-*"))
+
     deadline = time.time() + 120
-    while not (tmp_ckpt / "state.json").exists() and time.time() < deadline:
+    while not saving(2) and time.time() < deadline:
         time.sleep(0.1)
-    assert (tmp_ckpt / "state.json").exists(), "the run never reached its first save"
+    assert saving(2), "the run never reached its first save"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoints" / "step-000002").exists()  # the interrupted save never became visible
@@ -229,7 +231,7 @@ def test_resume_after_real_kill_during_save_matches_uninterrupted(workdir, tmp_p
                 env={"SPARSECRAFT_TEST_SAVE_DELAY": "6"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # step 2's save is delayed too; wait for it to land and for step 4's to start
     deadline = time.time() + 180
-    while not (killed / "checkpoints" / ".step-000004.tmp" / "state.json").exists() and time.time() < deadline:
+    while not saving(4) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

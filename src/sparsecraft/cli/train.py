@@ -10,6 +10,9 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-4)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--apply-changes", action="store_true",
+                   help="with --resume: apply a changed lr, betas, eps, weight decay or max_grad_norm from here on")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     p.add_argument("--dry-run", action="store_true",
                    help="parameters and per-GPU memory under each engine, from the model's config alone")
     p.add_argument("--allow-pickle", action="store_true",
@@ -27,7 +30,7 @@ def run(args) -> int:
 
         print(plan_training(recipe).format())
         return 0
-    summary = run_recipe(recipe, resume=args.resume)
+    summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, apply_changes=args.apply_changes)
     if "model_dir" in summary:
         loss, before = summary.get("eval_loss"), summary.get("initial_eval_loss")
         held_out = f", held-out loss {before:.3f} -> {loss:.3f}" if loss is not None and before is not None else ""

@@ -29,6 +29,22 @@ _PREFIX = "step-"
 _DELAY_ENV = "SPARSECRAFT_TEST_SAVE_DELAY"
 
 
+def run_token(world_size: int) -> str:
+    """A name every rank of one run shares and another run does not: the launcher's PID for several processes
+    (torchrun / accelerate launch start them all), the process's own PID for one."""
+    return str(os.getppid() if world_size > 1 else os.getpid())
+
+
+def saved_recipe(checkpoint: Path | None, output_dir: str | os.PathLike) -> dict | None:
+    """The recipe a checkpoint was written with (older checkpoints: the run's recipe.json, if any)."""
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_NAME).read_text())
+        if "recipe" in state:
+            return state["recipe"]
+    path = Path(output_dir) / "recipe.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -93,11 +109,11 @@ def save_checkpoint(
     """
     root = checkpoint_root(output_dir)
     final = root / f"{_PREFIX}{step:06d}"
-    tmp = root / f".{final.name}.tmp"
+    tmp = root / f".{final.name}.tmp-{run_token(world_size)}"  # this run's own name: never another writer's
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*root.glob(".*.tmp-*"), *root.glob(".*.tmp"), *root.glob(".*.deleting")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a kill: an unfinished save or deletion
         tmp.mkdir()
     barrier()
     (tmp / f"rng_{rank}.json").write_text(json.dumps(rng_state()))
@@ -118,7 +134,11 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first: a kill during the deletion leaves a hidden `.deleting` folder the next save
+            # removes, never a half-deleted `step-N/` that looks complete
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     barrier()
     return final
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import check_output_path
 from ..errors import ConfigError
+from ..generation import context_length
 from ..methods import get_method
 from .batches import BatchPlan, StreamBatches
-from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, stream_position
+from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
+from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
 from .nll import row_nll
 from .recipe import Recipe
@@ -163,8 +167,28 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def run(recipe: Recipe, *, resume: bool = False) -> dict:
-    """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json)."""
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, apply_changes: bool = False) -> dict:
+    """Train as the recipe says; returns the run summary (also written to OUTPUT/summary.json).
+
+    The output directory is locked for the run (one writer); a directory holding another run is refused unless
+    `resume` (continue it: the recipe must be the checkpoint's, or with `apply_changes` differ only in optimizer
+    settings, which then apply from the resumed step) or `overwrite` (replace it)."""
+    output = Path(recipe.output_dir)
+    # the main process of a run (torchrun / accelerate launch set RANK) takes the lock, before any process group
+    lock = OutputLock(output) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        check_output_path(output)  # a file where the directory goes: refused before the lock writes into it
+        lock.acquire()
+    try:
+        if lock is not None:
+            check_output_dir(output, resume=resume, overwrite=overwrite)
+        return _run(recipe, resume=resume, apply_changes=apply_changes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
@@ -186,6 +210,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         print(f"no complete checkpoint in {output}/checkpoints; starting from scratch")
     if not resume and latest_checkpoint(output) is not None:
         raise ConfigError(f"{output} already holds checkpoints: pass --resume to continue, or another output_dir")
+    changes = check_resume(saved_recipe(last, output), recipe.to_dict(), apply_changes=apply_changes) \
+        if last is not None else []
 
     data_cfg = DataConfig.from_dict(recipe.data)
     streamed = data_cfg.streams
@@ -194,6 +220,11 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     loaded = load_data(data_cfg)  # unusable data is an error before any model is loaded
     set_seed(recipe.train.seed)
     built = build_model(recipe, device=accelerator.device)
+    context = context_length(built.inner)
+    if context is not None and data_cfg.max_length > context:
+        if main:
+            print(f"note: data.max_length {data_cfg.max_length} capped to the model's context of {context} tokens")
+        data_cfg.max_length = context
     prepared = prepare_data(data_cfg, built.tokenizer, loaded=loaded)
     # generation must prompt the way training formatted the data
     built.tokenizer.chat_template = resolve_template(built.tokenizer, data_cfg.template)
@@ -234,6 +265,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         state = load_checkpoint(last, params, optimizer, scheduler, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)
         start = state["step"]
+        if changes:
+            apply_optimizer_settings(optimizer, scheduler, recipe.optim)
+            if main:
+                print(f"resumed with changed {', '.join(changes)} (applied from step {start} on)")
         position = stream_position(state, last, streamed)
         if feed is not None:
             feed.load_state_dict(position)
@@ -256,17 +291,19 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
     tokens, seconds = state.get("tokens", 0), state.get("seconds", 0.0)
     first_loss = state.get("first_loss")
     last_stats = None
+    guard = DivergenceGuard()
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         samples = (feed.rank_samples() if feed is not None
                    else [[prepared.train[i] for i in idx] for idx in plan.rank_indices(step)])
         batches = [_to_device(prepared.collator(micro), accelerator.device) for micro in samples]
         stats = train_step(model, batches, accelerator, craft_cfg)
-        grad_norm = None
-        if recipe.optim.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), recipe.optim.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+        # the norm is always taken (an infinite max only measures it): a NaN or inf step is skipped, not applied
+        max_norm = recipe.optim.max_grad_norm if recipe.optim.max_grad_norm > 0 else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), max_norm))
+        if guard.step_is_finite(stats.lm_loss, grad_norm, step + 1):
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens += stats.tokens
@@ -289,7 +326,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
-            progress = {"tokens": tokens, "seconds": seconds, "first_loss": first_loss, "initial_eval": initial_eval}
+            progress = {"tokens": tokens, "seconds": seconds, "first_loss": first_loss, "initial_eval": initial_eval,
+                        "recipe": recipe.to_dict()}
             if feed is not None:
                 progress[STREAM_KEY] = feed.state_dict()
             save_checkpoint(output, done, params, optimizer, scheduler, progress,
@@ -306,9 +344,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict:
         "trainable_params": sum(p.numel() for p in params.values()),
         "total_params": sum(logical_numel(p) for p in built.model.parameters()),
         "peak_mem_bytes": peak_memory_bytes(accelerator.device),
-        "world_size": accelerator.num_processes,
+        "world_size": accelerator.num_processes, "skipped_steps": guard.skipped,
         **({STREAM_KEY: feed.state_dict()} if feed is not None else {}),
     }
+    check_finite(params)  # a run that diverged is an error, never a saved success
     if main:
         metrics.log({"step": total_steps, **{k: v for k, v in final_eval.items()}})
         metrics.close()
