@@ -4,6 +4,7 @@ PESC, MixLoRA, dense models and mismatched families are refused with one line.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,6 +51,22 @@ def test_native_export_computes_the_same_logits(tmp_path, family, target, layers
         prompt = ids[:1, :5]
         kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(native.generate(prompt, **kw), model.generate(prompt, **kw))
+
+
+def test_head_dim_and_rope_of_the_base_go_along(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=5000.0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    sparsecraft.upcycle(model, CraftConfig(num_experts=4, top_k=2), seed=0, noise_std=0.05)
+    export_native(model, tmp_path / "out", "qwen3_moe")
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert native.config.head_dim == 16
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_export_loads_without_sparsecraft_in_the_process(tmp_path):
@@ -114,3 +131,27 @@ def test_cli_refusal_is_one_error_line(tmp_path, capsys):
     assert sparsecraft.cli.main(["export", str(tmp_path / "pesc"), str(tmp_path / "x"), "--to", "mixtral"]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
     assert len(err) == 1 and err[0].startswith("error: cannot export a pesc model to mixtral")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
+@pytest.mark.parametrize("family, target", [("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")])
+def test_vllm_serves_the_export_with_the_same_tokens(tmp_path, monkeypatch, family, target):
+    """vLLM (no plugin: these are its own architectures) generates sparsecraft's greedy tokens."""
+    import transformers as tf
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=256, head_dim=64)  # vLLM's CPU attention: 64
+    config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family](**shape)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    sparsecraft.upcycle(model, CraftConfig(num_experts=4, top_k=2), seed=0, noise_std=0.05)
+    export_native(model, tmp_path / "out", target, tokenizer=tiny_tokenizer())
+    ids = tiny_tokenizer()("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    llm = LLM(model=str(tmp_path / "out"), dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=2)
+    got = llm.generate(["hello there"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert list(got[0].outputs[0].token_ids) == out[0, ids.shape[1]:].tolist()

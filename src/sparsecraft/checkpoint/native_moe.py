@@ -99,11 +99,10 @@ def native_config(model, plan: NativePlan):
     from transformers import AutoConfig
 
     base = text_config(model).to_dict()
-    empty = AutoConfig.for_model(plan.target)
-    known = set(empty.to_dict())
-    fields = {k: v for k, v in base.items() if k in known and k not in ("architectures", "model_type",
-                                                                      "transformers_version", "auto_map")}
-    fields.pop("quantization_config", None)
+    # every base field goes along (head_dim, rope, windows, ... whether or not the target's config declares them:
+    # its modeling code and runtimes read them as attributes); only identity and quantisation fields stay behind
+    fields = {k: v for k, v in base.items() if k not in ("architectures", "model_type", "transformers_version",
+                                                         "auto_map", "quantization_config", "dtype", "torch_dtype")}
     inter = base["intermediate_size"]
     moe = {"num_experts_per_tok": plan.top_k, "output_router_logits": False, "tie_word_embeddings": False,
            "router_aux_loss_coef": craft_config_of(model).aux_loss_coef}
