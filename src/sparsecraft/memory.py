@@ -67,6 +67,7 @@ class ModelShape:
     adapter_dim: int = 0
     adapter_dropout: float = 0.0
     dispatch: str = "auto"
+    act_bytes: int = 2  # bytes per activation value: 2 in bf16 (GPU training), 4 in fp32 (CPU training)
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -187,7 +188,7 @@ def gib(n: float) -> str:
 def _layer_working_set_per_token(s: ModelShape, lora: list[tuple[int, int]], rank: int, n_tokens: int,
                                  method) -> tuple[int, str]:
     """Bytes per token held while one checkpointed layer is recomputed and back-propagated."""
-    a, h, i = ACT_BYTES, s.hidden, s.intermediate
+    a, h, i = s.act_bytes, s.hidden, s.intermediate
     hq, hkv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     attn = (
         4 * h + a * h  # input RMSNorm: fp32 upcast of its input + normalised output (the q/k/v input)
@@ -215,13 +216,16 @@ def estimate_training_memory(
     lora_rank: int = 64,
     lora_targets: tuple[str, ...] = ATTENTION_LORA_TARGETS,
     quantization: str = "bf16",
+    act_bytes: int = ACT_BYTES,
 ) -> MemoryEstimate:
     """Estimate training memory of `model` (crafted or dense, real or meta) with a frozen base, LoRA of rank
     `lora_rank` on `lora_targets`, trainable router + adapters, AdamW, bf16 activations and gradient
-    checkpointing of every decoder layer. `quantization` is `bf16` or `nf4` (QLoRA base)."""
+    checkpointing of every decoder layer. `quantization` is `bf16` or `nf4` (QLoRA base); `act_bytes` 4 for fp32
+    training (what the CPU runs), which also de-quantises NF4 weights to fp32."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
     s = model_shape(model)
+    s.act_bytes = act_bytes
     n = batch_size * seq_len
     split = weight_split(model)
     targets = lora_targets_of(model, tuple(lora_targets))
@@ -248,13 +252,13 @@ def estimate_training_memory(
         f["base weights"] = ("Σ_Linear (n/2 + n/64 + 4·n/16384) [≈4.127 bit/param] + 2 B × (embeddings, "
                              "lm_head, norms, biases)")
         # each 4-bit Linear is de-quantised to bf16 for its matmul (forward and backward): the largest one
-        c["dequantised weight buffer"] = WEIGHT_BYTES_16BIT * max(split.quantised, default=0)
-        f["dequantised weight buffer"] = "2 B × largest quantised Linear weight"
+        c["dequantised weight buffer"] = act_bytes * max(split.quantised, default=0)
+        f["dequantised weight buffer"] = f"{act_bytes} B × largest quantised Linear weight"
     c["trainable state"] = TRAINABLE_STATE_BYTES * trainable
     f["trainable state"] = (f"16 B × (router + adapters + LoRA r={lora_rank} on {len(targets)} Linears) = 16 × "
                             f"{trainable:,}  [fp32 weight 4 + grad 4 + Adam m,v 8]")
-    c["checkpointed layer inputs"] = s.num_layers * n * s.hidden * ACT_BYTES
-    f["checkpointed layer inputs"] = "L·B·T·h·2"
+    c["checkpointed layer inputs"] = s.num_layers * n * s.hidden * act_bytes
+    f["checkpointed layer inputs"] = f"L·B·T·h·{act_bytes}"
     per_token, moe_formula = _layer_working_set_per_token(s, layer_lora, lora_rank, n, method_of(model))
     c["one layer recomputed"] = n * per_token
     f["one layer recomputed"] = (
@@ -266,7 +270,7 @@ def estimate_training_memory(
     c["router state (aux loss)"] = s.crafted_layers * n * (4 * (2 * s.num_experts + 1) + 8 * s.top_k)
     f["router state (aux loss)"] = "L_moe·B·T·(4(2E+1) + 8k)"
     # bf16 logits returned by the model + fp32 log-softmax saved by the cross-entropy for backward
-    c["logits + loss"] = n * s.vocab * (ACT_BYTES + 4)
-    f["logits + loss"] = "B·T·V·(2 + 4)  [bf16 logits + fp32 log-softmax]"
+    c["logits + loss"] = n * s.vocab * (act_bytes + 4)
+    f["logits + loss"] = f"B·T·V·({act_bytes} + 4)  [logits + fp32 log-softmax]"
     return MemoryEstimate(quantization, batch_size, seq_len, c, f)
 

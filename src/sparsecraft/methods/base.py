@@ -25,8 +25,6 @@ from ..moe.layers import detach_moe
 from ..surgery import crafted_layers, new_parameters, unmark_crafted
 from .expert_keys import by_layer
 
-ACT_BYTES = 2  # the memory estimate assumes bf16 activations
-
 
 class Method:
     """A registered way of crafting a model. Class attributes describe it; methods do the work.

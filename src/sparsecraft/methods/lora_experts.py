@@ -23,7 +23,7 @@ from ..surgery import (
     plan_layers,
     text_config,
 )
-from .base import ACT_BYTES, Method
+from .base import Method
 from .expert_keys import by_layer
 
 TARGETS_KEY = "lora_targets"  # CraftConfig.extra entry: the projections that carry per-expert LoRA
@@ -105,7 +105,7 @@ class LoraExpertsMethod(Method):
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         router, _ = super().moe_bytes_per_token(shape, num_tokens)
-        a, h, i, k, r = ACT_BYTES, shape.hidden, shape.intermediate, shape.top_k, shape.adapter_dim
+        a, h, i, k, r = shape.act_bytes, shape.hidden, shape.intermediate, shape.top_k, shape.adapter_dim
         # per slot: gathered gate/up (2i), act·up (i), LoRA input h and three rank-r intermediates
         return router + a * k * (3 * i + h + 3 * r), "LoRA experts 4E+12k + 2k(3i+h+3r)"
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..moe.experts import choose_path
 from ..moe.layers import PescMoE, RouterSite, attach_pesc
 from ..surgery import crafted_layers, install_blocks, plan_layers
-from .base import ACT_BYTES, Method
+from .base import Method
 from .expert_keys import by_layer
 
 
@@ -43,7 +43,7 @@ class PescMethod(Method):
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         router, _ = super().moe_bytes_per_token(shape, num_tokens)
-        a, h, e, k, r = ACT_BYTES, shape.hidden, shape.num_experts, shape.top_k, shape.adapter_dim
+        a, h, e, k, r = shape.act_bytes, shape.hidden, shape.num_experts, shape.top_k, shape.adapter_dim
         total = router
         if shape.adapter_dropout > 0:
             total += a * h + h  # dropout(F) and its bool mask

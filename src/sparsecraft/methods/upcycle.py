@@ -28,7 +28,7 @@ from ..surgery import (
     plan_layers,
     text_config,
 )
-from .base import ACT_BYTES, Method
+from .base import Method
 
 
 class UpcycleMethod(Method):
@@ -75,7 +75,7 @@ class UpcycleMethod(Method):
 
     def moe_bytes_per_token(self, shape, num_tokens: int) -> tuple[int, str]:
         router, _ = super().moe_bytes_per_token(shape, num_tokens)
-        a, h, i, k = ACT_BYTES, shape.hidden, shape.intermediate, shape.top_k
+        a, h, i, k = shape.act_bytes, shape.hidden, shape.intermediate, shape.top_k
         # per slot: gathered input h, gate_up 2i, act·up i, expert output h
         return router + a * k * (2 * h + 3 * i), "upcycle 4E+12k + 2k(2h+3i)"
 
