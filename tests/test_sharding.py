@@ -158,3 +158,27 @@ def test_fsdp1_wrap_policy_sees_the_experts():
     assert cfg["train_batch_size"] == 128 and cfg["zero_optimization"]["stage"] == 3
     json.dumps(cfg)
     assert Path(__file__).name == "test_sharding.py"
+
+
+def test_a_gathered_state_saves_what_the_model_itself_would(tmp_path):
+    """The final save of a sharded run passes the gathered state dict of the peft model: the files equal those of
+    a normal save (so the sharded path writes the same directory one process does)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from sparsecraft.checkpoint.crafted import save_crafted
+
+    model = crafted()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    save_crafted(model, tmp_path / "plain", base=str(base), lora_model=peft_model)
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    save_crafted(model, tmp_path / "gathered", base=str(base), lora_model=peft_model, full_state=state)
+    for name in ("sparsecraft.safetensors", "lora/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "gathered" / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name

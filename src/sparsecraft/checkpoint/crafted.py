@@ -65,6 +65,7 @@ def save_crafted(
     extra: dict | None = None,
     summary: dict | None = None,
     card_name: str | None = None,
+    full_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a crafted model to `out_dir` (atomically: a temp dir renamed into place).
 
@@ -76,6 +77,8 @@ def save_crafted(
         extra: more JSON fields for config.json (e.g. the training recipe).
         summary: a training run's summary, for the model card's held-out results (README.md, always written).
         card_name: what the model card calls the model (default: the directory's name).
+        full_state: whole tensors of a model trained sharded (FSDP, ZeRO-3), whose own parameters are shards:
+            the state dict of the trained (peft) model, gathered; the added weights and the LoRA come from it.
 
     A model that is not crafted is saved as method `dense` (base + optional LoRA), the baseline's format.
     """
@@ -90,9 +93,11 @@ def save_crafted(
     with atomic_directory(out_dir) as tmp:
         if method.builds_moe:
             tensors = {name: p.detach().to("cpu").contiguous() for name, p in method.new_parameters(model).items()}
+            if full_state is not None:
+                tensors = {name: _gathered(full_state, name) for name in tensors}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "sparsecraft"})
         if lora_model is not None:
-            lora_model.save_pretrained(str(tmp / LORA_SUBDIR))
+            lora_model.save_pretrained(str(tmp / LORA_SUBDIR), **({"state_dict": full_state} if full_state else {}))
         shared = None
         if not standalone and getattr(model, "_sparsecraft_shared", None):
             # the model's base weights were replaced (UpIT); referring to the base alone would lose them
@@ -128,6 +133,14 @@ def save_crafted(
         write_model_card(tmp, config, standalone=standalone, name=card_name or out_dir.name, base=origin,
                          summary=summary)
     return out_dir
+
+
+def _gathered(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """`name` (the crafted model's own key) in a gathered state dict of it or of the peft model around it."""
+    for key in (name, f"base_model.model.{name}"):
+        if key in state:
+            return state[key].detach().to("cpu").contiguous()
+    raise CheckpointError(f"the gathered state has no tensor {name}")
 
 
 def _shared_tensors(model) -> dict[str, torch.Tensor]:

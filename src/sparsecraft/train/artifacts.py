@@ -11,7 +11,8 @@ from ..errors import CheckpointError
 from ..surgery import is_crafted
 
 
-def save_trained(built, out_dir: str | os.PathLike, recipe, summary: dict | None = None) -> Path:
+def save_trained(built, out_dir: str | os.PathLike, recipe, summary: dict | None = None,
+                 full_state: dict | None = None) -> Path:
     """Save a trained model: base reference + router/adapters (or upcycled experts) + the LoRA adapter, with a
     model card (`summary`: the run's held-out results); then upload it when the recipe says `push_to_hub`.
 
@@ -21,7 +22,7 @@ def save_trained(built, out_dir: str | os.PathLike, recipe, summary: dict | None
     lora_model = built.model if recipe.lora.enabled else None
     out = save_crafted(built.inner, out_dir, base=built.source, tokenizer=built.tokenizer, lora_model=lora_model,
                        extra={"recipe": recipe.to_dict()}, summary=summary,
-                       card_name=recipe.push_to_hub or Path(recipe.output_dir).name)
+                       card_name=recipe.push_to_hub or Path(recipe.output_dir).name, full_state=full_state)
     if recipe.push_to_hub:
         from ..checkpoint.push import push_to_hub
 

@@ -30,6 +30,7 @@ from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, trun
 from .nll import row_nll
 from .recipe import Recipe
 from .setup import build_model, trainable_parameters
+from .sharding import prepare_for_engine
 
 
 @dataclass
@@ -190,7 +191,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, apply_
 
 def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from ..data import DataConfig, PaddingCollator, load_data, prepare_data, resolve_template
     from ..data.collate import pad_id_of
@@ -241,9 +242,13 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         params.values(), lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
         weight_decay=recipe.optim.weight_decay,
     )
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        # these engines own the optimizer; prepared together (not exercised on this CPU-only project's CI)
+    engine = prepare_for_engine(accelerator, built.inner)
+    if engine is not None:
+        # FSDP / DeepSpeed own the optimizer; prepared together (accelerate runs them on GPUs only)
         model, optimizer = accelerator.prepare(built.model, optimizer)
+        if recipe.checkpoint.every and main:
+            print(f"note: intermediate checkpoints are not written under {engine} yet (a resumable sharded "
+                  "checkpoint needs the engine's own state); the final model is")
     else:
         model = accelerator.prepare_model(built.model)  # DDP (or nothing on one process)
     plan, feed = None, None
@@ -325,7 +330,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         bar.set_postfix(loss=f"{stats.lm_loss:.3f}", aux=f"{stats.aux_loss:.3f}" if stats.aux_loss else "-",
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
-        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
+        if recipe.checkpoint.every and engine is None and done % recipe.checkpoint.every == 0 and done < total_steps:
             progress = {"tokens": tokens, "seconds": seconds, "first_loss": first_loss, "initial_eval": initial_eval,
                         "recipe": recipe.to_dict()}
             if feed is not None:
@@ -347,11 +352,13 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         "world_size": accelerator.num_processes, "skipped_steps": guard.skipped,
         **({STREAM_KEY: feed.state_dict()} if feed is not None else {}),
     }
-    check_finite(params)  # a run that diverged is an error, never a saved success
+    # sharded weights are gathered whole (every rank takes part) so rank 0 saves what one process would
+    full_state = accelerator.get_state_dict(model) if engine is not None else None
+    check_finite(full_state if full_state is not None else params)  # a diverged run is an error, never a success
     if main:
         metrics.log({"step": total_steps, **{k: v for k, v in final_eval.items()}})
         metrics.close()
-        model_dir = save_trained(built, output / "model", recipe, summary)
+        model_dir = save_trained(built, output / "model", recipe, summary, full_state)
         summary["model_dir"] = str(model_dir)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()

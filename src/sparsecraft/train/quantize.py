@@ -14,7 +14,9 @@ import torch.nn as nn
 SKIP_MODULES = ("lm_head",)
 
 
-def bnb_config(compute_dtype: torch.dtype):
+def bnb_config(compute_dtype: torch.dtype, *, sharded: bool = False):
+    """NF4 with double quantisation; `sharded` (FSDP): the packed 4-bit weights are stored in the compute dtype,
+    as FSDP can only flatten parameters of one float dtype (PEFT's QLoRA + FSDP recipe)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -23,6 +25,7 @@ def bnb_config(compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=list(SKIP_MODULES),
+        **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
     )
 
 

@@ -3,6 +3,7 @@ add LoRA through peft, and leave exactly router, adapters/experts and LoRA train
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ def _quantize_after_method(recipe: Recipe, method: Method, source: BaseSource) -
 def _load_base(recipe: Recipe, method: Method, source: BaseSource, dtype: torch.dtype,
                device: torch.device) -> nn.Module:
     if recipe.quantization == "nf4" and not _quantize_after_method(recipe, method, source):
-        return load_base_model(source, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device},
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")  # set by `accelerate launch`
+        return load_base_model(source, dtype=dtype, quantization_config=bnb_config(dtype, sharded=fsdp),
+                               device_map={"": device},
                                allow_pickle=recipe.allow_pickle)
     load_dtype = torch.float32 if source.gguf_file else dtype  # GGUF de-quantises to fp32
     return load_base_model(source, dtype=load_dtype, allow_pickle=recipe.allow_pickle).to(device)

@@ -94,6 +94,26 @@ def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, world_siz
     }
 
 
+def prepare_for_engine(accelerator, model: nn.Module) -> str | None:
+    """Before `accelerator.prepare` under FSDP or DeepSpeed: sparsecraft's wrap policy for FSDP, external
+    parameters for ZeRO-3. Returns the engine's name (`fsdp`, `deepspeed`), or None for DDP / one process.
+    (accelerate refuses these engines on a CPU: this path runs on GPU nodes; docs/scale.md.)"""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        plugin.auto_wrap_policy = fsdp1_wrap_policy(model)
+        plugin.use_orig_params = True  # frozen base weights and trainable experts/LoRA share units
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        if int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+            register_zero3_externals(model)
+        return "deepspeed"
+    return None
+
+
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole trainable tensors (router, experts, LoRA) of a model sharded with FSDP2, as CPU tensors under
     the names a single-process model uses; every rank must call it."""
