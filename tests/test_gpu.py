@@ -121,8 +121,9 @@ def test_save_and_load_on_gpu(tmp_path):
     assert len(crafted_layers(loaded)) == 2
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_training_on_gpu_lowers_the_loss_and_saves(tmp_path, quantization):
+@pytest.mark.parametrize("quantization, optimizer", [("none", "adamw"), ("nf4", "adamw"),
+                                                     ("nf4", "paged_adamw_8bit")])
+def test_training_on_gpu_lowers_the_loss_and_saves(tmp_path, quantization, optimizer):
     if quantization == "nf4":
         pytest.importorskip("bitsandbytes")
     from sparsecraft.train.loop import run
@@ -137,7 +138,7 @@ def test_training_on_gpu_lowers_the_loss_and_saves(tmp_path, quantization):
         f"model={tmp_path / 'base'}", f"output_dir={tmp_path / 'run'}", f"data={tmp_path / 'data.jsonl'}",
         f"quantization={quantization}", "max_steps=12", "batch_size=8", "lora.r=8", "craft.num_experts=8",
         "craft.adapter_dim=64", "data.max_length=32", "lr=3e-3", "optim.warmup_ratio=0", "logging.progress=false",
-        "checkpoint.every=0", "train.gradient_checkpointing=true"])
+        "checkpoint.every=0", "train.gradient_checkpointing=true", f"optim.name={optimizer}"])
     summary = run(recipe)
     print(json.dumps({k: summary[k] for k in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes")}))
     assert summary["final_loss"] < summary["first_loss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
 
 import sparsecraft
@@ -72,3 +73,16 @@ def test_no_nan_reaches_the_recipe_through_yaml(tmp_path):
     (tmp_path / "r.yaml").write_text("optim: {lr: .nan}\ndata: {sources: [{path: a.jsonl}]}\n")
     with pytest.raises(ConfigError, match="optim.lr"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_paged_optimizers_need_a_gpu():
+    from types import SimpleNamespace
+
+    from sparsecraft.train.optim import make_optimizer
+
+    optim = SimpleNamespace(name="paged_adamw_8bit", lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        make_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
+    optim.name = "adamw"
+    assert isinstance(make_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu")),
+                      torch.optim.AdamW)

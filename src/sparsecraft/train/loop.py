@@ -28,6 +28,7 @@ from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_ch
 from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
 from .nll import row_nll
+from .optim import make_optimizer
 from .recipe import Recipe
 from .setup import build_model, trainable_parameters
 from .sharding import prepare_for_engine
@@ -238,10 +239,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         built.inner._sparsecraft_recorder.sync_across_processes = accelerator.num_processes > 1
 
     params = trainable_parameters(built.model)
-    optimizer = torch.optim.AdamW(
-        params.values(), lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
-        weight_decay=recipe.optim.weight_decay,
-    )
+    optimizer = make_optimizer(recipe.optim, params.values(), accelerator.device)
     engine = prepare_for_engine(accelerator, built.inner)
     if engine is not None:
         # FSDP / DeepSpeed own the optimizer; prepared together (accelerate runs them on GPUs only)

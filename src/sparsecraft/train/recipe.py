@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..hub import looks_like_repo_id
 from ..methods import get_method
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
+from .optim import OPTIMIZERS
 
 QUANTIZATIONS = ("nf4", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -38,6 +39,7 @@ class LoraSettings:
 
 @dataclass
 class OptimSettings:
+    name: str = "adamw"  # adamw | paged_adamw_32bit (the QLoRA paper's) | paged_adamw_8bit: CUDA only
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -108,6 +110,7 @@ class Recipe:
         _choice("adapter_dtype", self.adapter_dtype, ("float32", "bfloat16"))
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        _choice("optim.name", self.optim.name, OPTIMIZERS)
         for name, value in (("train.batch_size", self.train.batch_size), ("train.grad_accum", self.train.grad_accum),
                             ("lora.r", self.lora.r), ("checkpoint.keep", self.checkpoint.keep),
                             ("logging.every", self.logging.every)):
