@@ -364,3 +364,26 @@ def test_cli_routes_missing_inputs_exit_2(main, saved_model, tmp_path, capsys):
     assert main(["routes", str(saved_model / "model"), str(tmp_path / "none.jsonl"), "--out",
                  str(tmp_path / "o")]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+def test_domain_mutual_information_by_hand():
+    """I(D; X) / H(D) over (source, expert) slots: disjoint experts per domain give 1, identical routing 0, and a
+    mixed case its hand value."""
+    from sparsecraft.evaluate.route_stats import RoutingStats
+
+    def stats(source_counts):
+        sc = torch.tensor(source_counts, dtype=torch.int64)[:, None, :]  # [S, 1, E]
+        counts = sc.sum(0)
+        return RoutingStats(method="pesc", num_experts=2, top_k=1, routing="topk_softmax", normalize_topk=True,
+                            layers=[0], sources=["math", "code"], tokens=int(counts.sum()),
+                            source_tokens=sc.sum((1, 2)).tolist(), source_records=[1, 1],
+                            counts=counts, gate_sums=counts.double(), entropy_sums=torch.zeros(1),
+                            coselection=torch.zeros(1, 2, 2, dtype=torch.int64), source_counts=sc)
+
+    assert float(stats([[10, 0], [0, 10]]).domain_mi()[0]) == pytest.approx(1.0)
+    assert float(stats([[5, 5], [5, 5]]).domain_mi()[0]) == pytest.approx(0.0)
+    # p = [[.3, .2], [.1, .4]]: I = sum p log(p / (p_d p_e)), H(D) = log 2
+    p = [[0.3, 0.2], [0.1, 0.4]]
+    pd, pe = [0.5, 0.5], [0.4, 0.6]
+    mi = sum(p[d][e] * math.log(p[d][e] / (pd[d] * pe[e])) for d in range(2) for e in range(2))
+    assert float(stats([[3, 2], [1, 4]]).domain_mi()[0]) == pytest.approx(mi / math.log(2))

@@ -114,17 +114,19 @@ def build_report(runs: list[Run], out_dir: str | os.PathLike, title: str) -> lis
             "From `sparsecraft routes`: router entropy is the mean per-token entropy of the softmax over all "
             "experts (nats; log E = uniform), load entropy that of the expert shares, specialisation the mean "
             "total-variation distance between each source's expert shares and the overall ones (0 = every source "
-            "routes alike).")
+            "routes alike), domain MI the mutual information between a slot's domain and its expert over the "
+            "domain's entropy, I(D; X) / H(D) (0 = the expert says nothing of the domain, 1 = it tells it; "
+            "docs/routing.md).")
         rows = []
         for r in routed:
             st = r.routes
             rows.append([r.name, st.method, str(st.tokens), ", ".join(st.sources) or "–",
                          f"{float(st.router_entropy().mean()):.3f} / {math.log(st.num_experts):.3f}",
                          f"{float(st.load_entropy().mean()):.3f}", f"{float(st.load_imbalance().mean()):.2f}",
-                         f"{float(st.specialisation().mean()):.3f}"])
+                         f"{float(st.specialisation().mean()):.3f}", f"{float(st.domain_mi().mean()):.3f}"])
         section.blocks.append(Table(["run", "method", "tokens", "sources", "router entropy / max",
-                                     "load entropy", "imbalance", "specialisation"], rows,
-                                    [False, False, True, False, True, True, True, True]))
+                                     "load entropy", "imbalance", "specialisation", "domain MI"], rows,
+                                    [False, False, True, False, True, True, True, True, True]))
         for r in routed:
             st = r.routes
             slug = _slug(r.name)

@@ -91,6 +91,21 @@ class RoutingStats:
         diff = (self.source_share() - self.token_share()[None]).abs().sum(-1) / 2
         return diff.mean(0)
 
+    def domain_mi(self) -> torch.Tensor:
+        """`[L]` float64: the mutual information between a routed slot's domain (its source) and the expert it
+        chose, divided by the entropy of the domain: `I(D; X) / H(D)` over the joint distribution of (source,
+        expert) slots, `p(d, e) = source_counts[d, l, e] / slots`. 0: the expert says nothing about the domain;
+        1: each domain has experts of its own (the expert tells the domain). 0 with fewer than two sources."""
+        if len(self.sources) < 2:
+            return torch.zeros(len(self.layers), dtype=torch.float64)
+        joint = self.source_counts.double().permute(1, 0, 2)  # [L, S, E]
+        joint = joint / joint.sum((1, 2), keepdim=True).clamp_min(1)
+        p_d, p_e = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+        ratio = torch.where(joint > 0, joint / (p_d * p_e).clamp_min(1e-300), torch.ones_like(joint))
+        mi = (joint * ratio.log()).sum((1, 2))
+        h_d = torch.special.entr(p_d.squeeze(2)).sum(1)
+        return torch.where(h_d > 0, mi / h_d.clamp_min(1e-300), torch.zeros_like(mi)).clamp(0, 1)
+
     def top_experts(self) -> dict[str, list[int]]:
         """`{source: [the most used expert per layer]}`."""
         share = self.source_share()
@@ -119,6 +134,7 @@ class RoutingStats:
             "load_entropy": self.load_entropy().tolist(),
             "load_imbalance": self.load_imbalance().tolist(),
             "specialisation": self.specialisation().tolist(),
+            "domain_mi": self.domain_mi().tolist(),
             "source_share": {name: self.source_share()[s].tolist() for s, name in enumerate(self.sources)},
             "top_experts": self.top_experts(),
         }

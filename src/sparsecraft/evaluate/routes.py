@@ -24,13 +24,13 @@ def write_route_csvs(stats: RoutingStats, out_dir: str | os.PathLike) -> list[Pa
     out = Path(out_dir)
     share, gate = stats.token_share(), stats.mean_gate()
     router_h, load_h = stats.router_entropy(), stats.load_entropy()
-    imbalance, special = stats.load_imbalance(), stats.specialisation()
+    imbalance, special, mi = stats.load_imbalance(), stats.specialisation(), stats.domain_mi()
     max_h = math.log(stats.num_experts)
     written = [write_csv(out / "layers.csv",
                          ["layer", "tokens", "router_entropy", "load_entropy", "max_entropy", "load_imbalance",
-                          "specialisation"],
+                          "specialisation", "domain_mi"],
                          [(layer, stats.tokens, float(router_h[i]), float(load_h[i]), max_h, float(imbalance[i]),
-                           float(special[i])) for i, layer in enumerate(stats.layers)])]
+                           float(special[i]), float(mi[i])) for i, layer in enumerate(stats.layers)])]
     written.append(write_csv(out / "experts.csv", ["layer", "expert", "slots", "token_share", "mean_gate"],
                              [(layer, e, int(stats.counts[i, e]), float(share[i, e]), float(gate[i, e]))
                               for i, layer in enumerate(stats.layers) for e in range(stats.num_experts)]))
@@ -86,13 +86,15 @@ def format_summary(stats: RoutingStats) -> str:
     """A few lines for the terminal: per layer entropy, balance and each source's favourite expert."""
     max_h = math.log(stats.num_experts)
     router_h, load_h = stats.router_entropy(), stats.load_entropy()
-    imbalance, special = stats.load_imbalance(), stats.specialisation()
+    imbalance, special, mi = stats.load_imbalance(), stats.specialisation(), stats.domain_mi()
     top = stats.top_experts()
     head = (f"{stats.method}: {stats.tokens} tokens, {len(stats.layers)} layers, {stats.num_experts} experts, "
             f"top-{stats.top_k}; entropies in nats (uniform = {max_h:.3f})")
     lines = [head,
-             "layer  router_H  load_H  imbalance  specialisation  " + "  ".join(f"top[{n}]" for n in stats.sources)]
+             "layer  router_H  load_H  imbalance  specialisation  domain_MI  "
+             + "  ".join(f"top[{n}]" for n in stats.sources)]
     for i, layer in enumerate(stats.layers):
         lines.append(f"{layer:>5}  {router_h[i]:8.3f}  {load_h[i]:6.3f}  {imbalance[i]:9.2f}  {special[i]:14.3f}  "
+                     f"{mi[i]:9.3f}  "
                      + "  ".join(f"{top[n][i]:>{len(n) + 5}}" for n in stats.sources))
     return "\n".join(lines)
