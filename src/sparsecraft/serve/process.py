@@ -6,14 +6,24 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 
 from .settings import ServeSettings
 
 
-def _child(settings: ServeSettings, conn) -> None:
+def _watch_parent(parent: int) -> None:
+    """Stop (drain, exit) when the parent is gone, so a killed benchmark leaves no server behind."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(settings: ServeSettings, conn, parent: int) -> None:
     from .server import serve
 
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     try:
         serve(settings, on_ready=lambda url: conn.send(("ready", url)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
@@ -45,7 +55,7 @@ def start_server_process(settings: ServeSettings, timeout: float = 600.0) -> Ser
     child's one-line reason when it does not come up."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(settings, child), name="sparsecraft-serve", daemon=True)
+    process = ctx.Process(target=_child, args=(settings, child, os.getpid()), name="sparsecraft-serve", daemon=True)
     process.start()
     child.close()
     if not parent.poll(timeout):
