@@ -18,7 +18,8 @@ from sparsecraft.config import CraftConfig, craft_fields
 
 EXPOSED = [f.name for f in dataclasses.fields(CraftConfig) if f.name != "extra"]
 CHOICES = {"routing": "ROUTING_ORDERS", "dispatch": "DISPATCH_PATHS", "combine": "COMBINE_FORMS",
-           "router_dtype": "ROUTER_DTYPES", "activation": "ACTIVATIONS"}
+           "router_dtype": "ROUTER_DTYPES", "activation": "ACTIVATIONS", "balance": "BALANCE_SCOPES",
+           "aux_reduce": "AUX_REDUCTIONS"}
 
 
 def craft_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,8 @@ def test_flag_names_kept_and_new_ones_added():
     actions = options_by_flag(craft_parser())
     old = ["--experts", "--top-k", "--adapter-dim", "--scaling", "--dropout", "--activation", "--routing",
            "--router-dtype", "--layers", "--aux-loss-coef", "--z-loss-coef"]
-    assert set(old) | {"--normalize-topk", "--combine", "--dispatch"} == set(actions)
+    assert set(old) | {"--normalize-topk", "--combine", "--dispatch", "--balance", "--aux-reduce", "--bias-balance",
+                       "--bias-update-rate"} == set(actions)
     assert actions["--normalize-topk"].option_strings == ["--normalize-topk", "--no-normalize-topk"]
     assert isinstance(actions["--normalize-topk"], argparse.BooleanOptionalAction)
     assert actions["--layers"].type is str and actions["--experts"].type is int

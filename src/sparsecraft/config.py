@@ -20,6 +20,8 @@ DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "gathered", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+BALANCE_SCOPES = ("micro", "global")
+AUX_REDUCTIONS = ("mean", "sum")
 # LoRA on attention, the default of training recipes, the dry run and the memory estimate (peft name suffixes)
 ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -70,6 +72,18 @@ class CraftConfig:
         "choices": COMBINE_FORMS})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing (Switch) loss weight alpha"})
     z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight (0: reported, not added)"})
+    balance: str = field(default="micro", metadata={
+        "help": "where the balance loss counts expert use: micro (each micro-batch, all data-parallel ranks) or "
+                "global (every micro-batch of the optimizer step so far, all ranks; Qwen's global-batch balance)",
+        "choices": BALANCE_SCOPES})
+    aux_reduce: str = field(default="mean", metadata={
+        "help": "combine the layers' balance losses by their mean, or their sum (Switch Transformer)",
+        "choices": AUX_REDUCTIONS})
+    bias_balance: bool = field(default=False, metadata={
+        "help": "auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the logits for top-k selection "
+                "only, nudged after each step towards the mean load"})
+    bias_update_rate: float = field(default=0.001, metadata={
+        "help": "u in bias_i += u * sign(mean load - load_i), after each optimizer step"})
     layers: Any = field(default="all", metadata={
         "help": "crafted layers: 'all', 'every:N' or a list like 0,2,5", "type": str})
     dispatch: str = field(default="auto", metadata={
@@ -102,6 +116,12 @@ class CraftConfig:
         _check_choice("combine", self.combine, COMBINE_FORMS)
         _check_choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("balance", self.balance, BALANCE_SCOPES)
+        _check_choice("aux_reduce", self.aux_reduce, AUX_REDUCTIONS)
+        if not isinstance(self.bias_balance, bool):
+            raise ConfigError(f"bias_balance must be true or false, got {self.bias_balance!r}")
+        if not _is_number(self.bias_update_rate) or not 0 <= self.bias_update_rate < math.inf:
+            raise ConfigError(f"bias_update_rate must be a non-negative number, got {self.bias_update_rate!r}")
         parse_layer_spec(self.layers, num_layers=None)
 
     def to_dict(self) -> dict:

@@ -19,6 +19,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..moe.balance import is_balance_bias
 from ..surgery import crafted_layers, new_parameters
 from .base import Variant, autocast_for, dispatch_label, load_dense_base
 from .flops import ModelDims, model_dims, model_flops
@@ -84,8 +85,8 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         torch.manual_seed(settings.seed)  # identical LoRA init in every variant
         peft_model = get_peft_model(model, lora_cfg)
-    for p in new_parameters(model).values():
-        if p.is_floating_point():
+    for name, p in new_parameters(model).items():
+        if p.is_floating_point() and not is_balance_bias(name):
             p.requires_grad_(True)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]

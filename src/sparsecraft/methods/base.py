@@ -114,7 +114,7 @@ class Method:
 
     def part_of(self, name_in_block: str) -> str:
         """Which of `added_parts` a parameter belongs to, by its name inside the MoE block (`router.weight`)."""
-        return self.added_parts[0] if name_in_block.split(".", 1)[0] == "router" else self.added_parts[1]
+        return self.added_parts[0] if name_in_block.startswith("router") else self.added_parts[1]
 
     def header(self, config: CraftConfig | None, num_layers: int) -> str:
         """One line for parameter reports."""

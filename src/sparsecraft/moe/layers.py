@@ -62,6 +62,12 @@ class RoutingRecorder:
     records: list = field(default_factory=list)
     # set by the training loop under multi-process training: router losses over the global batch
     sync_across_processes: bool = False
+    # `balance: global`: per layer, (expert counts [E], tokens) of the optimizer step's earlier micro-batches
+    step_counts: dict = field(default_factory=dict)
+
+    def new_step(self) -> None:
+        """An optimizer step begins: global balance counts start again (the training loop calls it)."""
+        self.step_counts = {}
 
     def start(self) -> None:
         self.records = []
@@ -97,13 +103,17 @@ class RoutedBlock(nn.Module):
         self.router = nn.Linear(site.hidden_size, site.config.num_experts, bias=False, device=site.device,
                                 dtype=site.router_dtype)
         self.recorder: RoutingRecorder | None = None
+        if site.config.bias_balance:
+            # not trained by gradients (see `moe.balance`), but saved and loaded with the model's weights
+            self.router_bias = nn.Parameter(torch.zeros(site.config.num_experts, device=site.device,
+                                                        dtype=torch.float32), requires_grad=False)
 
     def route_tokens(self, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Route `x_flat: [N, h]` and record the routing; returns gates `[N, k]` and expert indices `[N, k]`."""
         cfg = self.config
         compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x_flat.dtype
         gates, indices, logits = route(x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
-                                       compute_dtype)
+                                       compute_dtype, getattr(self, "router_bias", None))
         recorder = self.recorder
         if recorder is not None and recorder.active:
             record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0],

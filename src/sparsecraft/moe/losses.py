@@ -33,6 +33,7 @@ def load_balancing_loss(
     num_experts: int,
     mask: torch.Tensor | None = None,
     sync: bool = False,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer loss `E * sum_i f_i * P_i` (without the coefficient alpha).
 
@@ -42,6 +43,9 @@ def load_balancing_loss(
         mask: bool `[N]`, True for real (non-padding) tokens; None means all tokens count.
         sync: compute `f_i` and the token count over all processes (every rank must call it), and scale so that
             DDP's gradient averaging yields exactly the gradient of the loss over the global batch.
+        seen: `[E + 1]` expert counts and tokens to form `f_i` from instead of this call's (global balance: the
+            optimizer step's micro-batches so far, this one included; see `balance_counts`); `P_i` stays this
+            call's.
 
     Returns:
         A scalar fp32 tensor; 1.0 for perfectly uniform routing, up to E when all tokens go to one expert.
@@ -51,14 +55,28 @@ def load_balancing_loss(
     logits = _valid(logits.float(), mask)
     indices = _valid(indices, mask)
     probs = torch.softmax(logits, dim=-1)
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).to(probs.dtype)
-    stats = _global_sum(torch.cat([counts, counts.new_tensor([logits.shape[0]])]), sync)
-    counts, num_tokens = stats[:-1], stats[-1]
+    stats = _global_sum(_count_vector(indices, num_experts, logits.shape[0]).to(probs.dtype), sync)
+    num_tokens = stats[-1]
     if num_tokens == 0:
         return logits.sum() * 0.0
-    fraction = counts / (num_tokens * indices.shape[-1])
+    seen = stats if seen is None else seen.to(stats)
+    fraction = seen[:-1] / (seen[-1] * indices.shape[-1])
     mean_prob = probs.sum(dim=0) / num_tokens * _world(sync)
     return num_experts * torch.sum(fraction * mean_prob)
+
+
+def _count_vector(indices: torch.Tensor, num_experts: int, num_tokens: int) -> torch.Tensor:
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).double()
+    return torch.cat([counts, counts.new_tensor([num_tokens])])
+
+
+def balance_counts(indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None,
+                   sync: bool = False, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """`[E + 1]` float64: (token, slot) counts per expert and the token count over real tokens (all processes
+    with `sync`), plus `prior` (the same vector for earlier micro-batches of the step)."""
+    indices = _valid(indices, mask)
+    stats = _global_sum(_count_vector(indices, num_experts, indices.shape[0]), sync)
+    return stats if prior is None else stats + prior.to(stats)
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None, sync: bool = False) -> torch.Tensor:

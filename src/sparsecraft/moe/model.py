@@ -16,7 +16,7 @@ import torch
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .layers import RoutingRecord
-from .losses import expert_counts, load_balancing_loss, router_z_loss
+from .losses import balance_counts, expert_counts, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -48,20 +48,29 @@ def token_mask_for(record: RoutingRecord, attention_mask: torch.Tensor | None) -
 
 
 def router_losses(
-    records: list[RoutingRecord], num_experts: int, attention_mask: torch.Tensor | None, sync: bool = False
+    records: list[RoutingRecord], num_experts: int, attention_mask: torch.Tensor | None, sync: bool = False,
+    reduce: str = "mean", step_counts: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Balance loss and z-loss averaged over layers, and `[L, E]` expert counts, all over real tokens only.
+    """Balance loss (layers combined by `reduce`: mean or sum) and z-loss (mean over layers), and `[L, E]`
+    expert counts, all over real tokens only.
 
-    `sync`: statistics over all processes' tokens (multi-process training; every rank must take part)."""
+    `sync`: statistics over all processes' tokens (multi-process training; every rank must take part).
+    `step_counts`: global balance, `{layer: [E + 1] counts and tokens}` of the step's earlier micro-batches,
+    used for `f_i` and updated in place; None: each call on its own (micro balance)."""
     device = records[0].logits.device
     balance, z, counts = [], [], []
     for rec in records:
         mask = token_mask_for(rec, attention_mask)
         logits = rec.logits_for_loss()
-        balance.append(load_balancing_loss(logits, rec.indices, num_experts, mask, sync).to(device))
+        seen = None
+        if step_counts is not None:
+            seen = balance_counts(rec.indices, num_experts, mask, sync, step_counts.get(rec.layer))
+            step_counts[rec.layer] = seen
+        balance.append(load_balancing_loss(logits, rec.indices, num_experts, mask, sync, seen).to(device))
         z.append(router_z_loss(logits, mask, sync).to(device))
         counts.append(expert_counts(rec.indices, num_experts, mask).to(device))
-    return torch.stack(balance).mean(), torch.stack(z).mean(), torch.stack(counts)
+    combined = torch.stack(balance)
+    return combined.sum() if reduce == "sum" else combined.mean(), torch.stack(z).mean(), torch.stack(counts)
 
 
 _PESC_LM_CLASSES: dict[type, type] = {}
@@ -110,7 +119,9 @@ def _pesc_lm_forward(self, *args, **kwargs):
     loss = out.loss
     if records and need_losses:
         sync = recorder.sync_across_processes and self.training
-        aux, z, counts = router_losses(records, craft_cfg.num_experts, attention_mask, sync)
+        step_counts = recorder.step_counts if craft_cfg.balance == "global" and self.training else None
+        aux, z, counts = router_losses(records, craft_cfg.num_experts, attention_mask, sync, craft_cfg.aux_reduce,
+                                       step_counts)
         if loss is not None:
             loss = loss + craft_cfg.aux_loss_coef * aux.to(loss.device) + craft_cfg.z_loss_coef * z.to(loss.device)
     result = PescCausalLMOutput(

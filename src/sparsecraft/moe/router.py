@@ -17,6 +17,7 @@ def route(
     order: str = "topk_softmax",
     normalize_topk: bool = True,
     compute_dtype: torch.dtype | None = torch.float32,
+    selection_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens to experts.
 
@@ -27,6 +28,8 @@ def route(
         order: `topk_softmax` (softmax over the k kept logits, PESC) or `softmax_topk` (softmax over all E, then
             top-k, Mixtral/Sparsetral), optionally renormalised with `normalize_topk`.
         compute_dtype: dtype of the matmul and softmax; None keeps the dtype of `x`.
+        selection_bias: `[E]` added to the scores for choosing the top-k only (auxiliary-loss-free balancing);
+            the gates come from the unbiased scores.
 
     Returns:
         gates `[N, k]` (in `compute_dtype`, larger gate first), expert indices `[N, k]` (int64), and router
@@ -38,22 +41,31 @@ def route(
             logits = F.linear(x.to(dtype), weight.to(dtype))
     else:
         logits = F.linear(x.to(dtype), weight.to(dtype))
-    gates, indices = gates_from_logits(logits, top_k, order, normalize_topk)
+    gates, indices = gates_from_logits(logits, top_k, order, normalize_topk, selection_bias)
     return gates, indices, logits.float()
 
 
 def gates_from_logits(
-    logits: torch.Tensor, top_k: int, order: str = "topk_softmax", normalize_topk: bool = True
+    logits: torch.Tensor, top_k: int, order: str = "topk_softmax", normalize_topk: bool = True,
+    selection_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k choice and gates from router logits `[N, E]`: gates `[N, k]` (logits' dtype, larger first) and
     expert indices `[N, k]` int64. The one place the routing orders are defined (`route` and the routing
     statistics both use it)."""
     if order == "topk_softmax":
-        top_logits, indices = torch.topk(logits, top_k, dim=-1)
+        if selection_bias is None:
+            top_logits, indices = torch.topk(logits, top_k, dim=-1)
+        else:  # chosen by the biased scores, gated by the model's own
+            indices = torch.topk(logits + selection_bias.to(logits.dtype), top_k, dim=-1).indices
+            top_logits = logits.gather(-1, indices)
         gates = torch.softmax(top_logits, dim=-1)
     elif order == "softmax_topk":
         probs = torch.softmax(logits, dim=-1)
-        gates, indices = torch.topk(probs, top_k, dim=-1)
+        if selection_bias is None:
+            gates, indices = torch.topk(probs, top_k, dim=-1)
+        else:
+            indices = torch.topk(probs + selection_bias.to(probs.dtype), top_k, dim=-1).indices
+            gates = probs.gather(-1, indices)
         if normalize_topk:
             gates = gates / gates.sum(dim=-1, keepdim=True)
     else:

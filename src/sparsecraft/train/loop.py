@@ -23,6 +23,7 @@ from ..atomic import check_output_path
 from ..errors import ConfigError
 from ..generation import context_length
 from ..methods import get_method
+from ..moe.balance import update_router_biases
 from .batches import BatchPlan, StreamBatches
 from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
 from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
@@ -66,14 +67,17 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def train_step(model, batches: list[dict], accelerator, craft_cfg) -> StepStats:
-    """Forward/backward over one optimizer step's micro-batches (gradients accumulate; no optimizer step)."""
+def train_step(model, batches: list[dict], accelerator, craft_cfg, recorder=None) -> StepStats:
+    """Forward/backward over one optimizer step's micro-batches (gradients accumulate; no optimizer step).
+    `recorder`: the crafted model's routing recorder, told that a new optimizer step begins."""
     local_targets = sum(count_targets(b) for b in batches)
     global_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
     # DDP averages gradients over ranks, so each rank divides by global/world: the result is the global mean
     num_items = max(global_targets, 1) / accelerator.num_processes
     accum = len(batches)
     lm_sum, aux_sum, z_sum, tokens, counts = 0.0, 0.0, 0.0, 0, None
+    if recorder is not None:
+        recorder.new_step()  # global balance: the step's expert counts start again
     for j, batch in enumerate(batches):
         sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
@@ -300,13 +304,16 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         samples = (feed.rank_samples() if feed is not None
                    else [[prepared.train[i] for i in idx] for idx in plan.rank_indices(step)])
         batches = [_to_device(prepared.collator(micro), accelerator.device) for micro in samples]
-        stats = train_step(model, batches, accelerator, craft_cfg)
+        stats = train_step(model, batches, accelerator, craft_cfg, getattr(built.inner, "_sparsecraft_recorder", None))
         # the norm is always taken (an infinite max only measures it): a NaN or inf step is skipped, not applied
         max_norm = recipe.optim.max_grad_norm if recipe.optim.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), max_norm))
         if guard.step_is_finite(stats.lm_loss, grad_norm, step + 1):
             optimizer.step()
             scheduler.step()
+            if craft_cfg is not None and craft_cfg.bias_balance and stats.counts is not None:
+                counts = accelerator.reduce(stats.counts.to(accelerator.device), "sum").cpu()
+                update_router_biases(built.inner, counts, craft_cfg.bias_update_rate)
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens += stats.tokens

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..methods import Method, get_method
+from ..moe.balance import is_balance_bias
 from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
 from ..surgery import is_added_name, is_crafted
 from .quantize import bnb_config, keep_trainable_layout, quantize_linears_nf4
@@ -103,7 +104,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         )
         model = get_peft_model(inner, config)
     for name, p in inner.named_parameters():
-        if is_added_name(name):
+        if is_added_name(name) and not is_balance_bias(name):  # the selection bias moves by rule, not gradient
             p.requires_grad_(True)
     if recipe.train.gradient_checkpointing:
         enable_checkpointing(inner)
