@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="a trained model directory (RUN/model) or any model sparsecraft loads")
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (float32, bfloat16)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (they can run code)")
     p.add_argument("--to", choices=(*TARGETS, "vllm"), default=None,
                    help="write an upcycled model as a plain transformers MoE (no sparsecraft needed to load it): "
                         "mixtral for LLaMA/Mistral bases, qwen2_moe / qwen3_moe for Qwen2 / Qwen3 bases; vllm: a "
@@ -28,7 +29,7 @@ def run(args) -> int:
     if args.to is None:
         from ..train.artifacts import export_merged
 
-        out = export_merged(args.model, args.out, dtype=args.dtype)
+        out = export_merged(args.model, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
         print(f"standalone model written to {out}")
         return 0
     if args.to == "vllm":
@@ -63,7 +64,7 @@ def run_vllm(args) -> int:
     from ..integrations.vllm.layout import check_servable, write_vllm_dir
     from ..loading import load
 
-    model = load(args.model, dtype=_dtype(args.dtype))
+    model = load(args.model, dtype=_dtype(args.dtype), allow_pickle=args.allow_pickle)
     check_servable(model)
     out = write_vllm_dir(model, args.out, tokenizer=_tokenizer(args.model, model), dtype=_dtype(args.dtype))
     print(f"vLLM directory written to {out}: serve it with `vllm serve {out}` where sparsecraft[vllm] is installed")
@@ -78,7 +79,7 @@ def run_native(args) -> int:
     from ..loading import load
 
     dtype = _dtype(args.dtype)
-    model = load(args.model, dtype=dtype)
+    model = load(args.model, dtype=dtype, allow_pickle=args.allow_pickle)
     plan_export(model, args.to)  # refuse before reading the tokenizer or writing anything
     out = export_native(model, args.out, args.to, tokenizer=_tokenizer(args.model, model), dtype=dtype)
     print(f"{args.to} checkpoint written to {out} (loads with transformers alone)")
