@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.to is not None:
+        from ..atomic import check_output_path
+
+        check_output_path(args.out, empty=True)  # before loading the model
     if args.to is None:
         from ..train.artifacts import export_merged
 
