@@ -154,4 +154,17 @@ def test_vllm_serves_the_export_with_the_same_tokens(tmp_path, monkeypatch, fami
         out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     llm = LLM(model=str(tmp_path / "out"), dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=2)
     got = llm.generate(["hello there"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    release_vllm(llm)
     assert list(got[0].outputs[0].token_ids) == out[0, ids.shape[1]:].tolist()
+
+
+def release_vllm(llm) -> None:
+    """vLLM keeps process-wide parallel state per engine; drop it so the next test's engine starts clean."""
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    del llm
+    gc.collect()
+    destroy_model_parallel()
+    destroy_distributed_environment()

@@ -118,6 +118,7 @@ def test_vllm_with_the_plugin_generates_what_sparsecraft_generates(tmp_path, mon
     llm = LLM(model=str(tmp_path / "v"), dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=4,
               seed=0)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    release_vllm(llm)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     dense = sparsecraft.uncraft(model)  # the control: without the adapters the answers differ
     ids = tok(prompts[0], return_tensors="pt").input_ids
@@ -125,3 +126,15 @@ def test_vllm_with_the_plugin_generates_what_sparsecraft_generates(tmp_path, mon
         out = dense.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     assert out[0, ids.shape[1]:].tolist() != want[0]
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def release_vllm(llm) -> None:
+    """vLLM keeps process-wide parallel state per engine; drop it so the next test's engine starts clean."""
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    del llm
+    gc.collect()
+    destroy_model_parallel()
+    destroy_distributed_environment()
