@@ -1,6 +1,7 @@
-"""UpIT expert sets (methods/expert_set.py, methods/upit.py): files, reading states from dense-stage models, and building the MoE of
-each kind with function preservation (equal experts = the dense-stage model), router rows, shared weights,
-freezing experts, and the crafted-directory round trip. Tiny fp32 models; the file runs in well under a minute."""
+"""UpIT expert sets (methods/expert_set.py, methods/upit.py): files, reading states from dense-stage models, and
+building the MoE of each kind with function preservation (equal experts = the dense-stage model), router rows,
+shared weights, freezing experts, and the crafted-directory round trip. Tiny fp32 models; the file runs in well
+under a minute."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -275,32 +275,43 @@ def refactor_low_rank(delta_w: torch.Tensor, r: int) -> tuple[torch.Tensor, torc
     return b.to(delta_w.dtype), a.to(delta_w.dtype)
 
 
-def dare_merge_lora_product(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                            base: Mapping[str, torch.Tensor], alpha: float, p: float,
-                            generator: torch.Generator) -> State:
-    """DARE-merge LoRA experts through their products, then refactor each projection to rank r by SVD.
+def merge_lora_product(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                       base: Mapping[str, torch.Tensor], combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       merge_rest: Callable[[State, State, State], State]) -> State:
+    """Merge LoRA experts through their products with `combine`, then refactor each projection to rank r by SVD.
 
     For each pair (`X.lora_A [r, in]`, `X.lora_B [out, r]`) with `P = B @ A` (the common alpha/r scaling is left
-    out, it cancels): `P_child = P_base + alpha * DARE(P_a - P_base) + (1 - alpha) * DARE(P_b - P_base)`, and the
-    child stores `B', A' = refactor_low_rank(P_child, r)`. Unlike the separate merge this interpolates the
-    functions the experts compute (`B A`), not their factors, at the cost of an SVD per projection and a rank-r
-    truncation (the DARE'd sum of two rank-r products generally has higher rank). The child's A' no longer
-    starts from the shared initial A, so its factor deltas are not comparable with the parents' for similarity.
-    Keys that are not LoRA factors are merged as in `dare_merge`.
+    out, it cancels): `P_child = P_base + combine(P_a - P_base, P_b - P_base)` (float64 `[out, in]` deltas in,
+    the merged delta out), and the child stores `B', A' = refactor_low_rank(P_child, r)`. Unlike merging the
+    factors this interpolates the functions the experts compute (`B A`), not their factors, at the cost of an SVD
+    per projection and a rank-r truncation (a merge of two rank-r products generally has higher rank). The
+    child's A' no longer starts from the shared initial A, so its factor deltas are not comparable with the
+    parents' for similarity. Keys that are not LoRA factors go to `merge_rest(a, b, base)` first (so a seeded
+    generator is drawn from in the same order every time), then the pairs in sorted order.
     """
-    _check_p(p)
-    keys = _check_keys([a, b, base], "dare_merge_lora_product")
+    keys = _check_keys([a, b, base], "merge_lora_product")
     pairs = lora_pairs(keys)
     paired = {k for pair in pairs for k in pair}
     rest = [k for k in keys if k not in paired]
-    out: State = dare_merge({k: a[k] for k in rest}, {k: b[k] for k in rest}, {k: base[k] for k in rest},
-                            alpha, p, generator) if rest else {}
+    out: State = merge_rest({k: a[k] for k in rest}, {k: b[k] for k in rest}, {k: base[k] for k in rest}) \
+        if rest else {}
     for ka, kb in pairs:
         dtype = base[ka].dtype
         r = base[ka].shape[0]
-
         p0, pa, pb = (s[kb].double() @ s[ka].double() for s in (base, a, b))
-        child = p0 + alpha * dare(pa - p0, p, generator) + (1.0 - alpha) * dare(pb - p0, p, generator)
-        new_b, new_a = refactor_low_rank(child, r)
+        new_b, new_a = refactor_low_rank(p0 + combine(pa - p0, pb - p0), r)
         out[ka], out[kb] = new_a.to(dtype), new_b.to(dtype)
     return {k: out[k] for k in keys}
+
+
+def dare_merge_lora_product(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                            base: Mapping[str, torch.Tensor], alpha: float, p: float,
+                            generator: torch.Generator) -> State:
+    """`merge_lora_product` with DARE: `P_child = P_base + alpha * DARE(P_a - P_base) + (1 - alpha) *
+    DARE(P_b - P_base)`; keys that are not LoRA factors are merged as in `dare_merge`."""
+    _check_p(p)
+
+    def combine(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+        return alpha * dare(da, p, generator) + (1.0 - alpha) * dare(db, p, generator)
+
+    return merge_lora_product(a, b, base, combine, lambda x, y, z: dare_merge(x, y, z, alpha, p, generator))
