@@ -4,6 +4,7 @@ experts, and seed bucketing + router pre-training on experts built to be best on
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from sparsecraft.methods.upit import build_moe
 from sparsecraft.train.loop import run
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model
+from sparsecraft.upit.assign import assign
 from sparsecraft.upit.config import load_upit_config, stage_recipe
 from sparsecraft.upit.pipeline import run_pipeline
 from sparsecraft.upit.prepare import Candidate, experts_from_paths, select
@@ -168,8 +170,19 @@ def test_lora_pipeline_writes_every_stage(lora_run, base):
 
     buckets = json.loads((out / "route" / "buckets.json").read_text())
     assert sum(buckets["sizes"]) == len(buckets["records"]) == 16 and len(buckets["sizes"]) == 4
+    # the default bucketing is balanced: 12 training records give 3 to each expert, 4 held-out ones 1 each ...
+    assert (buckets["bucketing"], buckets["normalise"]) == ("balanced", "margin")
+    assert buckets["train_sizes"] == [3, 3, 3, 3] and buckets["heldout_sizes"] == [1, 1, 1, 1]
+    assert buckets["quota"] == {"train": [3, 3], "heldout": [1, 1]} and buckets["empty"] == []
+    # ... where the lowest raw perplexity leaves experts without a record on these checkpoints
+    assert sum(buckets["argmin_sizes"]) == 16 and min(buckets["argmin_sizes"]) == 0
+    # the stored buckets are the balanced assignment of the stored NLLs (perplexity = exp(NLL))
+    nll = torch.tensor([r["nll"] for r in buckets["records"]], dtype=torch.float64).T
+    want, _ = assign(nll, "balanced", "margin", parts=(12, 4))
+    assert [r["bucket"] for r in buckets["records"]] == want.tolist()
+    assert [r["split"] for r in buckets["records"]] == ["train"] * 12 + ["heldout"] * 4
     for record in buckets["records"]:
-        assert record["bucket"] == min(range(4), key=lambda j: record["perplexity"][j])
+        assert record["perplexity"] == pytest.approx([math.exp(v) for v in record["nll"]], rel=1e-4)
     accuracy = json.loads((out / "route" / "accuracy.json").read_text())
     held = [r for r in buckets["records"] if r["split"] == "heldout"]
     assert accuracy["heldout_records"] == len(held) == 4
@@ -330,7 +343,7 @@ def test_seed_buckets_and_router_follow_expert_specialisation(base, tmp_path):
     args = tiny_args(base, out, "experts=2", "top_k=1", f"prepare.experts_from=[{experts[0]}, {experts[1] / 'lora'}]",
                      f"data.sources={sources}",
                      "data.eval_sources=[]", "route.seed_fraction=0.5", "route.heldout_fraction=0.3",
-                     "route.epochs=6", "route.lr=5e-2")
+                     "route.epochs=6", "route.lr=5e-2", "route.min_share=0.5")
     cfg = load_upit_config(QUICK, args)
     for stage in ("prepare", "expand", "route"):
         results = run_pipeline(cfg, stage)
@@ -340,9 +353,24 @@ def test_seed_buckets_and_router_follow_expert_specialisation(base, tmp_path):
 
     buckets = json.loads((out / "route" / "buckets.json").read_text())
     by_source = buckets["by_source"]
+    # the slices are of unequal size (31 and 29 records): min_share 0.5 lets each keep its expert whole
+    assert (buckets["bucketing"], buckets["normalise"], buckets["min_share"]) == ("balanced", "margin", 0.5)
     # each slice's records go to the expert trained on it
     assert by_source["math"][0] >= 0.9 * sum(by_source["math"]) and sum(by_source["math"]) >= 15
     assert by_source["code"][1] >= 0.9 * sum(by_source["code"]) and sum(by_source["code"]) >= 15
+    assert buckets["argmin_sizes"] == buckets["sizes"]  # truly specialised experts: the lowest perplexity agrees
+    # exactly balanced (min_share 1) on the same perplexities, each part apart: an expert takes its own slice's
+    # records first, as many as its quota allows
+    records = buckets["records"]
+    n_train = sum(r["split"] == "train" for r in records)
+    nll = torch.tensor([r["nll"] for r in records], dtype=torch.float64).T
+    exact, _ = assign(nll, "balanced", "margin", parts=(n_train, len(records) - n_train))
+    for part in (slice(0, n_train), slice(n_train, None)):
+        got, slices = exact[part].tolist(), [r["source"] for r in records[part]]
+        assert max(got.count(0), got.count(1)) - min(got.count(0), got.count(1)) <= 1
+        for expert, name in enumerate(("math", "code")):
+            own = sum(b == expert and s == name for b, s in zip(got, slices))
+            assert own == min(slices.count(name), got.count(expert))
     accuracy = results["route"]
     assert accuracy["heldout_records"] >= 15
     # after pre-training the router sends the held-out records' tokens to their bucket's expert (chance: 0.5)

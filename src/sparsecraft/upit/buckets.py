@@ -1,11 +1,12 @@
-"""UpIT stage 3, steps 1-2: the seed records, and each one's bucket: the expert with the lowest perplexity on it.
+"""UpIT stage 3, steps 1-2: the seed records, every expert's perplexity on each, and the bucket report.
 
 1. Seed: `route.seed_fraction` of the training records (clamped to [seed_min, seed_max]), drawn with a seeded
    generator; `route.heldout_fraction` of it is held out to measure routing accuracy. They are tokenised as
    training does (prompt masked, truncated).
 2. Buckets: each seed record's perplexity on its scored tokens (`route.tokens`: response, or all) under the dense
    model carrying expert j alone (`build_moe` with that single expert: top-1 of one expert is that expert, so the
-   model is dense + expert j); the record goes to the expert with the lowest perplexity (`buckets.json`).
+   model is dense + expert j); `assign.assign` turns these into buckets (`route.bucketing`), reported in
+   `buckets.json` (`bucket_report`).
 
 The batching helpers (`iter_batches`, `forward_batch`, `scored_mask`) serve router pre-training too.
 """
@@ -25,6 +26,7 @@ from ..errors import ConfigError
 from ..methods.expert_set import ExpertSet
 from ..methods.upit import build_moe
 from ..train.nll import row_nll
+from .assign import RULES, quotas
 from .config import RouteSettings, UpitConfig, stage_recipe
 
 # ------------------------------------------------------------------------------------------------------ seeding
@@ -92,22 +94,45 @@ def expert_nll(base_model: nn.Module, es: ExpertSet, craft: CraftConfig, dataset
     return torch.stack(rows)
 
 
-def bucket_report(nll: torch.Tensor, sources: list[str], train_idx: list[int], held_idx: list[int],
-                  names: list[str], scope: str) -> dict:
-    """buckets.json: bucket per seed record (lowest perplexity), sizes, and bucket counts per data source."""
-    buckets = nll.argmin(0)
-    num = nll.shape[0]
-    sizes = torch.bincount(buckets, minlength=num).tolist()
+def bucket_report(nll: torch.Tensor, buckets: torch.Tensor, scores: torch.Tensor | None, sources: list[str],
+                  train_idx: list[int], held_idx: list[int], names: list[str], settings: RouteSettings) -> dict:
+    """buckets.json: how the seed records were bucketed and the counts.
+
+    `nll [E, S]` (seed records: the training part, then the held-out part), `buckets [S]`, `scores [E, S]` the
+    normalised scores (balanced only). Counts: `sizes` (all seed records), `train_sizes` (what router
+    pre-training sees), `heldout_sizes`, `argmin_sizes` (what the lowest raw perplexity would have given, to
+    show a collapse avoided), `quota` (fewest and most records per expert of each part, balanced and random);
+    `empty`: experts without a training record. Per record: `perplexity` (rounded), `nll` (exact, so the
+    buckets can be recomputed) and `score`.
+    """
+    num, n_train = nll.shape[0], len(train_idx)
+
+    def counts(b: torch.Tensor) -> list[int]:
+        return torch.bincount(b, minlength=num).tolist()
+
     per_source: dict[str, list[int]] = {}
     for s, b in zip(sources, buckets.tolist()):
         per_source.setdefault(s, [0] * num)[b] += 1
-    records = [{"index": i, "split": split, "source": s, "bucket": int(b),
-                "perplexity": [round(math.exp(min(float(v), 80.0)), 4) for v in nll[:, k]]}
-               for k, (i, split, s, b) in enumerate(zip(
-                   train_idx + held_idx, ["train"] * len(train_idx) + ["heldout"] * len(held_idx), sources,
-                   buckets.tolist()))]
-    return {"experts": names, "sizes": sizes, "empty": [names[j] for j, n in enumerate(sizes) if n == 0],
-            "by_source": per_source, "scope": scope, "records": records}
+    splits = ["train"] * n_train + ["heldout"] * len(held_idx)
+    records = []
+    for k, (i, split, s, b) in enumerate(zip(train_idx + held_idx, splits, sources, buckets.tolist())):
+        record = {"index": i, "split": split, "source": s, "bucket": int(b),
+                  "perplexity": [round(math.exp(min(float(v), 80.0)), 4) for v in nll[:, k]],
+                  "nll": [float(v) for v in nll[:, k]]}
+        if scores is not None:
+            record["score"] = [round(float(v), 6) for v in scores[:, k]]
+        records.append(record)
+    train_sizes = counts(buckets[:n_train])
+    balanced = settings.bucketing == "balanced"
+    share = settings.min_share if balanced else 1.0
+    return {"experts": names, "bucketing": settings.bucketing, "normalise": settings.normalise if balanced else None,
+            "min_share": share if balanced else None, "rule": RULES[settings.bucketing], "sizes": counts(buckets),
+            "train_sizes": train_sizes, "heldout_sizes": counts(buckets[n_train:]),
+            "argmin_sizes": counts(nll.argmin(0)),
+            "quota": {"train": list(quotas(n_train, num, share)), "heldout": list(quotas(len(held_idx), num, share))}
+            if settings.bucketing != "argmin" else None,
+            "empty": [names[j] for j, n in enumerate(train_sizes) if n == 0],
+            "by_source": per_source, "scope": settings.tokens, "records": records}
 
 
 # ---------------------------------------------------------------------------------------------------- seed data

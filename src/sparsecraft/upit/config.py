@@ -5,6 +5,7 @@ The top level holds the fields of an ordinary training recipe (`model`, `data`, 
 
     kind: lora | ffn | adapter          what an expert is (the expert kinds of the registered methods)
     output_dir: runs/upit               prepare/ expand/ route/ upcycle/ are written under it
+    extends: other.yaml                 (file only) start from another UpIT config, relative to this file
     prepare: {...}                      PrepareSettings; prepare.recipe overrides recipe fields for the dense stage
     expand:  {...}                      ExpandSettings
     route:   {...}                      RouteSettings
@@ -28,11 +29,14 @@ from ..methods import expert_kinds, method_for_kind
 from ..methods.upit import UpitMethod
 from ..train.recipe import Recipe, build_recipe, merge_recipe
 from ..yaml_settings import build_dataclass, merge, parse_overrides, read_yaml
-from .expand import LORA_MERGES
+from .assign import BUCKETINGS, NORMALISATIONS
+from .crossover import MERGES
+from .expand import LORA_MERGES, PARENT_CHOICES
 
 SELECTIONS = ("even", "last")
 SHARED_MODES = ("average", "last", "base")
 TOKEN_SCOPES = ("response", "all")
+ROUTER_INITS = ("default", "random")
 STAGES = ("prepare", "expand", "route", "upcycle")
 
 # Fields a stage sets itself; a user value there would be silently ignored, so it is refused instead.
@@ -66,10 +70,20 @@ class PrepareSettings:
 
 @dataclass
 class ExpandSettings:
-    """Stage 2: genetic expansion from m to n = craft.num_experts experts (skipped when n == m)."""
+    """Stage 2: genetic expansion from m to n = craft.num_experts experts (no children when n == m).
 
-    p: float = 0.5  # DARE drop rate
+    `enabled: false` is the "no genetic expansion" ablation: the n experts are n dense-stage checkpoints
+    (`prepare.num_experts` must then be n) and the stage only passes them on. `merge`: how two parents make a
+    child (`dare`, `ties`, `linear`; see `crossover.py`); `p`: the fraction of each parent's delta dropped (DARE:
+    at random, then rescaled; TIES: the smallest entries; unused by linear). `parents`: `dissimilar` (the least
+    similar unused pair) or `random` (the paper's ablation).
+    """
+
+    enabled: bool = True
+    p: float = 0.5
     seed: int = 0
+    merge: str = "dare"
+    parents: str = "dissimilar"
     lora_merge: str = "separate"  # lora kind: merge A and B apart, or the product B·A refactored by SVD
 
 
@@ -77,12 +91,24 @@ class ExpandSettings:
 class RouteSettings:
     """Stage 3: seed data bucketed by each expert's response perplexity, router rows pre-trained on them.
 
+    Buckets (`assign.py`): `bucketing` `balanced` (default: per-expert normalised scores, `normalise` margin |
+    zscore | rank | none, then a minimum-cost assignment giving every expert floor or ceil of S/E records; with
+    `min_share` below 1, at least floor(min_share * S/E) each and the rest where it fits best), `argmin` (the
+    lowest raw perplexity; can put every record in one bucket) or `random` (a seeded balanced assignment ignoring
+    the perplexities: the paper's "router initialised on random data" ablation).
     Loss `lm_weight * L_lm + aux_weight * L_aux`, `L_aux` the binary cross-entropy of `sigmoid(h · r_i)`
     (1 for tokens of bucket i; with `negatives`, 0 for the other rows). Experts frozen unless
-    `freeze_experts: false`. `enabled: false` skips router pre-training (the crafted default init is used).
+    `freeze_experts: false`. `enabled: false` skips router pre-training; the router is then `init`: `default`
+    (the crafted init of any new MoE, seeded by the post-training seed) or `random` (rows drawn from
+    N(0, init_std^2) with `seed`, written to route/router.safetensors).
     """
 
     enabled: bool = True
+    bucketing: str = "balanced"
+    normalise: str = "margin"
+    min_share: float = 1.0  # balanced: each expert gets >= floor(min_share * S/E) records; 1 = exactly balanced
+    init: str = "default"
+    init_std: float = 0.02
     seed_fraction: float = 0.01
     seed_min: int = 64
     seed_max: int = 2000
@@ -133,6 +159,11 @@ class UpitConfig:
         return dict(self.stage_dict("upcycle").get("craft") or {})
 
     @property
+    def route_stage(self) -> bool:
+        """Whether the route stage runs: router pre-training, or writing the random router rows."""
+        return self.route.enabled or self.route.init == "random"
+
+    @property
     def num_experts(self) -> int:
         """n: experts of the final MoE."""
         return int(self.craft_dict().get("num_experts", 8))
@@ -173,6 +204,23 @@ class UpitConfig:
             raise ConfigError(f"expand.p must be in [0, 1), got {e.p}")
         if e.lora_merge not in LORA_MERGES:
             raise ConfigError(f"expand.lora_merge must be one of {', '.join(LORA_MERGES)}; got {e.lora_merge!r}")
+        if e.merge not in MERGES:
+            raise ConfigError(f"expand.merge must be one of {', '.join(MERGES)}; got {e.merge!r}")
+        if e.parents not in PARENT_CHOICES:
+            raise ConfigError(f"expand.parents must be one of {', '.join(PARENT_CHOICES)}; got {e.parents!r}")
+        if r.bucketing not in BUCKETINGS:
+            raise ConfigError(f"route.bucketing must be one of {', '.join(BUCKETINGS)}; got {r.bucketing!r}")
+        if r.normalise not in NORMALISATIONS:
+            raise ConfigError(f"route.normalise must be one of {', '.join(NORMALISATIONS)}; got {r.normalise!r}")
+        if not 0 < r.min_share <= 1:
+            raise ConfigError(f"route.min_share must be in (0, 1], got {r.min_share}")
+        if r.init not in ROUTER_INITS:
+            raise ConfigError(f"route.init must be one of {', '.join(ROUTER_INITS)}; got {r.init!r}")
+        if r.init == "random" and r.enabled:
+            raise ConfigError("route.init=random is the random-router ablation, which replaces router pre-training: "
+                              "set route.enabled=false too")
+        if not r.init_std > 0:
+            raise ConfigError(f"route.init_std must be positive, got {r.init_std}")
         if not 0 < r.seed_fraction <= 1:
             raise ConfigError(f"route.seed_fraction must be in (0, 1], got {r.seed_fraction}")
         if r.seed_min <= 0 or r.seed_max < r.seed_min:
@@ -193,6 +241,12 @@ class UpitConfig:
         n, m = post.craft_config().num_experts, self.prepare.num_experts
         if not p.experts_from and n < m:
             raise ConfigError(f"craft.num_experts (n={n}) must be at least prepare.num_experts (m={m})")
+        if not e.enabled:
+            given, what = (len(p.experts_from), "prepare.experts_from lists") if p.experts_from else \
+                (m, "prepare.num_experts is")
+            if given != n:
+                raise ConfigError(f"expand.enabled=false takes the n={n} experts as they are, but {what} {given}: "
+                                  f"make them equal (the ablation's prepare.num_experts={n})")
         if not p.experts_from:
             stage_recipe(self, "prepare")
 
@@ -250,10 +304,28 @@ def _build_upit(data: dict) -> UpitConfig:
     return UpitConfig(**kwargs)
 
 
+def read_upit_yaml(path: str | Path, _seen: frozenset = frozenset()) -> dict:
+    """An UpIT YAML file as a mapping, `extends: OTHER.yaml` resolved: OTHER (relative to this file's folder,
+    itself possibly extending another) with this file's fields merged on top, as overrides are."""
+    path = Path(path)
+    data = read_yaml(path, "UpIT config", mapping=True)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends must name another UpIT config file, got {parent!r}")
+    here = path.resolve()
+    target = path.parent / parent
+    if target.resolve() in _seen | {here}:
+        raise ConfigError(f"{path}: extends {parent} leads back to itself")
+    return merge_recipe(merge_recipe({}, read_upit_yaml(target, _seen | {here})), data)
+
+
 def load_upit_config(path: str | Path | None, overrides: list[str] | None = None) -> UpitConfig:
-    """Read an UpIT YAML config and apply `key=value` overrides (`output_dir=`, `max_steps=`, `data=`, `experts=`,
-    `prepare.num_experts=`, ... as in `sparsecraft train`); validated, one-line `ConfigError`s."""
-    data: dict = read_yaml(path, "UpIT config", mapping=True) if path is not None else {}
+    """Read an UpIT YAML config (`extends:` resolved) and apply `key=value` overrides (`output_dir=`,
+    `max_steps=`, `data=`, `experts=`, `prepare.num_experts=`, ... as in `sparsecraft train`); validated,
+    one-line `ConfigError`s."""
+    data: dict = read_upit_yaml(path) if path is not None else {}
     for override in parse_overrides(overrides or []):
         data = merge_recipe(data, override)
     cfg = _build_upit(data)

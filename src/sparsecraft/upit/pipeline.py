@@ -14,6 +14,7 @@ skipped and an interrupted training stage continues from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -59,8 +60,15 @@ def _record(cfg: UpitConfig, stage: str, result: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ stages
 
 
+def _expansion_settings(cfg: UpitConfig) -> dict:
+    e = cfg.expand
+    return {"enabled": e.enabled, "merge": e.merge, "parents": e.parents, "p": e.p, "seed": e.seed,
+            "lora_merge": e.lora_merge}
+
+
 def run_expand(cfg: UpitConfig) -> dict:
-    """Stage 2: m -> n experts (`expand.expand`), written with its similarity and lineage report."""
+    """Stage 2: m -> n experts (`expand.expand`), written with its similarity and lineage report. With
+    `expand.enabled: false` the prepared experts pass unchanged (there must be n of them)."""
     from .expand import expand, write_expansion_report
     from .merge import similarity_matrix
 
@@ -68,19 +76,27 @@ def run_expand(cfg: UpitConfig) -> dict:
     n, m = cfg.num_experts, len(es.states)
     if n < m:
         raise ConfigError(f"craft.num_experts (n={n}) is below the {m} prepared experts; raise it or choose fewer")
+    e = cfg.expand
+    if not e.enabled and n != m:
+        raise ConfigError(f"expand.enabled=false but {cfg.stage_dir('prepare') / EXPERTS_SUBDIR} holds {m} experts, "
+                          f"not n={n}")
     out = cfg.stage_dir("expand")
     if n > m:
-        grown = expand(es, n, p=cfg.expand.p, seed=cfg.expand.seed, lora_merge=cfg.expand.lora_merge)
+        grown = expand(es, n, p=e.p, seed=e.seed, lora_merge=e.lora_merge, merge=e.merge, parents=e.parents)
         before, after = grown.meta["similarity_before"], grown.meta["similarity_after"]
         lineage = grown.meta["lineage"]
     else:  # nothing to grow: the prepared experts as they are
-        grown = es
+        meta = {**es.meta, "expansion": {**_expansion_settings(cfg), "from": m, "to": n}}
+        grown = dataclasses.replace(es, meta=meta)
         before = after = similarity_matrix(es.states, es.base).tolist()
         lineage = []
     save_expert_set(grown, out)
-    write_expansion_report(out, before, after, lineage, names=list(grown.names))
-    print(f"expand: {m} -> {n} experts ({', '.join(grown.names)}) -> {out}")
-    return {"from": m, "to": n, "names": list(grown.names), "children": len(lineage)}
+    write_expansion_report(out, before, after, lineage, names=list(grown.names), settings=_expansion_settings(cfg))
+    how = f"{e.merge} merges of {e.parents} parents" if n > m else \
+        ("expansion disabled: the prepared checkpoints as they are" if not e.enabled else "nothing to grow")
+    print(f"expand: {m} -> {n} experts ({', '.join(grown.names)}), {how} -> {out}")
+    return {"from": m, "to": n, "names": list(grown.names), "children": len(lineage), "enabled": e.enabled,
+            "merge": e.merge if n > m else None, "parents": e.parents if n > m else None}
 
 
 def run_upcycle(cfg: UpitConfig, *, resume: bool = False) -> dict:
@@ -94,11 +110,11 @@ def run_upcycle(cfg: UpitConfig, *, resume: bool = False) -> dict:
     es = load_expert_set(experts_dir)
     out = cfg.stage_dir("upcycle")
     router = cfg.stage_dir("route") / ROUTER_NAME
-    upit = {"experts": str(experts_dir), "router": str(router.resolve()) if cfg.route.enabled else ""}
+    upit = {"experts": str(experts_dir), "router": str(router.resolve()) if cfg.route_stage else ""}
     # es.shared (averaged non-expert weights) is loaded by build_moe and saved beside the model by save_crafted
     recipe = stage_recipe(cfg, "upcycle", upit=upit)
-    print(f"upcycle: {len(es.states)} {es.kind} experts, top-{recipe.craft_config().top_k}, "
-          f"{'pre-trained' if cfg.route.enabled else 'default'} router -> {out}")
+    kind = "pre-trained" if cfg.route.enabled else "random (route.init=random)" if cfg.route_stage else "default"
+    print(f"upcycle: {len(es.states)} {es.kind} experts, top-{recipe.craft_config().top_k}, {kind} router -> {out}")
     return run(recipe, resume=resume and latest_checkpoint(out) is not None)
 
 
@@ -121,10 +137,10 @@ def run_pipeline(cfg: UpitConfig, stage: str = "all", *, resume: bool = False) -
     if stage != "all" and stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(STAGES)} or all; got {stage!r}")
     todo = STAGES if stage == "all" else (stage,)
-    if stage == "route" and not cfg.route.enabled:
+    if stage == "route" and not cfg.route_stage:
         raise ConfigError("route.enabled is false: there is no route stage to run")
     for s in todo:  # refuse before any work is done
-        if not resume and _has_output(cfg, s) and not (s == "route" and not cfg.route.enabled):
+        if not resume and _has_output(cfg, s) and not (s == "route" and not cfg.route_stage):
             state = "a finished" if stage_done(cfg, s) else "an unfinished"
             raise ConfigError(f"{cfg.stage_dir(s)} holds {state} {s} stage: pass --resume to keep it, or use "
                               "another output_dir")
@@ -133,9 +149,10 @@ def run_pipeline(cfg: UpitConfig, stage: str = "all", *, resume: bool = False) -
     results: dict = {}
     for s in todo:
         label = f"[upit {STAGES.index(s) + 1}/4 {s}]"
-        if s == "route" and not cfg.route.enabled:
+        if s == "route" and not cfg.route_stage:
             print(f"{label} skipped: route.enabled is false (the router keeps its default init)")
-            results[s] = {"skipped": True}
+            results[s] = {"skipped": True, "router": "default init (route.enabled=false, route.init=default)"}
+            _record(cfg, s, results[s])
             continue
         if resume and stage_done(cfg, s):
             print(f"{label} done already in {cfg.stage_dir(s)}; skipped")
@@ -145,7 +162,7 @@ def run_pipeline(cfg: UpitConfig, stage: str = "all", *, resume: bool = False) -
         if need and not stage_done(cfg, need):
             raise ConfigError(f"stage {s} needs the {need} stage's results in {cfg.stage_dir(need)}: run "
                               f"--stage {need} first")
-        if s == "upcycle" and cfg.route.enabled and not stage_done(cfg, "route"):
+        if s == "upcycle" and cfg.route_stage and not stage_done(cfg, "route"):
             raise ConfigError(f"stage upcycle needs the pre-trained router in {cfg.stage_dir('route')}: run "
                               "--stage route first (or set route.enabled=false)")
         print(f"{label} starting")
