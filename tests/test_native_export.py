@@ -30,10 +30,28 @@ CASES = [  # family, target, layers, routing, normalize_topk
 ]
 
 
-def upcycled(family: str, layers="all", routing="topk_softmax", normalize_topk=True, top_k=2):
+def upcycled(family: str, layers="all", routing="topk_softmax", normalize_topk=True, top_k=2, bias_balance=False):
     model = tiny_model(family)
-    cfg = CraftConfig(num_experts=4, top_k=top_k, layers=layers, routing=routing, normalize_topk=normalize_topk)
+    cfg = CraftConfig(num_experts=4, top_k=top_k, layers=layers, routing=routing, normalize_topk=normalize_topk,
+                      bias_balance=bias_balance)
     return sparsecraft.upcycle(model, cfg, seed=0, noise_std=0.05)  # noise: experts differ, routing matters
+
+
+def biased(model):
+    """A model whose balancing biases have moved away from zero, as training would move them."""
+    with torch.no_grad():
+        for _, mlp in sparsecraft.crafted_layers(model):
+            mlp.moe.router_bias.fill_(0.5)
+    return model
+
+
+def test_an_untrained_balancing_bias_exports_exactly(tmp_path):
+    model = upcycled("qwen3", bias_balance=True)  # bias all zero: the plain top-k choice
+    export_native(model, tmp_path / "out", "qwen3_moe")
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family, target, layers, routing, norm", CASES, ids=[f"{c[1]}-{c[0]}-{c[2]}-{c[3]}-{c[4]}"
@@ -115,7 +133,9 @@ def crafted(method: str, family: str = "llama"):
     (lambda: upcycled("gemma3"), "mixtral", "this base is gemma3_text"),
     (lambda: upcycled("llama", layers="0,1"), "mixtral", "Mixtral has no dense layers"),
     (lambda: upcycled("llama", routing="softmax_topk", normalize_topk=False), "mixtral", "renormalises"),
-], ids=["pesc", "mixlora", "dense", "llama-to-qwen", "qwen-to-mixtral", "gemma3", "partial", "unnormalised"])
+    (lambda: biased(upcycled("qwen3", bias_balance=True)), "qwen3_moe", "balancing bias"),
+], ids=["pesc", "mixlora", "dense", "llama-to-qwen", "qwen-to-mixtral", "gemma3", "partial", "unnormalised",
+        "selection-bias"])
 def test_refused_where_not_exact(tmp_path, model, target, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         export_native(model(), tmp_path / "out", target)

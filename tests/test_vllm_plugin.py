@@ -38,13 +38,17 @@ def pesc(model, **kw):
 
 SETTINGS = [{}, {"routing": "softmax_topk"}, {"routing": "softmax_topk", "normalize_topk": False},
             {"combine": "per_slot"}, {"activation": "gelu_tanh"}, {"router_dtype": "model"},
-            {"num_experts": 8, "top_k": 1, "activation": "silu"}]
+            {"num_experts": 8, "top_k": 1, "activation": "silu"}, {"bias_balance": True},
+            {"bias_balance": True, "routing": "softmax_topk"}]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=[json.dumps(s) for s in SETTINGS])
 def test_block_computes_the_pesc_block(settings):
     model = pesc(tiny_model("llama"), **settings)
     (_, mlp), *_ = sparsecraft.crafted_layers(model)
+    if settings.get("bias_balance"):  # a trained selection bias, large enough to change choices
+        with torch.no_grad():
+            mlp.moe.router_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(2)))
     block = PescBlock(32, model._sparsecraft_config.to_dict())
     block.load_state_dict(mlp.moe.state_dict(), strict=True)  # the same parameter names
     x, f = torch.randn(2, 9, 32), torch.randn(2, 9, 32)

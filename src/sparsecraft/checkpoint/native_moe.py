@@ -83,6 +83,11 @@ def plan_export(model, target: str) -> NativePlan:
     if target == "mixtral" and len(layers) != len(decoder):
         raise ConfigError(f"Mixtral has no dense layers, but only layers {sorted(layers)} of {len(decoder)} are "
                           "upcycled; upcycle every layer (layers: all) to export to mixtral")
+    biased = [i for i, mlp in layers.items() if getattr(mlp.moe, "router_bias", None) is not None
+              and bool(mlp.moe.router_bias.detach().ne(0).any())]
+    if biased:
+        raise ConfigError(f"layers {biased} choose experts with a balancing bias (bias_balance), which {target} "
+                          "routing does not have; no exact export")
     norm_topk = cfg.routing == "topk_softmax" or cfg.normalize_topk
     if target == "mixtral" and not norm_topk:
         raise ConfigError("Mixtral renormalises the top-k gates; this model routes with softmax_topk without "
@@ -140,6 +145,8 @@ def native_state(model, plan: NativePlan, dtype: torch.dtype | None = None) -> d
             put(key, tensor)
             continue
         prefix, rest = match["prefix"], match["rest"]
+        if rest == "router_bias":
+            continue  # all zero (checked in plan_export): top-k over unbiased scores is the same choice
         if rest == "router.weight":
             put(f"{prefix}{block}.gate.weight", tensor)
         elif rest == "experts.gate_up_proj":

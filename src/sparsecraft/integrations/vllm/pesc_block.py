@@ -6,7 +6,7 @@ take it as it is) and no custom kernels (so it runs on any device vLLM runs on).
 the routed adapters', small beside the FFN for PESC's adapter widths. Computes what sparsecraft's `PescMoE` does
 in eval mode (same routing orders, router dtype, activations and combine forms; the parity test checks it).
 Parameter names match sparsecraft's checkpoint keys below the MLP: `moe.router.weight [E, h]`,
-`moe.experts.down [E, r, h]`, `moe.experts.up [E, h, r]`.
+`moe.experts.down [E, r, h]`, `moe.experts.up [E, h, r]` and, with `bias_balance`, `moe.router_bias [E]`.
 """
 
 from __future__ import annotations
@@ -48,16 +48,24 @@ class PescBlock(nn.Module):
                                 else dtype)
         self.router.weight.requires_grad_(False)
         self.experts = AdapterWeights(self.num_experts, hidden, rank, dtype)
+        if craft.get("bias_balance"):
+            # DeepSeek-V3 style selection bias: shifts which experts are chosen, never the gates
+            self.router_bias = nn.Parameter(torch.zeros(self.num_experts, dtype=torch.float32), requires_grad=False)
+        else:
+            self.router_bias = None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Dense gate matrix `[N, E]` (zero for experts a token does not use) from the FFN input `x: [N, h]`."""
         dtype = torch.float32 if self.router_fp32 else x.dtype
         logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        bias = None if self.router_bias is None else self.router_bias.to(logits.dtype)
         if self.routing == "topk_softmax":
-            top, index = torch.topk(logits, self.top_k, dim=-1)
-            weights = torch.softmax(top, dim=-1)
+            index = torch.topk(logits if bias is None else logits + bias, self.top_k, dim=-1).indices
+            weights = torch.softmax(logits.gather(-1, index), dim=-1)
         else:
-            weights, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            index = torch.topk(probs if bias is None else probs + bias, self.top_k, dim=-1).indices
+            weights = probs.gather(-1, index)
             if self.normalize_topk:
                 weights = weights / weights.sum(-1, keepdim=True)
         return torch.zeros_like(logits).scatter(1, index, weights)
