@@ -4,6 +4,7 @@ an empty bucket), the argmin and random rules, buckets.json's counts, and the ro
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from sparsecraft.errors import ConfigError
 from sparsecraft.upit.assign import assign, balanced_assignment, normalise, quotas, random_assignment
 from sparsecraft.upit.buckets import bucket_report
 from sparsecraft.upit.config import RouteSettings, load_upit_config
+from sparsecraft.upit.route import stored_nll
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "upit-quick.yaml"
@@ -203,6 +205,27 @@ def test_bucket_report_counts():
     report = bucket_report(nll, nll.argmin(0), None, ["a"] * 6, train_idx, held_idx, ["e0", "e1"], argmin)
     assert report["normalise"] is None and report["quota"] is None and report["empty"] == ["e1"]
     assert "score" not in report["records"][0]
+
+
+def test_a_resumed_route_stage_reuses_the_stored_nlls_of_the_same_records_and_experts(tmp_path):
+    nll, _ = known_strengths((3, 3), offsets=(0.0, 1.0))
+    nll = nll.float()  # what record_nll returns; stored exactly as Python floats
+    buckets, scores = assign(nll, "argmin")
+    report = bucket_report(nll, buckets, scores, ["a"] * 6, [1, 2, 3, 4], [7, 8], ["e0", "e1"],
+                           RouteSettings(bucketing="argmin"))
+    path = tmp_path / "buckets.json"
+    path.write_text(json.dumps(report))
+    again = stored_nll(path, [1, 2, 3, 4, 7, 8], ["e0", "e1"])
+    assert again.shape == (2, 6) and torch.equal(again, nll.double())
+    # so a resumed stage with other bucketing settings re-assigns from them exactly as from a fresh computation
+    assert torch.equal(assign(again, "balanced", parts=(4, 2))[0], assign(nll, "balanced", parts=(4, 2))[0])
+    assert stored_nll(path, [1, 2, 3, 4, 7, 9], ["e0", "e1"]) is None  # another seed split
+    assert stored_nll(path, [1, 2, 3, 4, 7, 8], ["e1", "e0"]) is None  # another expert set
+    for record in report["records"]:
+        del record["nll"]  # a file written before the NLLs were stored
+    path.write_text(json.dumps(report))
+    assert stored_nll(path, [1, 2, 3, 4, 7, 8], ["e0", "e1"]) is None
+    assert stored_nll(tmp_path / "none.json", [1], ["e0"]) is None
 
 
 # ------------------------------------------------------------------------------------------------- the config

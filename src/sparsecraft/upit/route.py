@@ -76,7 +76,7 @@ def _write_random_router(cfg: UpitConfig, es: ExpertSet) -> dict:
     return result
 
 
-def _reusable_nll(path: Path, indices: list[int], names: list[str]) -> torch.Tensor | None:
+def stored_nll(path: Path, indices: list[int], names: list[str]) -> torch.Tensor | None:
     """`[E, S]` NLLs stored in an earlier buckets.json of the same seed records and experts, else None."""
     if not path.is_file():
         return None
@@ -120,7 +120,7 @@ def run_route(cfg: UpitConfig, es: ExpertSet, *, resume: bool = False) -> dict:
     seed_ds = train_ds + held_ds
     base = load_base_model(resolve_base(cfg.model), dtype=torch.float32, allow_pickle=post.allow_pickle)
     buckets_path = out / BUCKETS_NAME
-    nll = _reusable_nll(buckets_path, train_idx + held_idx, list(es.names)) if resume else None
+    nll = stored_nll(buckets_path, train_idx + held_idx, list(es.names)) if resume else None
     if nll is None:
         print(f"route: {len(train_idx)} + {len(held_idx)} held-out seed records, {len(es.states)} experts")
         nll = expert_nll(base, es, craft, seed_ds, collator, settings.batch_size, settings.tokens, device, progress)
@@ -131,8 +131,10 @@ def run_route(cfg: UpitConfig, es: ExpertSet, *, resume: bool = False) -> dict:
           f"{dict(zip(report['experts'], report['train_sizes']))} (lowest perplexity alone would give "
           f"{report['argmin_sizes']})")
     if report["empty"]:
+        few = f" (only {len(train_idx)} training seed records for {len(es.states)} experts: raise route.seed_min)" \
+            if len(train_idx) < len(es.states) and settings.bucketing != "argmin" else ""
         warnings.warn(f"route: no training seed record is in the bucket of expert(s) {', '.join(report['empty'])}; "
-                      "their router rows learn from negatives only", stacklevel=2)
+                      f"their router rows learn from negatives only{few}", stacklevel=2)
     model = build_moe(base, es, craft, seed=settings.seed).to(device)
     n_train = len(train_idx)
     train_buckets, held_buckets = buckets[:n_train], buckets[n_train:]
