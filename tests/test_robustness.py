@@ -86,3 +86,9 @@ def test_paged_optimizers_need_a_gpu():
     optim.name = "adamw"
     assert isinstance(make_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu")),
                       torch.optim.AdamW)
+
+
+def test_bench_json_path_is_checked_before_the_benchmark(tmp_path, capsys):
+    assert main(["bench", "--shape", "tiny", "--json", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory" in err[0]

@@ -19,6 +19,7 @@ from . import eval as eval_cmd
 from . import export as export_cmd
 from . import generate as generate_cmd
 from . import push as push_cmd
+from . import serve as serve_cmd
 from . import routes as routes_cmd
 from . import train as train_cmd
 from . import upit as upit_cmd
@@ -26,7 +27,7 @@ from . import upit as upit_cmd
 COMMANDS = {
     "craft": craft_cmd, "train": train_cmd, "generate": generate_cmd, "export": export_cmd, "convert": convert_cmd,
     "bench": bench_cmd, "eval": eval_cmd, "routes": routes_cmd, "compare": compare_cmd,
-    "upit": upit_cmd, "push": push_cmd,
+    "upit": upit_cmd, "push": push_cmd, "serve": serve_cmd,
 }
 
 

@@ -74,6 +74,10 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    if args.json:  # before the benchmark, not after it: a directory or unwritable place is refused at once
+        from ..atomic import check_output_path
+
+        check_output_path(args.json, directory=False)
     if args.serve is not None:
         return run_serve(args)
     import torch
