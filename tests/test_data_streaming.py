@@ -169,11 +169,11 @@ class Killed(Exception):
 
 def recording(monkeypatch, seen: list, stop_after: int | None = None):
     """Record each step's input_ids (and stop the run like a kill after `stop_after` steps)."""
-    def step(model, batches, accelerator, craft_cfg):
+    def step(model, batches, accelerator, craft_cfg, recorder=None):
         if stop_after is not None and len(seen) == stop_after:
             raise Killed
         seen.append([b["input_ids"].tolist() for b in batches])
-        return TRAIN_STEP(model, batches, accelerator, craft_cfg)
+        return TRAIN_STEP(model, batches, accelerator, craft_cfg, recorder)
 
     monkeypatch.setattr(loop_module, "train_step", step)
 

@@ -85,8 +85,8 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         torch.manual_seed(settings.seed)  # identical LoRA init in every variant
         peft_model = get_peft_model(model, lora_cfg)
-    for name, p in new_parameters(model).items():
-        if p.is_floating_point() and not is_balance_bias(name):
+    for key, p in new_parameters(model).items():
+        if p.is_floating_point() and not is_balance_bias(key):
             p.requires_grad_(True)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
