@@ -103,22 +103,14 @@ def test_bias_update_rule_and_round_trip(tmp_path):
 
 
 def test_bias_balancing_in_training_moves_the_bias_and_not_by_gradient(tmp_path):
-    import transformers as tf
-    from conftest import tiny_tokenizer
+    from conftest import tiny_run_files
 
     from sparsecraft.train.loop import run
     from sparsecraft.train.recipe import load_recipe
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
-    with open(tmp_path / "d.jsonl", "w") as f:
-        for i in range(32):
-            f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")
+    tiny_run_files(tmp_path, records=32)
     summary = run(load_recipe(None, [
-        f"model={tmp_path / 'base'}", f"output_dir={tmp_path / 'run'}", f"data={tmp_path / 'd.jsonl'}",
+        f"model={tmp_path / 'base'}", f"output_dir={tmp_path / 'run'}", f"data={tmp_path / 'data.jsonl'}",
         "quantization=none", "max_steps=3", "batch_size=4", "grad_accum=2", "lora.r=4", "craft.num_experts=4",
         "craft.adapter_dim=8", "craft.bias_balance=true", "craft.bias_update_rate=0.05", "craft.balance=global",
         "craft.aux_reduce=sum", "data.max_length=32", "logging.progress=false", "checkpoint.every=0"]))

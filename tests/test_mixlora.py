@@ -84,21 +84,13 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_trains_in_sparsecraft_train(tmp_path):
-    import transformers as tf
-    from conftest import tiny_tokenizer
+    from conftest import tiny_run_files
 
     from sparsecraft.train.loop import run
     from sparsecraft.train.recipe import load_recipe
     from sparsecraft.train.setup import build_model, trainable_parameters
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
-    with open(tmp_path / "data.jsonl", "w") as f:
-        for i in range(48):
-            f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")
+    tiny_run_files(tmp_path)
     recipe = load_recipe(None, [
         f"model={tmp_path / 'base'}", f"output_dir={tmp_path / 'run'}", f"data={tmp_path / 'data.jsonl'}",
         "method=mixlora", "quantization=nf4", "max_steps=10", "batch_size=8", "lora.r=4", "craft.num_experts=4",

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as tf
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_run_files, tiny_tokenizer
 from huggingface_hub import ModelCard
 
 import sparsecraft
@@ -42,16 +40,7 @@ def stand_in(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cards")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")
-    return root
+    return tiny_run_files(tmp_path_factory.mktemp("cards"), records=24)
 
 
 def train_args(workdir, out, *extra):

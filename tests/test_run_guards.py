@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from conftest import tiny_tokenizer
+from conftest import tiny_run_files
 from safetensors.torch import load_file
 
 from sparsecraft.cli import main
@@ -33,16 +32,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guards")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(48):
-            f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")
-    return root
+    return tiny_run_files(tmp_path_factory.mktemp("guards"))
 
 
 def args_for(workdir, out, *extra):

@@ -14,6 +14,7 @@ for a whole `data:` mapping) are parameters of `merge`, given by whoever owns th
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["read_yaml", "parse_overrides", "merge", "build_dataclass", "coerce"]
+__all__ = ["read_yaml", "parse_overrides", "merge", "build_dataclass", "coerce", "flatten"]
 
 
 def read_yaml(path: str | Path, what: str = "YAML file", *, mapping: bool = False) -> Any:
@@ -141,3 +142,15 @@ def build_dataclass(cls, data: dict, prefix: str = "", what: str = "config"):
         else:
             kwargs[name] = coerce(f"{prefix}{name}", value, tp)
     return cls(**kwargs)
+
+
+def flatten(settings: dict, prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`: nested settings as dotted keys with JSON values (sorted keys), so two
+    sets of settings compare field by field."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
+    return out

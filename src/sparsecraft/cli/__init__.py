@@ -19,8 +19,8 @@ from . import eval as eval_cmd
 from . import export as export_cmd
 from . import generate as generate_cmd
 from . import push as push_cmd
-from . import serve as serve_cmd
 from . import routes as routes_cmd
+from . import serve as serve_cmd
 from . import train as train_cmd
 from . import upit as upit_cmd
 

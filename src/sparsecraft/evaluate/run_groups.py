@@ -13,24 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..methods import method_order
+from ..yaml_settings import flatten
 from .run_dirs import Run
 
 # recipe fields that do not make two runs different experiments
 _NOT_THE_EXPERIMENT = ("output_dir", "train.seed", "logging", "checkpoint")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
-    return out
-
-
 def _experiment(recipe: dict) -> dict:
-    flat = _flatten(recipe)
+    flat = flatten(recipe)
     return {k: v for k, v in flat.items()
             if not any(k == x or k.startswith(x + ".") for x in _NOT_THE_EXPERIMENT)}
 

@@ -3,7 +3,6 @@ resumed run that is the same run, and a diverged run that says so instead of sav
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..yaml_settings import flatten
 
 LOCK_NAME = ".lock"
 # what a run leaves in its output directory; their presence means the directory holds a run
@@ -96,19 +96,9 @@ def check_output_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True)
-    return out
-
-
 def recipe_changes(saved: dict, current: dict) -> list[str]:
     """Recipe fields that differ between a checkpoint's recipe and this run's, except those free to change."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE))
 
 
