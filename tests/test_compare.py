@@ -292,3 +292,39 @@ def test_real_tiny_runs_routes_and_report(main, monkeypatch, tmp_path, capsys):
     assert "## Notes" not in md  # a real run has every file the report reads
     for png in ("loss_curves.png", "router_curves.png", "routes_pesc_load.png", "routes_pesc_sources.png"):
         assert_valid_png(out / png)
+
+
+def test_paper_categories_and_tasks_not_run(tmp_path):
+    """Table 2's categories per run (each the mean of its tasks that ran; the average the mean of categories),
+    and the tasks a suite could not run listed, never dropped."""
+    from sparsecraft.evaluate.suites import PAPER_CATEGORIES, category_scores, parse_tasks
+
+    assert {r.name for r in parse_tasks("paper")} == {t for ts in PAPER_CATEGORIES.values() for t in ts}
+    scores = {"sc_humaneval": 0.2, "mbpp": 0.4, "gsm8k": 0.1, "arc_easy": 0.6, "piqa": 0.8}
+    cats = category_scores(scores)
+    assert cats["Code"] == pytest.approx(0.3) and cats["Math"] == pytest.approx(0.1)
+    assert cats["Commonsense"] == pytest.approx(0.7) and cats["Knowledge"] is None and cats["MMLU"] is None
+    assert cats["Average"] == pytest.approx((0.3 + 0.1 + 0.7) / 3)
+
+    run = fake_run(tmp_path / "runs", "pesc-s0", "pesc", 0, 1.2)
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({
+        "model": "m", "tasks": {"sc_humaneval": {"pass@1": 0.25}, "gsm8k": {"exact_match,strict-match": 0.5}},
+        "primary_metric": {"sc_humaneval": "pass@1", "gsm8k": "exact_match,strict-match"},
+        "not_run": {"mmlu": "task 'mmlu' needs its data from the Hugging Face hub"}}))
+    write_report([run], tmp_path / "report", "t")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| run | method | Code | Math | Commonsense | Knowledge | MMLU | Average |" in md
+    assert "| pesc-s0 | pesc | 0.25 | 0.5 | – | – | – | 0.375 |" in md  # categories that ran: (0.25 + 0.5) / 2
+    assert "| pesc-s0 | mmlu |" in md
+
+
+def test_a_suite_reports_unreachable_tasks_and_runs_the_rest(monkeypatch):
+    pytest.importorskip("lm_eval")
+    from sparsecraft.evaluate.lm_eval_bridge import prepare_tasks
+    from sparsecraft.evaluate.suites import TaskRequest
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prepared = prepare_tasks([TaskRequest("arc_easy", 0, from_suite=True), TaskRequest("sc_math_mc")])
+    assert prepared.names == ["sc_math_mc"] and list(prepared.not_run) == ["arc_easy"]
+    assert "hub" in prepared.not_run["arc_easy"]

