@@ -6,13 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/paper-small}
 SEEDS=${SEEDS:-"0 1 2"}
-METHODS=${METHODS:-"dense pesc upcycle"}
+METHODS=${METHODS:-"dense camel camel-alpha64 dense-matched pesc pesc-camelidae mixlora upcycle"}
 for seed in $SEEDS; do
   for method in $METHODS; do
     run="$OUT/$method-s$seed"
     if [ -f "$run/summary.json" ]; then echo "done: $run"; continue; fi
     resume=""
-    if [ -d "$run/checkpoints" ]; then resume="--resume"; fi
+    if [ -d "$run/checkpoints" ]; then resume="--resume"; elif [ -d "$run" ]; then resume="--overwrite"; fi
     echo "=== $run ($(date -u +%H:%M:%S))"
     sparsecraft train "configs/paper-small/$method.yaml" "output_dir=$run" "seed=$seed" $resume
   done
