@@ -157,7 +157,8 @@ def test_math_steps_and_answers(split):
         assert steps, f"no worked steps in: {rec['query']}"
         for lhs, rhs in steps:
             assert _exact(lhs) == Fraction(rhs.replace("$", "")), f"wrong step {lhs} = {rhs} in: {rec['query']}"
-        assert Fraction(final) == Fraction(steps[-1][1].replace("$", "")), f"answer is not the last result: {rec['query']}"
+        last = Fraction(steps[-1][1].replace("$", ""))
+        assert Fraction(final) == last, f"answer is not the last result: {rec['query']}"
 
 
 def test_make_math_regenerates_shipped_files(tmp_path):

@@ -58,8 +58,9 @@ def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
                 continue
             names = [a.name for a in node.names]
             # `from . import x` / `from .pkg import mod` import modules: count them as edges to those modules
-            submodules = [f"{target}.{n}" for n in names if (SRC.parent / f"{target}.{n}".replace(".", "/")).with_suffix(
-                ".py").is_file() or (SRC.parent / f"{target}.{n}".replace(".", "/")).is_dir()]
+            paths = {n: SRC.parent / f"{target}.{n}".replace(".", "/") for n in names}
+            submodules = [f"{target}.{n}" for n in names
+                          if paths[n].with_suffix(".py").is_file() or paths[n].is_dir()]
             out.append((target, [n for n in names if f"{target}.{n}" not in submodules], node.lineno))
             out += [(m, [], node.lineno) for m in submodules]
     return out

@@ -14,7 +14,7 @@ from conftest import FAMILIES, tiny_config, tiny_model
 from sparsecraft import CraftConfig, craft
 from sparsecraft.errors import CheckpointError
 from sparsecraft.memory import estimate_training_memory, logical_numel, nf4_bytes
-from sparsecraft.report import DryRunReport, dry_run, parameter_report, short_count
+from sparsecraft.report import DryRunReport, dry_run, parameter_report, short_count, trainable_by_part
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
@@ -124,6 +124,32 @@ def test_lora_counts_with_peft():
     dry = dry_run(tiny_config("llama"), cfg, lora_rank=4, lora_targets=targets)
     assert dry.lora_params == expected["lora"]
     assert dry.params.total == parameter_report(craft(tiny_model("llama"), cfg)).total
+
+
+def test_trainable_by_part_with_lora_on_attention_and_ffn():
+    """The Camelidae layout: LoRA on every linear layer of the base plus the PESC router and adapters."""
+    peft = pytest.importorskip("peft")
+    cfg = CraftConfig(num_experts=4, top_k=2, adapter_dim=8)
+    attention, ffn = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+    model = craft(tiny_model("llama"), cfg)
+    plain = parameter_report(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(attention + ffn)))
+    for name, p in wrapped.named_parameters():  # PEFT froze the crafted weights; train them as a run does
+        p.requires_grad_(p.requires_grad or ".moe." in name)
+    parts = trainable_by_part(wrapped)
+    h = tiny_config("llama")
+    layers, inter = h.num_hidden_layers, h.intermediate_size
+    kv = h.num_key_value_heads * (h.hidden_size // h.num_attention_heads)
+    hidden = h.hidden_size
+    per_layer_attention = 2 * 4 * (hidden + hidden) + 2 * 4 * (hidden + kv)  # q, o: h->h; k, v: h->kv
+    assert parts["LoRA on attention"] == layers * per_layer_attention
+    assert parts["LoRA on FFN"] == layers * 3 * 4 * (hidden + inter)
+    assert parts["routers"] == plain.routers and parts["adapters"] == plain.adapters
+    assert sum(parts.values()) == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    # the dry run splits its LoRA the same way
+    dry = dry_run(tiny_config("llama"), cfg, lora_rank=4, lora_targets=attention + ffn)
+    assert dry.lora_by_place == {k: v for k, v in parts.items() if k.startswith("LoRA")}
+    assert "LoRA on FFN" in str(dry)
 
 
 def test_4bit_params_counted_by_logical_size():

@@ -80,7 +80,8 @@ def batch(rows: list[int], sources: list[int] | None = None, seed: int = 0) -> d
 def write_jsonl(path: Path, n: int, word: str) -> Path:
     with open(path, "w") as f:
         f.writelines(json.dumps({"messages": [{"role": "user", "content": f"{word} {i} " + "x" * (i % 5)},
-                                             {"role": "assistant", "content": f"{word}{i * 7}"}]}) + "\n" for i in range(n))
+                                             {"role": "assistant", "content": f"{word}{i * 7}"}]}) + "\n"
+                     for i in range(n))
     return path
 
 
@@ -291,7 +292,8 @@ def test_write_routes_files_and_plots(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     with open(metrics, "w") as f:
         f.writelines(json.dumps({"step": step, "loss": 3 - step / 10, "aux_loss": 1 + 1 / step, "z_loss": 0.1,
-                                "load_imbalance": 1 + 2 / step, "expert_load": [[0.25] * 4] * 3}) + "\n" for step in range(1, 21))
+                                "load_imbalance": 1 + 2 / step, "expert_load": [[0.25] * 4] * 3}) + "\n"
+                     for step in range(1, 21))
         f.write('{"step": 21, "loss": 1.')  # a line cut by a kill is skipped
     out = tmp_path / "routes"
     written = write_routes(stats, out, metrics, title="pesc")

@@ -24,6 +24,7 @@ BALANCE_SCOPES = ("micro", "global")
 AUX_REDUCTIONS = ("mean", "sum")
 # LoRA on attention, the default of training recipes, the dry run and the memory estimate (peft name suffixes)
 ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")  # gated MLPs, split or fused
 
 
 @dataclass

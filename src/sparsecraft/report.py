@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -24,7 +24,12 @@ from .methods import get_method, method_of
 from .moe.layers import RoutedBlock
 from .surgery import find_decoder_layers, is_added_name
 
-__all__ = ["ParameterReport", "parameter_report", "DryRunReport", "dry_run", "short_count"]
+__all__ = ["ParameterReport", "parameter_report", "trainable_by_part", "lora_place", "format_parts", "DryRunReport",
+           "dry_run", "short_count"]
+
+# where a LoRA sits, by its module path: attention projections vs the (shared) FFN
+_ATTENTION_MARKS = ("attn", "attention")
+_FFN_MARKS = ("mlp", "ffn", "feed_forward")
 
 
 def short_count(n: int | float) -> str:
@@ -117,10 +122,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         if "lora_" in name:
             lora += n  # a LoRA on a crafted router/adapter is still LoRA, not an added PESC weight
         elif is_added_name(name):
-            parts = name.split(".")
-            at = len(parts) - 1 - parts[::-1].index("moe")  # the last `moe` component: the MoE block
-            owner = ".".join(parts[: at + 1])
-            if method.part_of(".".join(parts[at + 1:])) == method.added_parts[0]:
+            owner, inside = _split_added(name)
+            if method.part_of(inside) == method.added_parts[0]:
                 routers += n
             else:
                 adapters += n
@@ -143,6 +146,47 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         crafted_layers=len(ratios),
         title=method.header(next(iter(blocks.values())).config, len(blocks)) if blocks else "",
     )
+
+
+def _split_added(name: str) -> tuple[str, str]:
+    """`a.mlp.moe.router.weight` -> (`a.mlp.moe`, `router.weight`): the MoE block and the name inside it."""
+    parts = name.split(".")
+    at = len(parts) - 1 - parts[::-1].index("moe")  # the last `moe` component: the MoE block
+    return ".".join(parts[: at + 1]), ".".join(parts[at + 1:])
+
+
+def lora_place(name: str) -> str:
+    """The part a LoRA parameter or target Linear is in: `LoRA on attention`, `LoRA on FFN` or `LoRA elsewhere`."""
+    path = name.split(".lora_")[0].lower()
+    if any(mark in path for mark in _ATTENTION_MARKS):
+        return "LoRA on attention"
+    if any(mark in path for mark in _FFN_MARKS):
+        return "LoRA on FFN"
+    return "LoRA elsewhere"
+
+
+def trainable_by_part(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters (requires_grad) by part: LoRA on attention / on the FFN / elsewhere, each added part of
+    the model's method (`routers`, `adapters` or `experts`), and `other` (e.g. an unfrozen embedding). Zero parts
+    are left out; the values sum to the model's trainable count."""
+    method = method_of(_unwrapped(model))
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_" in name:
+            part = lora_place(name)
+        elif is_added_name(name):
+            part = method.part_of(_split_added(name)[1])
+        else:
+            part = "other"
+        counts[part] = counts.get(part, 0) + logical_numel(p)
+    return counts
+
+
+def format_parts(parts: dict[str, int]) -> str:
+    """`LoRA on attention 1.84M + routers 34.56K + adapters 17.80M`."""
+    return " + ".join(f"{name} {short_count(n)}" for name, n in parts.items())
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -185,6 +229,7 @@ class DryRunReport:
     memory_nf4: MemoryEstimate
     seconds: float
     method_title: str = "PESC"
+    lora_by_place: dict[str, int] = field(default_factory=dict)  # `lora_params` by `lora_place`
 
     def format(self) -> str:
         c = self.craft_config
@@ -195,6 +240,7 @@ class DryRunReport:
             # a meta model has no LoRA and freezes nothing: those rows would only mislead here
             _table([row for row in self.params.rows() if "LoRA" not in row[0] and "now" not in row[0]] + [
                 (f"LoRA r={self.lora_rank} on {self.lora_modules} Linears", self.lora_params),
+                *[(f"  {place}", n) for place, n in self.lora_by_place.items()],
                 ("trainable in training (added + LoRA)", self.trainable_params),
             ]),
             f"  LoRA targets: {', '.join(self.lora_targets)}",
@@ -286,6 +332,10 @@ def dry_run(
     params = parameter_report(model)
     targets = lora_targets_of(model, tuple(lora_targets))
     lora_params = sum(lora_rank * (fin + fout) for _, fin, fout in targets)
+    lora_by_place: dict[str, int] = {}
+    for name, fin, fout in targets:
+        place = lora_place(name)
+        lora_by_place[place] = lora_by_place.get(place, 0) + lora_rank * (fin + fout)
     kwargs = dict(batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, lora_targets=tuple(lora_targets))
     memory_bf16 = estimate_training_memory(model, quantization="bf16", **kwargs)
     memory_nf4 = estimate_training_memory(model, quantization="nf4", **kwargs)
@@ -307,4 +357,5 @@ def dry_run(
         memory_nf4=memory_nf4,
         seconds=time.perf_counter() - start,
         method_title=chosen.title,
+        lora_by_place=lora_by_place,
     )

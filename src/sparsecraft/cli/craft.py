@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from ..config import ATTENTION_LORA_TARGETS, FFN_LORA_TARGETS
 from ..errors import CheckpointError
 from ..methods import method_names
 from .options import add_craft_options, craft_config_from_options
@@ -28,6 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="batch size for the --dry-run memory estimate")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the --dry-run memory estimate")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank for the --dry-run memory estimate")
+    p.add_argument("--lora-targets", default=",".join(ATTENTION_LORA_TARGETS),
+                   help="comma-separated Linear names LoRA wraps in the --dry-run (default: attention q,k,v,o)")
+    p.add_argument("--lora-ffn", action="store_true",
+                   help="--dry-run: also LoRA on the FFN (gate/up/down), as the paper's Camel/Camelidae runs")
     p.set_defaults(run=run)
 
 
@@ -40,8 +45,11 @@ def run(args) -> int:
             if getattr(args, name) <= 0:
                 raise CheckpointError(f"--{name.replace('_', '-')} must be positive")
         start = time.perf_counter()
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if args.lora_ffn:
+            targets += tuple(t for t in FFN_LORA_TARGETS if t not in targets)
         report = dry_run(args.base, cfg, batch_size=args.batch_size, seq_len=args.seq_len, lora_rank=args.lora_rank,
-                         method=args.method)
+                         lora_targets=targets, method=args.method)
         print(report.format())
         print(f"(dry run from the config alone in {time.perf_counter() - start:.2f} s)")
         return 0

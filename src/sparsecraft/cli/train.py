@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..report import format_parts
     from ..train.loop import run as run_recipe
     from ..train.recipe import load_recipe
 
@@ -36,6 +37,8 @@ def run(args) -> int:
         held_out = f", held-out loss {before:.3f} -> {loss:.3f}" if loss is not None and before is not None else ""
         print(f"trained {recipe.method} for {summary['steps']} steps in {summary['train_seconds']:.0f} s: "
               f"train loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{held_out}")
+        if summary.get("trainable_by_part"):
+            print(f"trainable {summary['trainable_params']:,} = {format_parts(summary['trainable_by_part'])}")
         print(f"model written to {summary['model_dir']}; logs in {recipe.output_dir}/metrics.jsonl")
         print(f"try it: sparsecraft generate {summary['model_dir']} --prompt \"What is 15% of 240?\"")
     return 0

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..generation import context_length
 from ..methods import get_method
 from ..moe.balance import update_router_biases
+from ..report import trainable_by_part
 from .batches import BatchPlan, StreamBatches
 from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
 from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
@@ -243,6 +244,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         built.inner._sparsecraft_recorder.sync_across_processes = accelerator.num_processes > 1
 
     params = trainable_parameters(built.model)
+    parts = trainable_by_part(built.model)  # before any engine wraps or shards the parameters
     optimizer = make_optimizer(recipe.optim, params.values(), accelerator.device)
     engine = prepare_for_engine(accelerator, built.inner)
     if engine is not None:
@@ -351,7 +353,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         "final_loss": last_stats.lm_loss if last_stats else None, "tokens": tokens, "train_seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None, **final_eval,
         **{f"initial_{k}": v for k, v in (initial_eval or {}).items()},
-        "trainable_params": sum(p.numel() for p in params.values()),
+        "trainable_params": sum(p.numel() for p in params.values()), "trainable_by_part": parts,
         "total_params": sum(logical_numel(p) for p in built.model.parameters()),
         "peak_mem_bytes": peak_memory_bytes(accelerator.device),
         "world_size": accelerator.num_processes, "skipped_steps": guard.skipped,

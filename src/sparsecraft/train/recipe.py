@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ATTENTION_LORA_TARGETS, CraftConfig
+from ..config import ATTENTION_LORA_TARGETS, FFN_LORA_TARGETS, CraftConfig
 from ..errors import ConfigError
 from ..hub import looks_like_repo_id
 from ..methods import get_method
@@ -34,7 +34,7 @@ class LoraSettings:
     dropout: float = 0.1
     targets: list = field(default_factory=lambda: list(ATTENTION_LORA_TARGETS))
     ffn: bool = False  # also LoRA on the shared FFN (gate/up/down), as the reference training did
-    ffn_targets: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj", "gate_up_proj"])
+    ffn_targets: list = field(default_factory=lambda: list(FFN_LORA_TARGETS))
 
 
 @dataclass
