@@ -70,18 +70,27 @@ def tiny_tokenizer():
     return fast
 
 
+def save_tiny_base(path, hidden: int = 64, max_positions: int = 128, **config):
+    """Save a seeded tiny random LLaMA (2 layers, 4 heads, 2 KV heads, FFN 2·hidden, vocab 128) with the character
+    tokenizer as a model folder at `path`, as a user's base would be. Returns `path`."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         **config)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def tiny_run_files(root, records: int = 48):
     """What a training test needs on disk: `root/base` (a tiny LLaMA, hidden 64: the smallest bitsandbytes' CPU
     NF4 kernel takes, with a tokenizer) and `root/data.jsonl` (`records` arithmetic queries). Returns `root`."""
     import json
 
-    import transformers as tf
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     with open(root / "data.jsonl", "w") as f:
         for i in range(records):
             f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")

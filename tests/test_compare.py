@@ -242,19 +242,15 @@ def test_cli_compare_bad_input_exits_2(main, tmp_path, capsys):
 def test_real_tiny_runs_routes_and_report(main, monkeypatch, tmp_path, capsys):
     """Three real training runs (pesc, mixlora, dense) of a tiny LLaMA, `routes` over the recipe's held-out sources,
     then one report holding them all, with the routing of the two MoE runs."""
-    import transformers as tf
-    from conftest import tiny_tokenizer
+
+    from conftest import save_tiny_base
 
     from sparsecraft.cli import routes as routes_cmd
     from sparsecraft.train.loop import run as train
     from sparsecraft.train.recipe import load_recipe
 
     monkeypatch.setitem(cli.COMMANDS, "routes", routes_cmd)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    save_tiny_base(tmp_path / "base")
     for name, make in (("math", lambda i: (f"{i % 7}+{i % 5}?", f"{i % 7 + i % 5}")),
                        ("code", lambda i: (f"def f{i}():", f"return {i}"))):
         for split, n in (("train", 24), ("heldout", 8)):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from conftest import tiny_tokenizer
+from conftest import save_tiny_base, tiny_tokenizer
 from safetensors.torch import load_file
 
 import sparsecraft.train.loop as loop_module
@@ -136,11 +135,7 @@ def test_streaming_refuses_what_needs_the_whole_set(two):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     numbered(root / "math.jsonl", "", 64)
     (root / "chat.jsonl").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"echo {i}"}, {"role": "assistant", "content": f"{i}"}]}) + "\n"

@@ -18,8 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
-import transformers as tf  # noqa: E402
-from conftest import tiny_tokenizer  # noqa: E402
+from conftest import save_tiny_base  # noqa: E402
 
 import sparsecraft  # noqa: E402
 from sparsecraft.config import CraftConfig  # noqa: E402
@@ -35,12 +34,7 @@ def model_dir(tmp_path_factory):
     """A tiny LLaMA base with a ChatML character tokenizer, and a PESC model crafted from it (trained-looking
     adapters), saved as a sparsecraft directory that refers to the base."""
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                         eos_token_id=2, bos_token_id=1, pad_token_id=0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base", hidden=32, max_positions=CONTEXT, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     model = sparsecraft.load(root / "base")
     sparsecraft.craft(model, CraftConfig(num_experts=4, top_k=2, adapter_dim=8, dropout=0.0), seed=0)
     with torch.no_grad():

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from conftest import tiny_tokenizer
+from conftest import save_tiny_base
 from safetensors.torch import load_file
 
 import sparsecraft
@@ -32,11 +31,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"  # the CLI runs below start fr
 def workdir(tmp_path_factory):
     """A tiny LLaMA (hidden 64: the smallest bitsandbytes' CPU NF4 kernel takes) with a tokenizer, and data."""
     root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     with open(root / "data.jsonl", "w") as f:
         for i in range(48):
             a, b = i % 7, i % 5

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from conftest import tiny_tokenizer
+from conftest import save_tiny_base
 
 import sparsecraft
 from sparsecraft.errors import ConfigError
@@ -132,11 +131,7 @@ def test_expand_switches_are_validated_in_one_line(overrides, message):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("upit-ablations")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base", hidden=32, max_positions=256)
     return root / "base"
 
 

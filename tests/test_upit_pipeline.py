@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import tiny_tokenizer
+from conftest import save_tiny_base, tiny_tokenizer
 
 import sparsecraft
 from sparsecraft.cli import COMMANDS, main
@@ -41,11 +41,7 @@ def _cli_and_cwd(monkeypatch):
 def base(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a character tokenizer, saved as a model folder recipes can name."""
     root = tmp_path_factory.mktemp("upit")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root / "base", hidden=32, max_positions=256)
     return root / "base"
 
 
