@@ -71,15 +71,16 @@ class ParameterReport:
     top_k: int | None = None
     crafted_layers: int = 0
     title: str = ""  # the header line, from the model's method
+    part_names: tuple[str, str] = ("routers", "adapters")  # the method's `added_parts`
 
     def rows(self) -> list[tuple[str, int]]:
         return [
             ("total", self.total),
             ("  base (dense model)", self.base),
             ("    of which LoRA (lora_*)", self.lora),
-            ("  added (router + adapters)", self.added),
-            ("    routers", self.routers),
-            ("    adapters", self.adapters),
+            (f"  added ({' + '.join(self.part_names)})", self.added),
+            (f"    {self.part_names[0]}", self.routers),
+            (f"    {self.part_names[1]}", self.adapters),
             ("trainable (requires_grad now)", self.trainable),
             ("trainable if base frozen", self.trainable_if_frozen_base),
             ("active per token", self.active_per_token),
@@ -145,6 +146,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         top_k=first[0],
         crafted_layers=len(ratios),
         title=method.header(next(iter(blocks.values())).config, len(blocks)) if blocks else "",
+        part_names=method.added_parts,
     )
 
 
