@@ -182,6 +182,24 @@ def test_missing_and_broken_files_are_handled(tmp_path):
     assert "No run has a loss" not in md and (out / "loss_curves.png").is_file()
 
 
+def test_further_evaluation_folders_are_read_beside_eval(runs, tmp_path):
+    extra = runs[2] / "eval-independent"
+    extra.mkdir()
+    (extra / "results.json").write_text(json.dumps({
+        "tasks": {"sc_indep_qa": {"match": 0.5, "exact_match": 0.25}, "gsm8k": {"exact_match,none": 0.9}},
+        "primary_metric": {"sc_indep_qa": "match"}, "not_run": {"sc_indep_code": "refused"}}))
+    (extra / "quick.json").write_text(json.dumps({"sources": {
+        "indep-math": {"loss": 1.5, "perplexity": 4.4817}, "math": {"loss": 2.0, "perplexity": 7.389}}}))
+    run = load_run(runs[2])
+    assert run.benchmarks["sc_indep_qa/match"] == 0.5 and "sc_indep_qa/exact_match" not in run.benchmarks
+    assert run.benchmarks["gsm8k/exact_match"] == 0.25  # eval/ comes first
+    assert run.not_run == {"sc_indep_code": "refused"}
+    assert set(run.quick["sources"]) == {"math", "code", "indep-math", "independent:math"}
+    write_report([runs[2]], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "indep-math" in md and "4.482" in md and "sc_indep_qa/match" in md
+
+
 def test_bad_run_directories_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_runs([tmp_path / "nope"])

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run,
-# routing statistics and plots for the MoE runs, then one comparison report. Finished steps are skipped.
+# After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run, then
+# the independent held-out set (data/independent/: response loss per domain, short-answer match and code pass@1;
+# the code task runs the generated programs, each in a subprocess with a timeout), routing statistics and plots
+# for the MoE runs, then one comparison report. Finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/paper-small}
@@ -10,6 +12,12 @@ for run in "$OUT"/*-s*; do
   if [ ! -f "$run/eval/results.json" ]; then
     echo "=== eval $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks "$TASKS" --out "$run/eval" --batch-size 8
+  fi
+  if [ ! -f "$run/eval-independent/results.json" ]; then
+    echo "=== independent held-out $run ($(date -u +%H:%M:%S))"
+    sparsecraft eval "$run/model" --tasks independent --apply-chat-template --allow-code-execution --quick \
+      --data indep-math=data/independent/math.jsonl indep-code=data/independent/code.jsonl indep-general=data/independent/general.jsonl \
+      --out "$run/eval-independent" --batch-size 8
   fi
   case "$run" in
     */dense-*) ;;

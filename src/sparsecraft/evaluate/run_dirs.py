@@ -2,7 +2,9 @@
 
 A run directory is what `sparsecraft train` leaves: `recipe.json`, `summary.json`, `metrics.jsonl`, and
 optionally `eval/results.json` (benchmarks), `eval/quick.json` (held-out loss per source) and `routes/` (from
-`sparsecraft routes`). Any of them may be missing (an unfinished run, a run never evaluated): the `Run` keeps
+`sparsecraft routes`). Further evaluations of the same run may sit beside `eval/` as `eval-NAME/` (another data
+set, another prompt setting): their tasks and quick sources are read too, a source named again in a later folder
+shown as `NAME:source`. Any of them may be missing (an unfinished run, a run never evaluated): the `Run` keeps
 what there is and notes what is not.
 
     runs = load_runs(["runs/dense", "runs/pesc-s0", "runs/pesc-s1"])
@@ -116,6 +118,31 @@ def _benchmarks(results: dict | None) -> dict[str, float]:
     return out
 
 
+def eval_dirs(path: Path) -> list[Path]:
+    """A run's evaluation folders: `eval/` first, then `eval-*/` in name order."""
+    extra = sorted(p for p in path.glob("eval-*") if p.is_dir())
+    return [path / "eval", *extra]
+
+
+def _read_evaluations(run: Run) -> None:
+    """Benchmarks, tasks not run and quick-eval sources of every evaluation folder, merged."""
+    sources: dict[str, Any] = {}
+    for folder in eval_dirs(run.path):
+        where = folder.name
+        results = _read_json(folder / "results.json", run.notes, f"{where}/results.json")
+        for key, value in _benchmarks(results).items():
+            run.benchmarks.setdefault(key, value)
+        not_run = (results or {}).get("not_run")
+        if isinstance(not_run, dict):
+            for task, why in not_run.items():
+                run.not_run.setdefault(task, why)
+        quick = _read_json(folder / "quick.json", run.notes, f"{where}/quick.json")
+        for source, entry in ((quick or {}).get("sources") or {}).items():
+            label = source if source not in sources else f"{where.removeprefix('eval-')}:{source}"
+            sources[label] = entry
+    run.quick = {"sources": sources} if sources else None
+
+
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """Read a run directory. ConfigError when it does not exist or holds none of summary/metrics/recipe."""
     path = Path(path)
@@ -135,11 +162,7 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         run.notes.append("no recipe.json: seed unknown, not grouped with other runs")
     if not (path / "metrics.jsonl").is_file():
         run.notes.append("no metrics.jsonl: no loss curve")
-    results = _read_json(path / "eval" / "results.json", run.notes, "eval/results.json")
-    run.benchmarks = _benchmarks(results)
-    not_run = (results or {}).get("not_run")
-    run.not_run = dict(not_run) if isinstance(not_run, dict) else {}
-    run.quick = _read_json(path / "eval" / "quick.json", run.notes, "eval/quick.json")
+    _read_evaluations(run)
     if (path / "routes" / ROUTES_JSON).is_file():
         try:
             run.routes = RoutingStats.read(path / "routes")

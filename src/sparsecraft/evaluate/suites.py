@@ -13,6 +13,12 @@ sparsecraft runs, and only roughly with the paper's.
 `local`: the bundled held-out tasks, which run offline in seconds to minutes: the multiple-choice ones 0-shot,
 `sc_math_gen` 3-shot (worked examples teach the `The answer is: N` line that is scored, as GSM8K's few-shot
 prompt does). HumanEval is left out: it runs code and takes long; name it, or use `code`.
+
+`independent`: the second held-out set (`data/independent/`), written apart from the training data and in formats
+it does not use, so that a model scores by answering rather than by copying the training format: short answers
+(`sc_indep_qa`) and HumanEval-style functions with tests (`sc_indep_code`, which runs code: it needs
+`--allow-code-execution`). Its response likelihood per domain is `sparsecraft eval --quick --data
+math=data/independent/math.jsonl code=data/independent/code.jsonl general=data/independent/general.jsonl`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .tasks import HELDOUT_TASKS
+from .tasks import HELDOUT_TASKS, INDEPENDENT_TASKS
 
 SUITES: dict[str, tuple[tuple[str, int | None], ...]] = {
     "paper": (
@@ -29,6 +35,7 @@ SUITES: dict[str, tuple[tuple[str, int | None], ...]] = {
     ),
     "local": tuple((name, 3 if name == "sc_math_gen" else None) for name in HELDOUT_TASKS),
     "code": (("sc_humaneval", 0),),
+    "independent": tuple((name, 0) for name in INDEPENDENT_TASKS),
 }
 
 

@@ -4,6 +4,9 @@
     python -m sparsecraft.evaluate.tasks.build_local --out DIR    # writes DIR/*.jsonl instead
     python -m sparsecraft.evaluate.tasks.build_local --data DIR   # reads DIR/{heldout,train}/*.jsonl
 
+The `sc_indep_*` tasks come from `data/independent/` instead: a second held-out set written by hand in formats
+the training data does not use (short answers, prose arithmetic, HumanEval-style stubs); copied here as they are.
+
 Test docs come from `data/quickstart/heldout/`, few-shot docs from the first records of `data/quickstart/train/`
 (never the test questions). Wrong choices of the multiple-choice tasks are built here, once, with seeded
 `random.Random` generators keyed by the question text (no wall clock, no hash order), so rerunning the script
@@ -28,6 +31,7 @@ SEED = 2401_02731  # the paper's arXiv number: any fixed value would do
 NUM_CHOICES = 4
 FEWSHOT_RECORDS = 10  # few-shot docs per task, taken from the train split
 REPO_DATA = Path(__file__).resolve().parents[4] / "data" / "quickstart"
+INDEPENDENT_DATA = REPO_DATA.parent / "independent"
 OUT_DIR = Path(__file__).resolve().parent / "data"
 
 _ANSWER = re.compile(r"The answer is:\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)\s*$")
@@ -195,12 +199,27 @@ def build_code(records: list[dict], tag: str) -> list[dict]:
             for i, (r, code, gold) in enumerate(zip(records, codes, golds))]
 
 
+# ------------------------------------------------------------------------------------------------ independent
+
+def build_independent(indep_dir: Path) -> dict[str, list[dict]]:
+    """`indep_qa_test` (math + general short answers) and `indep_code_test` (HumanEval layout) from the
+    independent held-out set's messages-layout records."""
+    qa = []
+    for domain in ("math", "general"):
+        for record in read_jsonl(indep_dir / f"{domain}.jsonl"):
+            qa.append({"id": record["id"], "domain": domain, "question": record["messages"][0]["content"],
+                       "answers": record["answers"]})
+    code = [{"task_id": r["id"], "prompt": r["prompt"], "canonical_solution": r["canonical_solution"],
+             "test": r["test"], "entry_point": r["entry_point"]} for r in read_jsonl(indep_dir / "code.jsonl")]
+    return {"indep_qa_test": qa, "indep_code_test": code}
+
+
 # -------------------------------------------------------------------------------------------------------- all
 
-def build(data_dir: Path = REPO_DATA, out_dir: Path = OUT_DIR) -> list[Path]:
+def build(data_dir: Path = REPO_DATA, out_dir: Path = OUT_DIR, indep_dir: Path = INDEPENDENT_DATA) -> list[Path]:
     """Write every task file into `out_dir`; returns the paths written."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    missing = [p for p in (data_dir / "heldout", data_dir / "train") if not p.is_dir()]
+    data_dir, out_dir, indep_dir = Path(data_dir), Path(out_dir), Path(indep_dir)
+    missing = [p for p in (data_dir / "heldout", data_dir / "train", indep_dir) if not p.is_dir()]
     if missing:
         raise SystemExit(f"error: {missing[0]} not found (pass --data DIR holding heldout/ and train/)")
     files: dict[str, list[dict]] = {}
@@ -217,6 +236,7 @@ def build(data_dir: Path = REPO_DATA, out_dir: Path = OUT_DIR) -> list[Path]:
         files[f"general_mc_{tag}"] = build_general(general + alpaca, ["general"] * len(general)
                                                    + ["alpaca"] * len(alpaca), tag)
         files[f"code_mc_{tag}"] = build_code(code, tag)
+    files.update(build_independent(indep_dir))
     written = []
     for name, rows in files.items():
         path = out_dir / f"{name}.jsonl"
@@ -228,9 +248,11 @@ def build(data_dir: Path = REPO_DATA, out_dir: Path = OUT_DIR) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO_DATA, help="folder with heldout/ and train/")
+    parser.add_argument("--independent", type=Path, default=INDEPENDENT_DATA,
+                        help="folder with the independent held-out set (math, general, code .jsonl)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where the task files go")
     args = parser.parse_args(argv)
-    for path in build(args.data, args.out):
+    for path in build(args.data, args.out, args.independent):
         print(path)
     return 0
 
