@@ -240,7 +240,7 @@ def test_choose_path():
 
 
 @pytest.mark.parametrize("n, expected", [(64, "grouped"), (12, "dense"), (1, "gathered")])
-def test_auto_picks_by_shape_and_matches_reference(monkeypatch, n, expected):
+def test_rule_picks_by_shape_and_matches_reference(monkeypatch, n, expected):
     picked = []
     for name in ("dense", "grouped", "gathered"):
         real = ex._PATHS[name]
@@ -253,7 +253,7 @@ def test_auto_picks_by_shape_and_matches_reference(monkeypatch, n, expected):
     x, gates, idx, down, up = make_case(n, 8, 1, h=8, r=128, seed=6)
     assert choose_path(n, 8, 1, 128) == expected
     out, grads = run_with_grads(
-        lambda x_, g_, i_, d_, u_: dispatch(x_, g_, i_, d_, u_, "gelu", 1.0, "auto"), x, gates, idx, down, up
+        lambda x_, g_, i_, d_, u_: dispatch(x_, g_, i_, d_, u_, "gelu", 1.0, "rule"), x, gates, idx, down, up
     )
     assert picked == [expected]
     ref_out, ref_grads = run_with_grads(lambda *a: reference(*a, 1.0), x, gates, idx, down, up)

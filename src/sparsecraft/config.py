@@ -16,7 +16,7 @@ from typing import Any, Iterator, NamedTuple
 from .errors import ConfigError
 
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
-DISPATCH_PATHS = ("auto", "dense", "grouped", "sorted", "gathered", "loop")
+DISPATCH_PATHS = ("auto", "rule", "dense", "grouped", "sorted", "gathered", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
@@ -88,7 +88,8 @@ class CraftConfig:
     layers: Any = field(default="all", metadata={
         "help": "crafted layers: 'all', 'every:N' or a list like 0,2,5", "type": str})
     dispatch: str = field(default="auto", metadata={
-        "help": "expert dispatch path: auto picks by shape, the others force one", "choices": DISPATCH_PATHS})
+        "help": "expert dispatch path: auto times the candidates once per call shape and keeps the fastest, "
+                "rule picks by a fixed shape rule (reproducible), the others force one", "choices": DISPATCH_PATHS})
     extra: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:

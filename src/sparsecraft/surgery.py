@@ -252,7 +252,7 @@ def unmark_crafted(model: nn.Module) -> nn.Module:
 
 
 def set_dispatch(model: nn.Module, path: str) -> None:
-    """Force one dispatch path (`auto`, `dense`, `grouped`, `sorted`, `gathered`, `loop`) on every crafted
+    """Set the dispatch path (`auto`, `rule`, `dense`, `grouped`, `sorted`, `gathered`, `loop`) of every crafted
     layer (the blocks share the model's config object)."""
     cfg = craft_config_of(model)
     if path not in DISPATCH_PATHS:

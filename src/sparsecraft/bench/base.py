@@ -134,16 +134,24 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
 
 def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, device: torch.device) -> str:
     """The path `sparsecraft.moe.experts.dispatch` takes for a call of `tokens` tokens: `auto:<path>` for the
-    automatic choice, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes."""
-    from ..moe.experts import choose_path, grouped_mm_available
+    measured choice (the probe's winner once the variant has run; the shape rule's pick before),
+    `rule:<path>` for the rule's, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes."""
+    from ..moe.experts import choose_path, grouped_mm_available, probed_choice
 
     path = dispatch
-    if dispatch == "auto":
+    if dispatch in ("auto", "rule"):
         path = choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
+    if dispatch == "auto":
+        shape = torch.empty(settings.experts, settings.adapter_dim, hidden, device="meta")
+        for training in (True, False):
+            measured = probed_choice(tokens, shape, settings.top_k, settings.torch_dtype, device, training)
+            if measured is not None:
+                path = measured
+                break
     probe = torch.empty(0, hidden, dtype=settings.torch_dtype, device=device)
     if path == "grouped" and not grouped_mm_available(probe, tokens * settings.top_k, settings.adapter_dim):
         path = "grouped->sorted"
-    return f"auto:{path}" if dispatch == "auto" else path
+    return f"{dispatch}:{path}" if dispatch in ("auto", "rule") else path
 
 
 def upcycle_path(experts: nn.Module, tokens: int, settings: BenchSettings, hidden: int,

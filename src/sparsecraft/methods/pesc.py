@@ -47,7 +47,7 @@ class PescMethod(Method):
         total = router
         if shape.adapter_dropout > 0:
             total += a * h + h  # dropout(F) and its bool mask
-        path = choose_path(num_tokens, e, k, r) if shape.dispatch == "auto" else shape.dispatch
+        path = choose_path(num_tokens, e, k, r) if shape.dispatch in ("auto", "rule") else shape.dispatch
         if path == "dense":
             total += a * (3 * e * r + e)  # every expert: W_down·x, act, gated act (E·r each) + gate mask [E]
         else:

@@ -13,7 +13,8 @@ for `x: [N, h]`, `gates, idx: [N, k]`, `W_down: [E, r, h]`, `W_up: [E, h, r]`:
   FLOPs. Falls back to `sorted` where `_grouped_mm` is unavailable for the device/dtype.
 - `sorted`: the same sorted layout with a per-expert loop over contiguous slices (fallback only).
 
-`choose_path` picks between `dense` and `grouped` by shape.
+`dispatch(path="auto")` times the candidate paths once per call shape and keeps the fastest (`moe/probe.py`);
+`path="rule"` uses `choose_path`, a fixed rule by shape, instead (no timing: reproducible path choices).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .grouped import grouped_adapters
+from .probe import PROBE, token_bucket
 
 _ACTIVATIONS = {
     "gelu": lambda t: F.gelu(t),
@@ -128,6 +130,71 @@ def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int)
     return "grouped"
 
 
+def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int) -> list[str]:
+    """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for
+    `grouped` where `torch._grouped_mm` cannot run)."""
+    pairs = num_tokens * top_k
+    grouped = "grouped" if grouped_mm_available(x, pairs, adapter_dim) else "sorted"
+    if pairs < num_experts:
+        return ["gathered", "dense"]
+    if pairs <= 2 * num_experts:
+        return ["gathered", "dense", grouped]
+    return ["dense", grouped]
+
+
+def _probe_key(num_tokens: int, down: torch.Tensor, top_k: int, dtype: torch.dtype, device: torch.device,
+               training: bool) -> tuple:
+    num_experts, adapter_dim, hidden = down.shape
+    return (token_bucket(num_tokens), num_experts, top_k, adapter_dim, hidden, str(dtype).removeprefix("torch."),
+            str(device), training)
+
+
+def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                activation: str = "gelu") -> str:
+    """The measured-fastest path for this call's shape (probing on first use; see `moe/probe.py`).
+
+    Shapes as in `dispatch`; `down`/`up` may still be in their storage dtype (the call computes in `x.dtype`).
+    """
+    num_tokens, top_k = indices.shape
+    num_experts, adapter_dim, hidden = down.shape
+    if num_tokens == 0 or torch.compiler.is_compiling():
+        return choose_path(num_tokens, num_experts, top_k, adapter_dim)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, down, up))
+    key = _probe_key(num_tokens, down, top_k, x.dtype, x.device, training)
+    candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim)
+    inputs: list[tuple] = []
+
+    def run(path: str) -> None:
+        if not inputs:  # built once per probe, from a private generator (the global RNG is not touched)
+            inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
+                                          training))
+        xs, gates, idx, d, u = inputs[0]
+        with autocast_off(xs), torch.set_grad_enabled(training):
+            out = _PATHS[path](xs, gates, idx, d, u, activation_fn(activation))
+            if training:
+                torch.autograd.grad(out.float().sum(), (xs, d, u))
+
+    return PROBE.choose(key, candidates, run, x.device)
+
+
+def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, device: torch.device,
+                    training: bool) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_(training)
+    scores, idx = torch.randn(n, e, generator=gen).topk(k, dim=-1)
+    gates = scores.softmax(-1).to(device, dtype)
+    d = (torch.randn(e, r, h, generator=gen) * 0.02).to(device, dtype).requires_grad_(training)
+    u = (torch.randn(e, h, r, generator=gen) * 0.02).to(device, dtype).requires_grad_(training)
+    return x, gates, idx.to(device), d, u
+
+
+def probed_choice(num_tokens: int, down: torch.Tensor, top_k: int, dtype: torch.dtype, device: torch.device,
+                  training: bool) -> str | None:
+    """What a probe chose for this shape so far in this process (None when none has run)."""
+    found = PROBE.results().get(_probe_key(num_tokens, down, top_k, dtype, device, training))
+    return found.path if found is not None else None
+
+
 def dispatch(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -138,7 +205,8 @@ def dispatch(
     scaling: float = 1.0,
     path: str = "auto",
 ) -> torch.Tensor:
-    """Weighted sum of the routed adapters' outputs.
+    """Weighted sum of the routed adapters' outputs. `path`: `auto` (measured per shape), `rule` (by shape,
+    no timing) or one of the paths by name.
 
     Args:
         x: adapter input `[N, h]` (the FFN output after dropout).
@@ -151,6 +219,8 @@ def dispatch(
     """
     num_experts, adapter_dim = down.shape[0], down.shape[1]
     if path == "auto":
+        path = probed_path(x, indices, down, up, activation)
+    elif path == "rule":
         path = choose_path(x.shape[0], num_experts, indices.shape[1], adapter_dim)
     fn = _PATHS.get(path)
     if fn is None:

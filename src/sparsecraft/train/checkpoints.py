@@ -1,7 +1,7 @@
 """Training checkpoints that survive being killed mid-write, and resume from the last complete one.
 
 A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors), optimizer and
-scheduler state, every rank's RNG state and `state.json` (step, tokens seen, and for a streamed train split the
+scheduler state, every rank's RNG state and measured dispatch choices (`dispatch_RANK.json`), and `state.json` (step, tokens seen, and for a streamed train split the
 stream's position under `data_stream`). It is written into
 `.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
 always complete; a kill during the write leaves only the `.tmp` folder, which the next save removes.
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..moe.probe import PROBE
 
 STATE_NAME = "state.json"
 STREAM_KEY = "data_stream"  # state.json: where a streamed train split stood after the checkpoint's step
@@ -117,6 +118,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     (tmp / f"rng_{rank}.json").write_text(json.dumps(rng_state()))
+    # this rank's measured dispatch choices: a resumed run computes each shape the same way (moe/probe.py)
+    (tmp / f"dispatch_{rank}.json").write_text(json.dumps(PROBE.export()))
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -168,6 +171,9 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((path / f"rng_{rank}.json").read_text()))
+    choices = path / f"dispatch_{rank}.json"
+    if choices.is_file():  # checkpoints from before measured dispatch have none
+        PROBE.restore(json.loads(choices.read_text()))
     return state
 
 

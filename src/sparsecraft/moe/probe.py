@@ -1,0 +1,116 @@
+"""Choosing a dispatch path by measurement: a short timed probe per call shape, cached for the process.
+
+Which way of computing the routed adapters is fastest depends on the machine (cores, vector units, GPU), the
+dtype and the shape, and a fixed threshold gets it wrong somewhere (docs/benchmarks.md: the shape rule picks the
+masked-dense path at the quickstart's E=8, r=64 and computes all eight experts on every token). So the first
+call of each shape times the candidate paths on synthetic inputs of that shape, forward only or forward and
+backward as the call will be, and every later call of the shape reuses the winner.
+
+- The key is (token bucket, E, k, r, h, dtype, device, training); token counts are bucketed to powers of two
+  so that batches of varying length share a probe.
+- Synthetic inputs come from a private generator: probing never moves the global random stream, so a
+  seeded run stays reproducible whichever path wins.
+- `dispatch: rule` (the shape rule, no timing) opts out, for bit-for-bit reproducible path choices; inside
+  `torch.compile` tracing the rule is used too.
+- Training checkpoints carry the choices made so far (`export` / `restore`), so a resumed run computes its
+  shapes the way the interrupted one did.
+
+The timer is injectable so that tests decide the winner.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+ProbeKey = tuple  # JSON-able scalars only (ints, strings, bools), so that choices can be saved
+Timer = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The winner of one probe and every candidate's median seconds per call."""
+
+    path: str
+    seconds: dict[str, float]
+
+
+def token_bucket(num_tokens: int) -> int:
+    """The power of two at or above `num_tokens` (1 for 0 or 1)."""
+    return 1 << max(num_tokens - 1, 0).bit_length()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DispatchProbe:
+    """Times candidate paths once per key and remembers the fastest."""
+
+    def __init__(self, repeats: int = 3, timer: Timer = time.perf_counter):
+        self.repeats = repeats
+        self.timer = timer
+        self._results: dict[ProbeKey, ProbeResult] = {}
+        self._lock = threading.Lock()
+
+    def results(self) -> dict[ProbeKey, ProbeResult]:
+        """A copy of what has been measured so far, key -> result."""
+        with self._lock:
+            return dict(self._results)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._results.clear()
+
+    def export(self) -> list[dict]:
+        """The choices made so far, as JSON-able records."""
+        with self._lock:
+            return [{"key": list(key), "path": r.path, "seconds": dict(r.seconds)}
+                    for key, r in self._results.items()]
+
+    def restore(self, records: list[dict]) -> None:
+        """Adopt saved choices (from `export`), replacing any measured here for the same keys."""
+        with self._lock:
+            for record in records:
+                self._results[tuple(record["key"])] = ProbeResult(record["path"], dict(record.get("seconds", {})))
+
+    def choose(self, key: ProbeKey, candidates: Sequence[str], run: Callable[[str], None],
+               device: torch.device) -> str:
+        """The fastest of `candidates` for `key`: measured with `run(path)` the first time, then cached.
+
+        `run(path)` computes one call of the shape with that path (and its backward when training). Each
+        candidate runs once untimed (warm-up: allocator, kernel selection), then `repeats` timed times.
+        """
+        with self._lock:
+            found = self._results.get(key)
+        if found is not None:
+            return found.path
+        if len(candidates) == 1:
+            result = ProbeResult(candidates[0], {})
+        else:
+            seconds = {path: self._time(run, path, device) for path in candidates}
+            result = ProbeResult(min(candidates, key=lambda p: seconds[p]), seconds)
+        with self._lock:
+            self._results.setdefault(key, result)
+        return result.path
+
+    def _time(self, run: Callable[[str], None], path: str, device: torch.device) -> float:
+        run(path)
+        _sync(device)
+        samples = []
+        for _ in range(self.repeats):
+            start = self.timer()
+            run(path)
+            _sync(device)
+            samples.append(self.timer() - start)
+        return statistics.median(samples)
+
+
+# One probe per process: every crafted layer of every model shares what was measured.
+PROBE = DispatchProbe()

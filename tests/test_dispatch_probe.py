@@ -1,0 +1,136 @@
+"""Dispatch chosen by measurement: the probe picks the fastest candidate, caches it per shape, leaves the global
+RNG alone, agrees with every fixed path, and its choices survive a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsecraft.moe.experts import candidate_paths, choose_path, dispatch, probed_choice, probed_path
+from sparsecraft.moe.probe import PROBE, DispatchProbe, token_bucket
+
+
+class FakeClock:
+    """A timer that advances by the running path's scripted duration."""
+
+    def __init__(self, durations: dict[str, float]):
+        self.now, self.durations, self.calls = 0.0, durations, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, path: str) -> None:
+        self.calls.append(path)
+        self.now += self.durations[path]
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    PROBE.clear()
+    yield
+    PROBE.clear()
+
+
+def make_call(n: int, e: int = 8, k: int = 2, r: int = 16, h: int = 64, grad: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g).requires_grad_(grad)
+    scores, idx = torch.randn(n, e, generator=g).topk(k, dim=-1)
+    down = (torch.randn(e, r, h, generator=g) * 0.1).requires_grad_(grad)
+    up = (torch.randn(e, h, r, generator=g) * 0.1).requires_grad_(grad)
+    return x, scores.softmax(-1), idx, down, up
+
+
+def test_probe_keeps_the_fastest_candidate_and_measures_each_shape_once():
+    clock = FakeClock({"dense": 3.0, "grouped": 1.0, "gathered": 2.0})
+    probe = DispatchProbe(repeats=3, timer=clock)
+    cpu = torch.device("cpu")
+    assert probe.choose(("a",), ["dense", "grouped", "gathered"], clock.run, cpu) == "grouped"
+    assert clock.calls.count("dense") == 4 and clock.calls.count("grouped") == 4  # one warm-up + 3 timed each
+    before = len(clock.calls)
+    assert probe.choose(("a",), ["dense", "grouped", "gathered"], clock.run, cpu) == "grouped"
+    assert len(clock.calls) == before  # cached: nothing runs again
+    clock.durations["dense"] = 0.5
+    assert probe.choose(("b",), ["dense", "grouped"], clock.run, cpu) == "dense"  # another shape, its own probe
+    assert probe.results()[("a",)].seconds == {"dense": 3.0, "grouped": 1.0, "gathered": 2.0}
+    before = len(clock.calls)
+    assert probe.choose(("c",), ["dense"], clock.run, cpu) == "dense" and len(clock.calls) == before  # no choice
+
+
+def test_export_and_restore_round_trip():
+    clock = FakeClock({"dense": 2.0, "sorted": 1.0})
+    probe = DispatchProbe(timer=clock)
+    probe.choose((16, 8, 2, 16, 64, "float32", "cpu", True), ["dense", "sorted"], clock.run, torch.device("cpu"))
+    other = DispatchProbe(timer=FakeClock({}))
+    other.restore(probe.export())
+    assert other.results() == probe.results()
+
+
+def test_token_bucket():
+    assert [token_bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000)] == [1, 1, 2, 4, 64, 128, 1024]
+
+
+@pytest.mark.parametrize("n, grad", [(1, False), (12, False), (300, False), (300, True)])
+def test_auto_equals_every_fixed_path(n, grad):
+    x, gates, idx, down, up = make_call(n, grad=grad)
+    auto = dispatch(x, gates, idx, down, up, path="auto")
+    for path in ("loop", "dense", "grouped", "sorted"):
+        torch.testing.assert_close(auto, dispatch(x, gates, idx, down, up, path=path), rtol=1e-5, atol=1e-6)
+    chosen = probed_choice(n, down, 2, torch.float32, torch.device("cpu"), grad)
+    assert chosen in candidate_paths(x, n, 8, 2, 16)
+    if grad:  # the probe's own backward leaves no gradient on the caller's tensors
+        assert x.grad is None and down.grad is None
+
+
+def test_probe_leaves_the_global_random_stream_alone():
+    x, gates, idx, down, up = make_call(200)
+    torch.manual_seed(123)
+    dispatch(x, gates, idx, down, up, path="auto")
+    after_probe = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_probe)
+    assert len(PROBE.results()) == 1
+
+
+def test_rule_never_probes_and_follows_choose_path():
+    x, gates, idx, down, up = make_call(200)
+    out = dispatch(x, gates, idx, down, up, path="rule")
+    assert not PROBE.results()
+    torch.testing.assert_close(out, dispatch(x, gates, idx, down, up, path=choose_path(200, 8, 2, 16)))
+
+
+def test_a_rigged_timer_decides_the_auto_path(monkeypatch):
+    x, gates, idx, down, up = make_call(300)
+    slow = {"dense": 5.0, "grouped": 1.0, "sorted": 1.0}
+    clock = FakeClock(slow)
+    calls = []
+    real = PROBE.choose
+
+    def choose(key, candidates, run, device):
+        def timed(path):
+            run(path)
+            clock.run(path)
+            calls.append(path)
+        return real(key, candidates, timed, device)
+
+    monkeypatch.setattr(PROBE, "timer", clock)
+    monkeypatch.setattr(PROBE, "choose", choose)
+    assert probed_path(x, idx, down, up) in ("grouped", "sorted")
+    clock.durations = {"dense": 0.1, "grouped": 9.0, "sorted": 9.0}
+    x2, gates2, idx2, down2, up2 = make_call(300, h=32)  # another shape
+    assert probed_path(x2, idx2, down2, up2) == "dense"
+
+
+def test_choices_travel_with_training_checkpoints(tmp_path):
+    from sparsecraft.train.checkpoints import load_checkpoint, save_checkpoint
+
+    x, gates, idx, down, up = make_call(100)
+    dispatch(x, gates, idx, down, up, path="auto")
+    measured = PROBE.export()
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    path = save_checkpoint(tmp_path, 1, {"p": param}, opt, sched, {"tokens": 0})
+    assert (path / "dispatch_0.json").is_file()
+    PROBE.clear()
+    load_checkpoint(path, {"p": param}, opt, sched)
+    assert PROBE.export() == measured
