@@ -1,9 +1,9 @@
 """Training checkpoints that survive being killed mid-write, and resume from the last complete one.
 
 A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors), optimizer and
-scheduler state, every rank's RNG state and measured dispatch choices (`dispatch_RANK.json`), and `state.json` (step, tokens seen, and for a streamed train split the
-stream's position under `data_stream`). It is written into
-`.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
+scheduler state, every rank's RNG state and measured dispatch choices (`dispatch_RANK.json`), and `state.json`
+(step, tokens seen, and for a streamed train split the stream's position under `data_stream`). It is written
+into `.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
 always complete; a kill during the write leaves only the `.tmp` folder, which the next save removes.
 """
 
