@@ -134,3 +134,19 @@ def test_choices_travel_with_training_checkpoints(tmp_path):
     PROBE.clear()
     load_checkpoint(path, {"p": param}, opt, sched)
     assert PROBE.export() == measured
+
+
+def test_probing_inside_activation_checkpointing():
+    """The first forward probes, the recomputation hits the cache: the saved-tensor count must still agree."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, gates, idx, down, up = make_call(256, grad=True)
+    out = checkpoint(lambda a, d, u: dispatch(a, gates, idx, d, u, path="auto"), x, down, up, use_reentrant=False)
+    out.square().sum().backward()
+    assert len(PROBE.results()) == 1
+    grads = [t.grad.clone() for t in (x, down, up)]
+    for t in (x, down, up):
+        t.grad = None
+    dispatch(x, gates, idx, down, up, path="auto").square().sum().backward()
+    for got, t in zip(grads, (x, down, up)):
+        torch.testing.assert_close(got, t.grad)

@@ -10,6 +10,9 @@ backward as the call will be, and every later call of the shape reuses the winne
   so that batches of varying length share a probe.
 - Synthetic inputs come from a private generator: probing never moves the global random stream, so a
   seeded run stays reproducible whichever path wins.
+- The timing runs in a short-lived thread of its own. Autograd's grad mode, autocast and saved-tensor hooks are
+  per thread, so the probe neither sees nor disturbs the caller's: activation checkpointing, which counts the
+  tensors a forward saves and replays it later (when the cache answers), is not thrown off.
 - `dispatch: rule` (the shape rule, no timing) opts out, for bit-for-bit reproducible path choices; inside
   `torch.compile` tracing the rule is used too.
 - Training checkpoints carry the choices made so far (`export` / `restore`), so a resumed run computes its
@@ -24,6 +27,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +98,8 @@ class DispatchProbe:
         if len(candidates) == 1:
             result = ProbeResult(candidates[0], {})
         else:
-            seconds = {path: self._time(run, path, device) for path in candidates}
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecraft-probe") as pool:
+                seconds = pool.submit(lambda: {path: self._time(run, path, device) for path in candidates}).result()
             result = ProbeResult(min(candidates, key=lambda p: seconds[p]), seconds)
         with self._lock:
             self._results.setdefault(key, result)
