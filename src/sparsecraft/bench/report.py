@@ -10,6 +10,7 @@ import platform
 
 import torch
 
+from ..hardware import cpu_summary
 from .settings import BASELINE
 
 
@@ -36,6 +37,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
         "cpu_cores_available": cores,
+        **cpu_summary(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -131,7 +133,7 @@ def format_table(result: dict) -> str:
         "imports. path: the dispatch of the training step (auto may pick another for decode). dec tok/s: new "
         "tokens / time of generate (a short prompt's prefill included). "
         f"{s['repeats']} interleaved rounds after {s['warmup']} warm-up steps; {m['cpu']}, {m['threads']} threads, "
-        f"torch {m['torch']}."
+        f"{m.get('cpu_capability', '?')}, native bf16: {m.get('cpu_bf16') or 'no'}, torch {m['torch']}."
     )
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
