@@ -223,6 +223,17 @@ def test_groups_tell_settings_apart_and_parent_dir_expands(tmp_path):
     assert all(len(g.runs) == 2 for g in groups)
 
 
+def test_group_labels_shorten_long_paths(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("argmin", "balanced"):
+        run = fake_run(root, name, "pesc", 0, 1.0)
+        data = json.loads((run / "recipe.json").read_text())
+        data["upit"] = {"experts": f"/home/someone/work/runs/ablation/{name}/expand"}
+        (run / "recipe.json").write_text(json.dumps(data))
+    labels = sorted(g.label for g in group_runs(load_runs([root])))
+    assert labels == ["pesc (upit.experts=…/argmin/expand)", "pesc (upit.experts=…/balanced/expand)"]
+
+
 def test_same_directory_names_stay_apart(tmp_path):
     a = fake_run(tmp_path / "exp1", "pesc", "pesc", 0, 1.0)
     b = fake_run(tmp_path / "exp2", "pesc", "pesc", 1, 1.2)

@@ -26,6 +26,13 @@ def _experiment(recipe: dict) -> dict:
             if not any(k == x or k.startswith(x + ".") for x in _NOT_THE_EXPERIMENT)}
 
 
+def _short(value):
+    """A long path as its last two parts (`…/argmin-expand/expand`): labels stay readable and machine-free."""
+    if isinstance(value, str) and "/" in value and len(value) > 32:
+        return "…/" + "/".join(value.rstrip("/").split("/")[-2:])
+    return value
+
+
 @dataclass
 class Group:
     """Runs of one experiment (same recipe but for the seed)."""
@@ -62,7 +69,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
             differing = sorted({k for r in rivals for k in set(mine) | set(experiments[r])
                                 if mine.get(k) != experiments[r].get(k) and k != "method"})
             if mine:
-                shown = [f"{k}={json.loads(mine[k]) if k in mine else '-'}" for k in differing[:3]]
+                shown = [f"{k}={_short(json.loads(mine[k])) if k in mine else '-'}" for k in differing[:3]]
                 label = f"{method} ({', '.join(shown)}{', ...' if len(differing) > 3 else ''})" if shown else method
             else:
                 label = f"{method} ({members[0].name})"
