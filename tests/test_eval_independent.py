@@ -112,3 +112,21 @@ def test_task_files_copy_the_independent_set():
     assert [d["domain"] for d in qa] == ["math"] * 24 + ["general"] * 24
     first = json.loads((INDEPENDENT / "math.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert qa[0]["question"] == first["messages"][0]["content"] and qa[0]["answers"] == first["answers"]
+
+
+def test_chat_answers_and_plain_completions_both_become_programs():
+    problem = read_jsonl(TASK_DATA / "indep_code_test.jsonl")[0]  # initials(full_name)
+    body = problem["canonical_solution"]
+    whole = problem["prompt"] + body
+    answers = {
+        "fenced chat answer": f"Here it is:\n```python\n{whole}```\nIt joins the first letters.",
+        "unfenced whole function": whole,
+        "plain body continuation": body + "\n\nprint(initials('a b'))\n",
+        "unterminated fence": f"```python\n{whole}",
+    }
+    with humaneval.allow_code_execution():
+        for what, answer in answers.items():
+            assert humaneval.process_any_completion(problem, [answer]) == {"pass@1": 1.0}, what
+        wrong = "```python\ndef initials(full_name):\n    return full_name\n```"
+        assert humaneval.process_any_completion(problem, [wrong]) == {"pass@1": 0.0}
+    assert humaneval.completion_as_code(problem, body + "\nx = 1\n").rstrip() == body.rstrip()  # cut at the end

@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,3 +156,30 @@ def check_completion(problem: dict, completion: str, timeout: float = DEFAULT_TI
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """lm-eval hook of `sc_humaneval`: pass@1 of the (greedy) completion for one problem."""
     return {"pass@1": float(check_completion(doc, results[0]).passed)}
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def completion_as_code(problem: dict, completion: str) -> str:
+    """What to append to the prompt, whichever way the model answered.
+
+    A chat model answers a stub with the whole function, usually in a ```python block: that code (with its
+    imports) is appended after the prompt, whose stub it then redefines. A plain completion model continues the
+    body: the continuation is kept up to the first line back at column 0 (where HumanEval's stop sequences
+    would have cut it).
+    """
+    fenced = _FENCE.search(completion)
+    code = fenced.group(1) if fenced else completion
+    if re.search(rf"^def {re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
+        return "\n" + code
+    lines = completion.split("\n")
+    for i, line in enumerate(lines[1:], start=1):
+        if line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i]) + "\n"
+    return completion
+
+
+def process_any_completion(doc: dict, results: list[str]) -> dict[str, float]:
+    """lm-eval hook of `sc_indep_code`: pass@1 of a chat answer or a plain completion (`completion_as_code`)."""
+    return {"pass@1": float(check_completion(doc, completion_as_code(doc, results[0])).passed)}
