@@ -123,6 +123,7 @@ def test_chat_answers_and_plain_completions_both_become_programs():
         "unfenced whole function": whole,
         "plain body continuation": body + "\n\nprint(initials('a b'))\n",
         "unterminated fence": f"```python\n{whole}",
+        "closing fence only": f"{whole}```",
     }
     with humaneval.allow_code_execution():
         for what, answer in answers.items():

@@ -171,6 +171,7 @@ def completion_as_code(problem: dict, completion: str) -> str:
     """
     fenced = _FENCE.search(completion)
     code = fenced.group(1) if fenced else completion
+    code = "\n".join(line for line in code.split("\n") if not line.lstrip().startswith("```"))  # a stray fence
     if re.search(rf"^def {re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
         return "\n" + code
     lines = completion.split("\n")
