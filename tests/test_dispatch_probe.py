@@ -150,3 +150,15 @@ def test_probing_inside_activation_checkpointing():
     dispatch(x, gates, idx, down, up, path="auto").square().sum().backward()
     for got, t in zip(grads, (x, down, up)):
         torch.testing.assert_close(got, t.grad)
+
+
+def test_bench_labels_auto_with_the_probed_path():
+    from sparsecraft.bench.base import pesc_path
+    from sparsecraft.bench.settings import BenchSettings
+
+    settings = BenchSettings(experts=8, top_k=2, adapter_dim=64, tokens=2048)
+    cpu = torch.device("cpu")
+    assert pesc_path("auto", 2048, settings, 576, cpu) == "auto:grouped"  # before any run: the rule's pick
+    PROBE.restore([{"key": [2048, 8, 2, 64, 576, "float32", "cpu", True], "path": "dense"}])
+    assert pesc_path("auto", 2048, settings, 576, cpu) == "auto:dense"
+    assert pesc_path("rule", 2048, settings, 576, cpu) == "rule:grouped"

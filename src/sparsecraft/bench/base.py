@@ -28,6 +28,10 @@ class Variant:
     reset: Callable[[], None]
     model: nn.Module | None = None  # model level: what decodes
     extra: dict = field(default_factory=dict)
+    relabel: Callable[[], str] | None = None  # the path once timed (`auto` is decided by its first call)
+
+    def path_run(self) -> str:
+        return self.relabel() if self.relabel is not None else self.path
 
 
 def autocast_for(settings: BenchSettings, device: torch.device):

@@ -63,14 +63,16 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
 
     tokens = settings.batch_size * settings.seq_len
     method, dispatch = parse_variant(name)
-    path = "-"
+    path, relabel = "-", None
     if method.builds_moe:
         method.craft(model, settings.craft_config(dispatch), seed=settings.seed)
-        path = dispatch_label(crafted_layers(model)[0][1].moe, dispatch, tokens, settings, dims.hidden, device)
+        first = crafted_layers(model)[0][1].moe
+        path = dispatch_label(first, dispatch, tokens, settings, dims.hidden, device)
+        relabel = lambda: dispatch_label(first, dispatch, tokens, settings, dims.hidden, device)  # noqa: E731
         if name == REFERENCE:
             for _, mlp in crafted_layers(model):
                 mlp._modules["moe"] = LoopPescBlock.from_pesc(mlp.moe)  # same weights, same recorder
-            path = "loop"
+            path, relabel = "loop", None
     if settings.four_bit:
         from peft import prepare_model_for_kbit_training
 
@@ -113,7 +115,7 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
         flops_executed=model_flops(name, settings.batch_size, settings.seq_len, dims, settings.lora_rank,
                                    executed=True),
         step=step, reset=reset, model=peft_model,
-        extra={"trainable_params": sum(p.numel() for p in trainable), "vocab": dims.vocab},
+        extra={"trainable_params": sum(p.numel() for p in trainable), "vocab": dims.vocab}, relabel=relabel,
     )
 
 
