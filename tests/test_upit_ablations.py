@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_base
+from test_upit_pipeline import tiny_args
 
 import sparsecraft
 from sparsecraft.errors import ConfigError
@@ -135,12 +136,9 @@ def base(tmp_path_factory) -> Path:
     return root / "base"
 
 
-def tiny_args(base: Path, out: Path, *extra: str) -> list[str]:
+def ablation_args(base: Path, out: Path, *extra: str) -> list[str]:
     """configs/upit-quick.yaml on the tiny model, a checkpoint every 3 of 12 dense steps (4 candidates)."""
-    return [f"model={base}", f"output_dir={out}", "data.max_length=48", "data.truncation=left",
-            "data.template=chatml", "logging.progress=false", "lr=5e-3", "train.eval_batches=2", "lora.r=4",
-            "route.seed_min=16", "prepare.recipe.train.max_steps=12", "prepare.interval=0.03",
-            "upcycle.recipe.train.max_steps=4", *extra]
+    return tiny_args(base, out, *extra, interval=0.03, upcycle_steps=4)
 
 
 def _router_at_start(cfg, out: Path, router: str) -> dict[int, torch.Tensor]:
@@ -151,7 +149,7 @@ def _router_at_start(cfg, out: Path, router: str) -> dict[int, torch.Tensor]:
 
 def test_no_expansion_and_random_router_run_end_to_end(base, tmp_path):
     out = tmp_path / "run"
-    cfg = load_upit_config(QUICK, tiny_args(base, out, "prepare.num_experts=4", "expand.enabled=false",
+    cfg = load_upit_config(QUICK, ablation_args(base, out, "prepare.num_experts=4", "expand.enabled=false",
                                             "route.enabled=false", "route.init=random", "route.init_std=0.5"))
     results = run_pipeline(cfg)
     # no genetic expansion: the 4 experts are 4 dense-stage checkpoints, passed on unchanged
@@ -184,7 +182,7 @@ def test_no_expansion_and_random_router_run_end_to_end(base, tmp_path):
     plain = tmp_path / "plain"
     for stage in ("prepare", "expand"):
         shutil.copytree(out / stage, plain / stage)
-    cfg = load_upit_config(QUICK, tiny_args(base, plain, "prepare.num_experts=4", "expand.enabled=false",
+    cfg = load_upit_config(QUICK, ablation_args(base, plain, "prepare.num_experts=4", "expand.enabled=false",
                                             "route.enabled=false"))
     with pytest.raises(ConfigError, match="route.enabled is false: there is no route stage"):
         run_pipeline(cfg, "route")
@@ -197,7 +195,7 @@ def test_no_expansion_and_random_router_run_end_to_end(base, tmp_path):
     # another merge and random parents: the expand stage says what it did
     grown = tmp_path / "grown"
     shutil.copytree(out / "prepare", grown / "prepare")
-    cfg = load_upit_config(QUICK, tiny_args(base, grown, "prepare.num_experts=4", "experts=6", "expand.merge=ties",
+    cfg = load_upit_config(QUICK, ablation_args(base, grown, "prepare.num_experts=4", "experts=6", "expand.merge=ties",
                                             "expand.parents=random", "expand.seed=3"))
     result = run_pipeline(cfg, "expand")["expand"]
     assert (result["from"], result["to"], result["merge"], result["parents"]) == (4, 6, "ties", "random")

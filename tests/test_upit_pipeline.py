@@ -45,12 +45,13 @@ def base(tmp_path_factory) -> Path:
     return root / "base"
 
 
-def tiny_args(base: Path, out: Path, *extra: str) -> list[str]:
-    """Overrides that shrink configs/upit-quick.yaml to the tiny model: seconds per stage."""
+def tiny_args(base: Path, out: Path, *extra: str, interval: float = 0.06, upcycle_steps: int = 8) -> list[str]:
+    """Overrides that shrink configs/upit-quick.yaml to the tiny model: seconds per stage (12 dense steps, a
+    checkpoint every `interval` of the epoch)."""
     return [f"model={base}", f"output_dir={out}", "data.max_length=48", "data.truncation=left",
             "data.template=chatml", "logging.progress=false", "lr=5e-3", "train.eval_batches=2", "lora.r=4",
-            "route.seed_min=16", "prepare.recipe.train.max_steps=12", "prepare.interval=0.06",
-            "upcycle.recipe.train.max_steps=8", *extra]
+            "route.seed_min=16", "prepare.recipe.train.max_steps=12", f"prepare.interval={interval}",
+            f"upcycle.recipe.train.max_steps={upcycle_steps}", *extra]
 
 
 def _logits(model, ids):
