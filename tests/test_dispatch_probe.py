@@ -75,7 +75,7 @@ def test_auto_equals_every_fixed_path(n, grad):
     auto = dispatch(x, gates, idx, down, up, path="auto")
     for path in ("loop", "dense", "grouped", "sorted"):
         torch.testing.assert_close(auto, dispatch(x, gates, idx, down, up, path=path), rtol=1e-5, atol=1e-6)
-    chosen = probed_choice(n, down, 2, torch.float32, torch.device("cpu"), grad)
+    chosen = probed_choice(n, 8, 2, 16, 64, torch.float32, torch.device("cpu"), grad)
     assert chosen in candidate_paths(x, n, 8, 2, 16)
     if grad:  # the probe's own backward leaves no gradient on the caller's tensors
         assert x.grad is None and down.grad is None

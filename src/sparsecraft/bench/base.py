@@ -146,9 +146,9 @@ def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, 
     if dispatch in ("auto", "rule"):
         path = choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
     if dispatch == "auto":
-        shape = torch.empty(settings.experts, settings.adapter_dim, hidden, device="meta")
         for training in (True, False):
-            measured = probed_choice(tokens, shape, settings.top_k, settings.torch_dtype, device, training)
+            measured = probed_choice(tokens, settings.experts, settings.top_k, settings.adapter_dim, hidden,
+                                     settings.torch_dtype, device, training)
             if measured is not None:
                 path = measured
                 break

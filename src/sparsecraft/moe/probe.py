@@ -68,6 +68,12 @@ class DispatchProbe:
         with self._lock:
             return dict(self._results)
 
+    def cached(self, key: ProbeKey) -> str | None:
+        """The path chosen for `key` so far, or None (no copy of the table: this runs on every call)."""
+        with self._lock:
+            found = self._results.get(key)
+        return found.path if found is not None else None
+
     def clear(self) -> None:
         with self._lock:
             self._results.clear()
@@ -91,10 +97,9 @@ class DispatchProbe:
         `run(path)` computes one call of the shape with that path (and its backward when training). Each
         candidate runs once untimed (warm-up: allocator, kernel selection), then `repeats` timed times.
         """
-        with self._lock:
-            found = self._results.get(key)
+        found = self.cached(key)
         if found is not None:
-            return found.path
+            return found
         if len(candidates) == 1:
             result = ProbeResult(candidates[0], {})
         else:
