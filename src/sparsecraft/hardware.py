@@ -8,23 +8,34 @@ The flags come from /proc/cpuinfo on Linux; elsewhere nothing is claimed.
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # the strongest first
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is not available)."""
+def _cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key starts with one of `names` (None off Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.lower().startswith(names):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is not available)."""
+    return frozenset((_cpuinfo_field("flags", "features") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_bf16(flags: frozenset[str] | None = None) -> str | None:
