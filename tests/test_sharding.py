@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,11 @@ def crafted():
     return model.train()
 
 
-def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = crafted()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss = model(input_ids=IDS, labels=IDS).loss
         loss.backward()
         opt.step()
@@ -45,55 +46,90 @@ def reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, {k: v.detach().clone() for k, v in sparsecraft.new_parameters(model).items()}
 
 
-def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
+def _engine(engine: str, world: int):
+    """A crafted model under `engine` and its step / gather functions."""
+    from sparsecraft.train import sharding
+
+    model = crafted()
+    model._sparsecraft_recorder.sync_across_processes = True  # router statistics over the global batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        sharding.shard_model(model, init_device_mesh("cpu", (world,)))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+        def step(rows):
+            loss = model(input_ids=rows, labels=rows).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return float(loss)
+
+        return model, opt, step, lambda: sharding.full_trainable_state(model)
+    import deepspeed
+
+    stage = int(engine[-1])
+    if stage == 3:
+        sharding.register_zero3_externals(model)
+    config = sharding.deepspeed_config(stage=stage, micro_batch=2, grad_accum=1, world_size=world,
+                                       max_grad_norm=0.0, bf16=False)
+    ds, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR), config=config,
+                                         dist_init_required=False)
+
+    def step(rows):
+        loss = ds(input_ids=rows, labels=rows).loss
+        ds.backward(loss)
+        ds.step()
+        return float(loss)
+
+    def gather():
+        named = sparsecraft.new_parameters(ds.module)
+        with deepspeed.zero.GatheredParameters(list(named.values()), enabled=stage == 3):
+            return {k: v.detach().clone() for k, v in named.items()}
+
+    return ds, opt, step, gather
+
+
+class _Schedule:
+    """The loop's LR scheduler, as far as a checkpoint sees it."""
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state == {"last_epoch": 1}
+
+
+def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: int) -> None:
+    """Train STEPS steps under `engine`; with `stop_at`, save a sharded checkpoint after that step, build the model
+    and optimizer again from scratch, load the checkpoint and train the rest."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from sparsecraft.train import sharding
+    from sparsecraft.train.checkpoints import load_checkpoint, save_checkpoint
+    from sparsecraft.train.engine_checkpoint import load_engine_state, save_engine_state
 
-    model = crafted()
-    model._sparsecraft_recorder.sync_across_processes = True  # router statistics over the global batch
+    kind = "fsdp" if engine == "fsdp2" else "deepspeed"
+    run_dir = Path(out).parent / "run"
     rows = IDS[rank * 2:(rank + 1) * 2]
+    model, opt, step, gather = _engine(engine, world)
+    shard_rows = None
+    if engine == "fsdp2":  # the stacked experts split along the expert dimension
+        shard_rows = next(mlp.moe.experts.down for _, mlp in sparsecraft.crafted_layers(model)).to_local().shape[0]
     losses = []
-    if engine == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        sharding.shard_model(model, init_device_mesh("cpu", (world,)))
-        expert = next(mlp.moe.experts.down for _, mlp in sparsecraft.crafted_layers(model))
-        shard_rows = expert.to_local().shape[0]  # the stacked experts split along the expert dimension
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-        for _ in range(STEPS):
-            loss = model(input_ids=rows, labels=rows).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss))
-        state = sharding.full_trainable_state(model)
-    else:
-        import deepspeed
-
-        stage = int(engine[-1])
-        if stage == 3:
-            sharding.register_zero3_externals(model)
-        config = sharding.deepspeed_config(stage=stage, micro_batch=2, grad_accum=1, world_size=world,
-                                           max_grad_norm=0.0, bf16=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        ds, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR), config=config,
-                                           dist_init_required=False)
-        for _ in range(STEPS):
-            loss = ds(input_ids=rows, labels=rows).loss
-            ds.backward(loss)
-            ds.step()
-            losses.append(float(loss))
-        shard_rows = None
-        if stage == 3:
-            named = sparsecraft.new_parameters(ds.module)
-            with deepspeed.zero.GatheredParameters(list(named.values())):
-                state = {k: v.detach().clone() for k, v in named.items()}
-        else:
-            state = {k: v.detach().clone() for k, v in sparsecraft.new_parameters(ds.module).items()}
+    for i in range(STEPS):
+        if i == stop_at:  # the training loop's own atomic checkpoint, with each rank's shard inside
+            path = save_checkpoint(run_dir, i, {}, opt, _Schedule(), {}, rank=rank, world_size=world,
+                                   barrier=dist.barrier, engine_save=partial(save_engine_state, kind, model, opt))
+            torch.manual_seed(123)  # the rebuilt model must get everything from the checkpoint
+            model, opt, step, gather = _engine(engine, world)
+            load_checkpoint(path, {}, opt, _Schedule(), rank=rank, world_size=world, engine=kind,
+                            engine_load=partial(load_engine_state, kind, model, opt))
+        losses.append(step(rows))
+    state = gather()
     mean = torch.tensor(losses)
     dist.all_reduce(mean)
     if rank == 0:
@@ -108,18 +144,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def reference_steps(steps: int) -> dict[str, torch.Tensor]:
+    return reference(steps)[1]
+
+
 @pytest.fixture(scope="module")
 def single():
     return reference()
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-def test_two_processes_match_one(engine, single, tmp_path):
+def _launch(engine: str, tmp_path: Path, stop_at: int = -1) -> dict:
     if engine != "fsdp2":
         pytest.importorskip("deepspeed")
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), engine, str(out)), nprocs=2, start_method="spawn")
-    got = torch.load(out, weights_only=False)
+    mp.start_processes(_worker, args=(2, _free_port(), engine, str(out), stop_at), nprocs=2, start_method="spawn")
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_two_processes_match_one(engine, single, tmp_path):
+    got = _launch(engine, tmp_path)
     want_losses, want_state = single
     assert got["losses"] == pytest.approx(want_losses, rel=1e-4, abs=1e-5)
     assert set(got["state"]) == set(want_state)
@@ -182,3 +226,55 @@ def test_a_gathered_state_saves_what_the_model_itself_would(tmp_path):
     for name in ("sparsecraft.safetensors", "lora/adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "gathered" / name))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_sharded_checkpoint_resumes_and_reads_whole_in_one_process(engine, single, tmp_path):
+    """Saved after step 1 by 2 sharded processes, model and optimizer rebuilt from scratch and loaded: the
+    remaining steps give the uninterrupted run's losses and weights; the checkpoint's trainable tensors then read
+    back whole in this (single, non-distributed) process, under the single-process model's names."""
+    from sparsecraft.train.checkpoints import read_trainable
+    from sparsecraft.train.engine_checkpoint import engine_of
+
+    got = _launch(engine, tmp_path, stop_at=1)
+    want_losses, want_state = single
+    assert got["losses"] == pytest.approx(want_losses, rel=1e-4, abs=1e-5)
+    for key, value in want_state.items():
+        torch.testing.assert_close(got["state"][key].float(), value, rtol=1e-4, atol=1e-5)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    assert engine_of(checkpoint) == ("fsdp" if engine == "fsdp2" else "deepspeed")
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # the temporary folder was renamed into place
+    whole = read_trainable(checkpoint)
+    plain = crafted()
+    assert set(whole) == set(sparsecraft.new_parameters(plain))  # names as one unsharded process has them
+    after_one = reference_steps(1)
+    for key, value in whole.items():
+        assert value.shape == after_one[key].shape
+        torch.testing.assert_close(value.float(), after_one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_checkpoint_loads_into_an_unsharded_model(tmp_path):
+    """DCP reshards on load: FSDP files written by 2 processes resume a plain model and optimizer in one process,
+    which then continues exactly as the uninterrupted run."""
+    from sparsecraft.errors import CheckpointError
+    from sparsecraft.train.checkpoints import load_checkpoint
+    from sparsecraft.train.engine_checkpoint import load_engine_state
+
+    _launch("fsdp2", tmp_path, stop_at=1)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    model = crafted()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    with pytest.raises(CheckpointError, match="under fsdp; resume it under the same engine"):
+        load_checkpoint(checkpoint, {}, opt, _Schedule(), world_size=2)  # a plain run cannot take sharded files
+    load_engine_state("fsdp", model, opt, checkpoint)
+    losses = []
+    for _ in range(STEPS - 1):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    want_losses, want_state = reference()
+    assert losses == pytest.approx(want_losses[1:], rel=1e-4, abs=1e-5)
+    for key, value in sparsecraft.new_parameters(model).items():
+        torch.testing.assert_close(value.detach(), want_state[key], rtol=1e-4, atol=1e-5)

@@ -1,7 +1,8 @@
 """Training checkpoints that survive being killed mid-write, and resume from the last complete one.
 
-A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors), optimizer and
-scheduler state, every rank's RNG state and measured dispatch choices (`dispatch_RANK.json`), and `state.json`
+A checkpoint is `OUTPUT/checkpoints/step-000050/` holding the trainable weights (safetensors) and optimizer state
+(under FSDP or DeepSpeed instead every rank's shard of both, in the engine's format: engine_checkpoint.py), scheduler
+state, every rank's RNG state and measured dispatch choices (`dispatch_RANK.json`), and `state.json`
 (step, tokens seen, and for a streamed train split the stream's position under `data_stream`). It is written
 into `.step-000050.tmp` and renamed into place only when every file is on disk, so a directory named `step-*` is
 always complete; a kill during the write leaves only the `.tmp` folder, which the next save removes.
@@ -14,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..moe.probe import PROBE
+from .engine_checkpoint import engine_of, read_sharded_trainable
 
 STATE_NAME = "state.json"
 STREAM_KEY = "data_stream"  # state.json: where a streamed train split stood after the checkpoint's step
@@ -31,9 +34,17 @@ _DELAY_ENV = "SPARSECRAFT_TEST_SAVE_DELAY"
 
 
 def run_token(world_size: int) -> str:
-    """A name every rank of one run shares and another run does not: the launcher's PID for several processes
-    (torchrun / accelerate launch start them all), the process's own PID for one."""
-    return str(os.getppid() if world_size > 1 else os.getpid())
+    """A name every rank of one run shares and another run does not: rank 0's launcher PID for several processes
+    (torchrun / accelerate launch start them all; sent to every rank, whose node may have other PIDs), the
+    process's own PID for one."""
+    if world_size == 1:
+        return str(os.getpid())
+    token = [str(os.getppid())]
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def saved_recipe(checkpoint: Path | None, output_dir: str | os.PathLike) -> dict | None:
@@ -100,6 +111,7 @@ def save_checkpoint(
     world_size: int = 1,
     barrier=lambda: None,
     keep: int = 2,
+    engine_save: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically. Every rank calls it (each saves its RNG); rank 0 writes the rest.
 
@@ -107,6 +119,8 @@ def save_checkpoint(
         trainable: name -> tensor of every trainable parameter (unwrapped names).
         state: JSON-serialisable progress (step, tokens seen, ...).
         barrier: synchronises ranks (accelerator.wait_for_everyone) between the phases.
+        engine_save: for a sharded run, called by every rank with the checkpoint's folder to write its shard of
+            the weights and optimizer state (then `trainable` and `optimizer` are not written by rank 0).
     """
     root = checkpoint_root(output_dir)
     final = root / f"{_PREFIX}{step:06d}"
@@ -120,16 +134,20 @@ def save_checkpoint(
     (tmp / f"rng_{rank}.json").write_text(json.dumps(rng_state()))
     # this rank's measured dispatch choices: a resumed run computes each shape the same way (moe/probe.py)
     (tmp / f"dispatch_{rank}.json").write_text(json.dumps(PROBE.export()))
-    if rank == 0:
+    if engine_save is not None:
+        engine_save(tmp)
+    if rank == 0 and engine_save is None:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
     barrier()
     if rank == 0:
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        for path in tmp.rglob("*"):  # an engine's shards sit in sub-folders
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
@@ -154,27 +172,46 @@ def load_checkpoint(
     *,
     rank: int = 0,
     world_size: int = 1,
+    engine: str | None = None,
+    engine_load: Callable[[Path], object] | None = None,
 ) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; returns its state dict."""
+    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; returns its state dict.
+    `engine` / `engine_load`: for a sharded run, its engine (`fsdp`, `deepspeed`) and the call (every rank) that
+    loads this rank's shard of the weights and optimizer state."""
     state = json.loads((path / STATE_NAME).read_text())
     if state.get("world_size", 1) != world_size:
         raise CheckpointError(
             f"{path} was written by {state.get('world_size')} processes; resume with the same number ({world_size})"
         )
-    tensors = load_file(str(path / "trainable.safetensors"))
-    if set(tensors) != set(trainable):
-        missing = sorted(set(trainable) - set(tensors))
-        raise CheckpointError(f"{path} does not match this recipe's trainable parameters (e.g. {missing[:1]})")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(tensors[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    written_by = engine_of(path)
+    if written_by != engine:
+        raise CheckpointError(f"{path} was written by a run under {written_by or 'DDP / one process'}; resume it "
+                              f"under the same engine (this run: {engine or 'DDP / one process'})")
+    if engine_load is not None:
+        engine_load(path)
+    else:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        if set(tensors) != set(trainable):
+            missing = sorted(set(trainable) - set(tensors))
+            raise CheckpointError(f"{path} does not match this recipe's trainable parameters (e.g. {missing[:1]})")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(tensors[name].to(param.device, param.dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((path / f"rng_{rank}.json").read_text()))
     choices = path / f"dispatch_{rank}.json"
     if choices.is_file():  # checkpoints from before measured dispatch have none
         PROBE.restore(json.loads(choices.read_text()))
     return state
+
+
+def read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole trainable tensors, in one process, whichever way it was written (one process / DDP,
+    FSDP, DeepSpeed): name -> CPU tensor."""
+    if engine_of(path) is not None:
+        return read_sharded_trainable(path)
+    return load_file(str(path / "trainable.safetensors"))
 
 
 def stream_position(state: dict, path: Path, streamed: bool) -> dict | None:

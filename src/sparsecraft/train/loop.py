@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from ..moe.balance import update_router_biases
 from ..report import trainable_by_part
 from .batches import BatchPlan, StreamBatches
 from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
+from .engine_checkpoint import load_engine_state, save_engine_state
 from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
 from .nll import row_nll
@@ -250,9 +252,6 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     if engine is not None:
         # FSDP / DeepSpeed own the optimizer; prepared together (accelerate runs them on GPUs only)
         model, optimizer = accelerator.prepare(built.model, optimizer)
-        if recipe.checkpoint.every and main:
-            print(f"note: intermediate checkpoints are not written under {engine} yet (a resumable sharded "
-                  "checkpoint needs the engine's own state); the final model is")
     else:
         model = accelerator.prepare_model(built.model)  # DDP (or nothing on one process)
     plan, feed = None, None
@@ -272,7 +271,8 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     metrics = MetricsLog(output, enabled=main, tensorboard=recipe.logging.tensorboard)
     if last is not None:
         state = load_checkpoint(last, params, optimizer, scheduler, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes)
+                                world_size=accelerator.num_processes, engine=engine,
+                                engine_load=partial(load_engine_state, engine, model, optimizer) if engine else None)
         start = state["step"]
         if changes:
             apply_optimizer_settings(optimizer, scheduler, recipe.optim)
@@ -337,14 +337,15 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         bar.set_postfix(loss=f"{stats.lm_loss:.3f}", aux=f"{stats.aux_loss:.3f}" if stats.aux_loss else "-",
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
-        if recipe.checkpoint.every and engine is None and done % recipe.checkpoint.every == 0 and done < total_steps:
+        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
             progress = {"tokens": tokens, "seconds": seconds, "first_loss": first_loss, "initial_eval": initial_eval,
                         "recipe": recipe.to_dict()}
             if feed is not None:
                 progress[STREAM_KEY] = feed.state_dict()
             save_checkpoint(output, done, params, optimizer, scheduler, progress,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep)
+                            barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep,
+                            engine_save=partial(save_engine_state, engine, model, optimizer) if engine else None)
     bar.close()
     final_eval = evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
                           recipe.train.eval_batches)

@@ -29,6 +29,7 @@ from ..errors import CheckpointError
 from ..methods import method_for_kind
 from ..methods.expert_set import ExpertSet, save_expert_set
 from ..sources import load_base_model, resolve_base
+from ..train.checkpoints import read_trainable
 from .config import UpitConfig, stage_recipe
 from .dense_run import Candidate, candidates, run_dense, select
 from .existing import experts_from_paths
@@ -43,7 +44,7 @@ EXPERTS_SUBDIR = "experts"
 def _load_state(built, params: dict[str, nn.Parameter], candidate: Candidate) -> None:
     """Copy a saved state's trainable tensors into the dense-stage model."""
     if not candidate.final:
-        tensors = load_file(str(candidate.path / "trainable.safetensors"))
+        tensors = read_trainable(candidate.path)  # also a sharded (FSDP / DeepSpeed) run's checkpoint
         if set(tensors) != set(params):
             raise CheckpointError(f"{candidate.path} does not hold this dense stage's trainable parameters")
         with torch.no_grad():
