@@ -129,6 +129,12 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
 
     if isinstance(block, LoopPescBlock):
         return "loop"
+    if isinstance(block, PescMoE) and block.compiled:  # traced: the shape rule decides, then what traces
+        from ..moe.experts import choose_path, traceable_path
+
+        path = dispatch if dispatch not in ("auto", "rule") else \
+            choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
+        return f"compiled:{traceable_path(path)}"
     if isinstance(block, PescMoE):
         return pesc_path(dispatch, tokens, settings, hidden, device)
     if isinstance(block, LoraExpertsMoE):

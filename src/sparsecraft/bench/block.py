@@ -9,6 +9,7 @@ upcycled FFN copies) train.
   (`Method.standalone_block`): `PescMoE(x, FFN(x))`, `UpcycledMoE(x)` (top-k of E trainable FFN copies),
   the LoRA-expert block of `mixlora`.
 - `loop`: `y = LoopPescBlock(x, FFN(x))`, the bench's per-expert boolean-mask reference, PESC's weights.
+- `pesc:compiled`, `pesc-<path>:compiled`: PESC's block with its math under torch.compile (`moe/compiled.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn as nn
 from .base import Variant, autocast_for, block_ffn, dispatch_label
 from .flops import MoEDims, block_flops, ffn_macs
 from .reference import LoopPescBlock
-from .settings import BASELINE, REFERENCE, BenchSettings, parse_variant
+from .settings import BASELINE, REFERENCE, BenchSettings, is_compiled_variant, parse_variant
 
 
 def build_block_variants(settings: BenchSettings, methods: list[str], device: torch.device) -> list[Variant]:
@@ -41,6 +42,8 @@ def make_block(settings: BenchSettings, name: str, ffn: nn.Module, hidden: int, 
         torch.manual_seed(settings.seed)
         block, forward = method.standalone_block(ffn, hidden, settings.craft_config(dispatch), device=device,
                                                  dtype=settings.torch_dtype)
+    if is_compiled_variant(name):
+        block.compiled = True  # a PESC block (parse_variant refuses others)
     if name == REFERENCE:
         block = LoopPescBlock.from_pesc(block)
         forward = lambda x: block(x, ffn(x))  # noqa: E731

@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..moe.balance import is_balance_bias
+from ..moe.compiled import compile_moe_blocks
 from ..surgery import crafted_layers, new_parameters
 from .base import Variant, autocast_for, dispatch_label, load_dense_base
 from .flops import ModelDims, model_dims, model_flops
 from .reference import LoopPescBlock
-from .settings import REFERENCE, BenchSettings, parse_variant
+from .settings import REFERENCE, BenchSettings, is_compiled_variant, parse_variant
 
 
 def build_model_variants(settings: BenchSettings, methods: list[str], device: torch.device,
@@ -69,6 +70,8 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
         first = crafted_layers(model)[0][1].moe
         path = dispatch_label(first, dispatch, tokens, settings, dims.hidden, device)
         relabel = lambda: dispatch_label(first, dispatch, tokens, settings, dims.hidden, device)  # noqa: E731
+        if is_compiled_variant(name):
+            compile_moe_blocks(model)
         if name == REFERENCE:
             for _, mlp in crafted_layers(model):
                 mlp._modules["moe"] = LoopPescBlock.from_pesc(mlp.moe)  # same weights, same recorder

@@ -137,13 +137,25 @@ class BenchSettings:
 
 
 def variant_names() -> tuple[str, ...]:
-    """What `--methods` accepts (besides `<method>-<path>`)."""
+    """What `--methods` accepts (besides `<method>-<path>` and PESC's `...:compiled`)."""
     return (BASELINE, *method_names(crafts=True), REFERENCE)
 
 
+COMPILED_SUFFIX = ":compiled"  # `pesc:compiled`, `pesc-dense:compiled`: the PESC blocks under torch.compile
+
+
+def is_compiled_variant(name: str) -> bool:
+    return name.endswith(COMPILED_SUFFIX)
+
+
 def parse_variant(name: str) -> tuple[Method, str]:
-    """`(method, dispatch)` of a variant name; `loop` is PESC run by the bench's reference layer. ConfigError
-    naming the choices for anything else."""
+    """`(method, dispatch)` of a variant name; `loop` is PESC run by the bench's reference layer; a
+    `:compiled` suffix (PESC only) runs its blocks compiled. ConfigError naming the choices for anything else."""
+    if is_compiled_variant(name):
+        method, dispatch = parse_variant(name.removesuffix(COMPILED_SUFFIX))
+        if method.name != REFERENCE_OF or name.startswith(REFERENCE):
+            raise ConfigError(f"{name!r}: only PESC variants can be compiled (pesc:compiled, pesc-<path>:compiled)")
+        return method, dispatch
     if name == REFERENCE:
         return get_method(REFERENCE_OF), "auto"
     base, _, path = name.partition("-")

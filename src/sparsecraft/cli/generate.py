@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache (slower; for checks)")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="run the PESC blocks under torch.compile (the first tokens wait for the compile)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
     p.set_defaults(run=run)
 
@@ -36,6 +38,12 @@ def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load(args.path, dtype=args.dtype, allow_pickle=args.allow_pickle)
     tokenizer = load_tokenizer_for(args.path, model)
+    if args.compile:
+        from ..moe.compiled import compile_moe_blocks, compile_note
+
+        note = compile_note(compile_moe_blocks(model))
+        if note:
+            print(note, file=sys.stderr)
     stream = not args.no_stream
     text = generate_text(
         model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--log-level", default="info", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--compile", action="store_true",
+                   help="run the PESC blocks under torch.compile (compiled while loading, before serving)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
     p.set_defaults(run=run)
 
@@ -39,7 +41,7 @@ def settings_from_args(args):
         dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout, threads=args.threads,
-        log_level=args.log_level)
+        log_level=args.log_level, compile=args.compile)
 
 
 def run(args) -> int:

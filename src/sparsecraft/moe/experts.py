@@ -223,6 +223,8 @@ def dispatch(
         path = probed_path(x, indices, down, up, activation)
     elif path == "rule":
         path = choose_path(x.shape[0], num_experts, indices.shape[1], adapter_dim)
+    if torch.compiler.is_compiling():
+        path = traceable_path(path)
     fn = _PATHS.get(path)
     if fn is None:
         raise ValueError(f"unknown dispatch path {path!r}; choose from {', '.join(_PATHS)}")
@@ -231,6 +233,18 @@ def dispatch(
         gates = gates * scaling
     with autocast_off(x):
         return fn(x, gates.to(x.dtype), indices, down.to(x.dtype), up.to(x.dtype), activation_fn(activation))
+
+
+def traceable_path(path: str) -> str:
+    """The path to trace under torch.compile: `gathered` and `sorted` read routing decisions into Python
+    (`.tolist()`, a graph break per call), so the masked-dense path stands in for them; `grouped` stays (its
+    grouped GEMM runs outside the graph where the compiler cannot trace it, see `_grouped`)."""
+    return "dense" if path in ("gathered", "sorted") else path
+
+
+# `torch._grouped_mm`'s compiler (meta) rules accept bf16 only, while its CPU kernel also runs fp32 / fp16: traced
+# in those dtypes it runs as an opaque eager call (one graph break) inside an otherwise compiled block.
+_grouped_eager = torch.compiler.disable(grouped_adapters)
 
 
 def _loop(x, gates, indices, down, up, act):
@@ -329,6 +343,8 @@ def grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> bo
 def _grouped(x, gates, indices, down, up, act):
     if not grouped_mm_available(x, indices.numel(), down.shape[1]):
         return _sorted(x, gates, indices, down, up, act)
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return _grouped_eager(x, gates, indices, down, up, act)
     return grouped_adapters(x, gates, indices, down, up, act)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import CraftConfig
 from .experts import AdapterExperts, dispatch, expert_compute_dtype
@@ -111,19 +112,63 @@ class RoutedBlock(nn.Module):
     def route_tokens(self, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Route `x_flat: [N, h]` and record the routing; returns gates `[N, k]` and expert indices `[N, k]`."""
         cfg = self.config
-        compute_dtype = torch.float32 if cfg.router_dtype == "float32" else x_flat.dtype
         gates, indices, logits = route(x_flat, self.router.weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
-                                       compute_dtype, getattr(self, "router_bias", None))
+                                       router_compute_dtype(cfg, x_flat), getattr(self, "router_bias", None))
+        self.record_routing(x_flat, shape, gates, indices, logits)
+        return gates, indices
+
+    def record_routing(self, x_flat: torch.Tensor, shape: torch.Size, gates: torch.Tensor, indices: torch.Tensor,
+                       logits: torch.Tensor) -> None:
+        """Hand one call's routing (logits `[N, E]` fp32, indices and gates `[N, k]`) to the model's recorder."""
         recorder = self.recorder
         if recorder is not None and recorder.active:
             record = RoutingRecord(self.layer_index, logits, indices, shape[-2] if len(shape) > 2 else shape[0],
                                    gates.detach())
             if not logits.requires_grad and self.training and self.router.weight.requires_grad:
                 # Inside a reentrant checkpoint (forward under no_grad): keep what recomputing the logits needs.
-                record.router_input = x_flat.detach().to(compute_dtype)
+                record.router_input = x_flat.detach().to(router_compute_dtype(self.config, x_flat))
                 record.router_weight = self.router.weight
             recorder.records.append(record)
-        return gates, indices
+
+
+def router_compute_dtype(cfg: CraftConfig, x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if cfg.router_dtype == "float32" else x.dtype
+
+
+def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.Tensor,
+              router_bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor, cfg: CraftConfig,
+              dropout: float, training: bool) -> tuple[torch.Tensor, ...]:
+    """One PESC block call as a pure function (what `compile_moe_blocks` compiles, once for every layer).
+
+    Args:
+        x_flat: FFN input `[N, h]`; f_flat: FFN output `[N, h]`; router_weight `[E, h]`; router_bias `[E]`;
+            down `[E, r, h]`, up `[E, h, r]` (storage dtype).
+
+    Returns:
+        out `[N, h]` (f_flat's dtype), gates `[N, k]`, indices `[N, k]`, router logits `[N, E]` fp32.
+    """
+    gates, indices, logits = route(x_flat, router_weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
+                                   router_compute_dtype(cfg, x_flat), router_bias)
+    dtype = expert_compute_dtype(f_flat, down.dtype)
+    adapter_in = F.dropout(f_flat.to(dtype), dropout, training)
+    delta = dispatch(adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg.activation, cfg.scaling,
+                     cfg.dispatch).to(f_flat.dtype)
+    if cfg.combine == "per_slot":
+        # sum_j g_j (F + A_j) = (sum_j g_j) F + sum_j g_j A_j, with the gate sum rounded in the model dtype
+        out = f_flat * gates.to(f_flat.dtype).sum(-1, keepdim=True) + delta
+    else:
+        out = f_flat + delta
+    return out, gates, indices, logits
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_pesc_math():
+    """`pesc_math` under torch.compile (dynamic shapes), made once per process and shared by every block."""
+    if "pesc" not in _COMPILED:
+        _COMPILED["pesc"] = torch.compile(pesc_math, dynamic=True)
+    return _COMPILED["pesc"]
 
 
 class PescMoE(RoutedBlock):
@@ -139,23 +184,16 @@ class PescMoE(RoutedBlock):
         cfg = site.config
         self.experts = AdapterExperts(cfg.num_experts, site.hidden_size, cfg.adapter_dim, site.device, dtype)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.compiled = False  # run `pesc_math` compiled (`moe.compiled.compile_moe_blocks`)
 
     def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
         shape = ffn_out.shape
         x_flat = x.reshape(-1, shape[-1])
-        f_flat = ffn_out.reshape(-1, shape[-1])
-        gates, indices = self.route_tokens(x_flat, shape)
-        dtype = expert_compute_dtype(f_flat, self.experts.down.dtype)
-        adapter_in = self.dropout(f_flat.to(dtype))
-        down, up = self.experts.down.to(dtype), self.experts.up.to(dtype)
-        delta = dispatch(adapter_in, gates, indices, down, up, cfg.activation, cfg.scaling, cfg.dispatch)
-        delta = delta.to(ffn_out.dtype)
-        if cfg.combine == "per_slot":
-            # sum_j g_j (F + A_j) = (sum_j g_j) F + sum_j g_j A_j, with the gate sum rounded in the model dtype
-            out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta
-        else:
-            out = f_flat + delta
+        math = compiled_pesc_math() if self.compiled else pesc_math
+        out, gates, indices, logits = math(x_flat, ffn_out.reshape(-1, shape[-1]), self.router.weight,
+                                           getattr(self, "router_bias", None), self.experts.down, self.experts.up,
+                                           self.config, self.dropout.p, self.training)
+        self.record_routing(x_flat, shape, gates, indices, logits)
         return out.view(shape)
 
 

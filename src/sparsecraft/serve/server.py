@@ -49,6 +49,12 @@ def load_engine(settings: ServeSettings) -> tuple[Engine, int]:
         torch.set_num_threads(settings.threads)
     model = load(settings.model, dtype=settings.dtype, device=settings.device, allow_pickle=settings.allow_pickle)
     tokenizer = load_tokenizer_for(settings.model, model)
+    if settings.compile:
+        from ..moe.compiled import compile_moe_blocks, compile_note
+
+        note = compile_note(compile_moe_blocks(model))
+        if note:
+            log.warning(note)
     engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                     max_prefill_tokens=settings.max_prefill_tokens)
     return engine, context_length(model, tokenizer, settings.max_model_len)

@@ -37,6 +37,7 @@ class ServeSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout: float = 30.0
     threads: int | None = None
+    compile: bool = False  # PESC blocks under torch.compile (moe/compiled.py)
     log_level: str = "info"
 
     @property

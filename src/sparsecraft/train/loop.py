@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..generation import context_length
 from ..methods import get_method
 from ..moe.balance import update_router_biases
+from ..moe.compiled import compile_moe_blocks, compile_note
 from ..report import trainable_by_part
 from .batches import BatchPlan, StreamBatches
 from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
@@ -229,6 +230,10 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     loaded = load_data(data_cfg)  # unusable data is an error before any model is loaded
     set_seed(recipe.train.seed)
     built = build_model(recipe, device=accelerator.device)
+    if recipe.train.compile:
+        note = compile_note(compile_moe_blocks(built.inner))
+        if note and main:
+            print(note)
     context = context_length(built.inner)
     if context is not None and data_cfg.max_length > context:
         if main:

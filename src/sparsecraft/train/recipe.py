@@ -57,6 +57,7 @@ class TrainSettings:
     grad_accum: int = 1
     gradient_checkpointing: bool = True
     precision: str = "auto"  # auto: bf16 where the hardware has it, else fp32
+    compile: bool = False  # the PESC blocks' math under torch.compile (moe/compiled.py)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 0  # 0: the whole held-out split
