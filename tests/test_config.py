@@ -40,7 +40,7 @@ BAD = [
     ({"z_loss_coef": float("inf")}, "z_loss_coef must be a non-negative number"),
     ({"normalize_topk": "yes"}, "normalize_topk must be true or false"),
     ({"routing": "expert_choice"}, "routing must be one of topk_softmax, softmax_topk; got 'expert_choice'"),
-    ({"dispatch": "fast"}, "dispatch must be one of auto, rule, dense, grouped, sorted, gathered, loop"),
+    ({"dispatch": "fast"}, "dispatch must be one of auto, rule, dense, grouped, sorted, gathered, triton, loop"),
     ({"combine": "sum"}, "combine must be one of residual, per_slot"),
     ({"router_dtype": "bfloat16"}, "router_dtype must be one of float32, model"),
     ({"activation": "swish"}, "activation must be one of"),

@@ -16,7 +16,7 @@ from typing import Any, Iterator, NamedTuple
 from .errors import ConfigError
 
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
-DISPATCH_PATHS = ("auto", "rule", "dense", "grouped", "sorted", "gathered", "loop")
+DISPATCH_PATHS = ("auto", "rule", "dense", "grouped", "sorted", "gathered", "triton", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")

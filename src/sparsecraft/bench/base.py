@@ -145,8 +145,10 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
 def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, device: torch.device) -> str:
     """The path `sparsecraft.moe.experts.dispatch` takes for a call of `tokens` tokens: `auto:<path>` for the
     measured choice (the probe's winner once the variant has run; the shape rule's pick before),
-    `rule:<path>` for the rule's, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes."""
+    `rule:<path>` for the rule's, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes,
+    `triton->grouped` where the Triton kernel cannot."""
     from ..moe.experts import choose_path, grouped_mm_available, probed_choice
+    from ..moe.triton_adapters import triton_available
 
     path = dispatch
     if dispatch in ("auto", "rule"):
@@ -159,8 +161,10 @@ def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, 
                 path = measured
                 break
     probe = torch.empty(0, hidden, dtype=settings.torch_dtype, device=device)
-    if path == "grouped" and not grouped_mm_available(probe, tokens * settings.top_k, settings.adapter_dim):
-        path = "grouped->sorted"
+    if path == "triton" and not triton_available(probe, "gelu"):
+        path = "triton->grouped"
+    if path.endswith("grouped") and not grouped_mm_available(probe, tokens * settings.top_k, settings.adapter_dim):
+        path = path.replace("grouped", "grouped->sorted")
     return f"{dispatch}:{path}" if dispatch in ("auto", "rule") else path
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .grouped import grouped_adapters
 from .probe import PROBE, token_bucket
+from .triton_adapters import triton_adapters, triton_available
 
 _ACTIVATIONS = {
     "gelu": lambda t: F.gelu(t),
@@ -130,16 +131,18 @@ def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int)
     return "grouped"
 
 
-def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int) -> list[str]:
+def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int,
+                    activation: str = "gelu") -> list[str]:
     """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for
-    `grouped` where `torch._grouped_mm` cannot run)."""
+    `grouped` where `torch._grouped_mm` cannot run; `triton` joins on CUDA with Triton installed)."""
     pairs = num_tokens * top_k
     grouped = "grouped" if grouped_mm_available(x, pairs, adapter_dim) else "sorted"
+    kernel = ["triton"] if x.device.type == "cuda" and triton_available(x, activation) else []
     if pairs < num_experts:
         return ["gathered", "dense"]
     if pairs <= 2 * num_experts:
-        return ["gathered", "dense", grouped]
-    return ["dense", grouped]
+        return ["gathered", "dense", grouped, *kernel]
+    return ["dense", grouped, *kernel]
 
 
 def _probe_key(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int, dtype: torch.dtype,
@@ -163,7 +166,7 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
     known = PROBE.cached(key)  # every call after the first of its shape ends here
     if known is not None:
         return known
-    candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim)
+    candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim, activation)
     inputs: list[tuple] = []
 
     def run(path: str) -> None:
@@ -362,4 +365,17 @@ def _sorted(x, gates, indices, down, up, act):
     return x.new_zeros(x.shape).index_add_(0, token, y)
 
 
-_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted, "gathered": _gathered}
+def _triton(x, gates, indices, down, up, act):
+    """The Triton kernel (`triton_adapters.py`) where it can run (exact GELU, CUDA or Triton's interpreter);
+    otherwise the grouped path."""
+    if act is not _ACTIVATIONS["gelu"] or not triton_available(x, "gelu"):
+        return _grouped(x, gates, indices, down, up, act)
+    if torch.compiler.is_compiling():
+        return _triton_eager(x, gates, indices, down.contiguous(), up.contiguous())
+    return triton_adapters(x, gates, indices, down.contiguous(), up.contiguous())
+
+
+_triton_eager = torch.compiler.disable(triton_adapters)  # its launch stays outside a compiled graph
+
+_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted, "gathered": _gathered,
+          "triton": _triton}

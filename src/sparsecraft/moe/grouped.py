@@ -37,14 +37,14 @@ def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int
     return sorted_rows.index_select(0, inverse).view(num_tokens, k, -1).sum(1)
 
 
-def _weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert `a_e^T @ b_e` for row groups ending at `offs`: `[N*k, m], [N*k, n] -> [E, m, n]`.
 
-    On the CPU, torch 2.13's `_grouped_mm` for this (2-D x 2-D, groups along the reduced dimension) runs at
-    half the speed of one `mm` per expert (25 ms vs 13 ms at LLaMA-2-7B shapes), so there it is E matmuls
-    written into one preallocated tensor; elsewhere the grouped kernel.
+    The grouped kernel where it runs well (CUDA, bf16, sm90+); elsewhere one `mm` per expert written into one
+    preallocated tensor — on the CPU, torch 2.13's `_grouped_mm` for this (2-D x 2-D, groups along the reduced
+    dimension) runs at half the speed of that loop (25 ms vs 13 ms at LLaMA-2-7B shapes).
     """
-    if a.device.type != "cpu":
+    if a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] >= 9:
         return torch._grouped_mm(a.t(), b, offs=offs)
     out = a.new_empty(offs.numel(), a.shape[1], b.shape[1])
     start = 0
@@ -92,14 +92,14 @@ class GroupedAdapters(torch.autograd.Function):
         grad_ag = torch._grouped_mm(grad_ys, up, offs=offs)
         if ctx.needs_input_grad[4]:
             # up[e] grad = grad_ys_e^T @ (act*gate)_e  -> [E, h, r]
-            grad_up = _weight_grad(grad_ys, act_value * gate, offs)
+            grad_up = weight_grad(grad_ys, act_value * gate, offs)
         if ctx.needs_input_grad[1]:
             grad_gate_sorted = (grad_ag * act_value).sum(-1)  # [N*k]
             grad_gates = grad_gate_sorted.index_select(0, inverse).view(num_tokens, k)
         (grad_pre,) = torch.autograd.grad(activated, pre_, grad_ag * gate)
         if ctx.needs_input_grad[3]:
             xs = x.index_select(0, token)  # recomputed rather than saved: a gather, cheap next to a matmul
-            grad_down = _weight_grad(grad_pre, xs, offs)  # [E, r, h]
+            grad_down = weight_grad(grad_pre, xs, offs)  # [E, r, h]
         if ctx.needs_input_grad[0]:
             grad_xs = torch._grouped_mm(grad_pre, down, offs=offs)  # [N*k, r] x [r, h]
             grad_x = unsort_sum(grad_xs, inverse, num_tokens, k)
