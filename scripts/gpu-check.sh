@@ -32,7 +32,8 @@ timeout 240 $py -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu.py 2>
 section "block bench: LLaMA-2-7B shapes, 16k tokens, bf16"
 timeout 180 $py -m sparsecraft bench --level block --shape llama2-7b --tokens 16384 --dtype bfloat16 --device cuda \
   --experts 8 --top-k 2 --adapter-dim 512 --repeats 20 --warmup 3 --no-memory --no-progress \
-  --methods dense,pesc,pesc-dense,pesc-grouped,pesc-sorted,upcycle,loop,mixlora --json "$out/block-llama2-7b.json" 2>&1 | tail -14
+  --methods dense,pesc,pesc-dense,pesc-grouped,pesc-sorted,pesc-triton,pesc:compiled,upcycle,loop,mixlora \
+  --json "$out/block-llama2-7b.json" 2>&1 | tail -14
 timeout 90 $py -m sparsecraft bench --level block --shape llama2-7b --tokens 16384 --dtype bfloat16 --device cuda \
   --experts 64 --top-k 2 --adapter-dim 512 --repeats 20 --warmup 3 --no-memory --no-progress \
   --methods dense,pesc --json "$out/block-llama2-7b-e64.json" 2>&1 | tail -5
