@@ -22,7 +22,8 @@ from .moe.layers import RoutedBlock
 from .surgery import find_decoder_layers, is_added_name, text_config
 
 ACT_BYTES = 2  # activations in bf16
-WEIGHT_BYTES_16BIT = 2  # bf16 base weights, and the parts bitsandbytes leaves un-quantised
+WEIGHT_BYTES_16BIT = 2  # bf16 base weights
+KBIT_KEPT_BYTES = 4  # what a 4-bit base keeps un-quantised, once prepare_model_for_kbit_training made it fp32
 # fp32 master weight 4 + fp32 gradient 4 + Adam first and second moments 4 + 4
 TRAINABLE_STATE_BYTES = 16
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
@@ -246,11 +247,11 @@ def estimate_training_memory(
         c["dequantised weight buffer"] = 0
         f["dequantised weight buffer"] = "none in 16 bit"
     else:
-        # bitsandbytes leaves embeddings, lm_head, norms and biases in 16 bit. (PEFT's
-        # prepare_model_for_kbit_training upcasts them to fp32, which would add 2 B/param; not assumed here.)
-        c["base weights"] = sum(nf4_bytes(q) for q in split.quantised) + WEIGHT_BYTES_16BIT * split.kept_16bit
-        f["base weights"] = ("Σ_Linear (n/2 + n/64 + 4·n/16384) [≈4.127 bit/param] + 2 B × (embeddings, "
-                             "lm_head, norms, biases)")
+        # bitsandbytes leaves embeddings, lm_head, norms and biases un-quantised, and PEFT's
+        # prepare_model_for_kbit_training (which QLoRA training runs) upcasts them to fp32
+        c["base weights"] = sum(nf4_bytes(q) for q in split.quantised) + KBIT_KEPT_BYTES * split.kept_16bit
+        f["base weights"] = ("Σ_Linear (n/2 + n/64 + 4·n/16384) [≈4.127 bit/param] + 4 B × (embeddings, "
+                             "lm_head, norms, biases) [fp32 after prepare_model_for_kbit_training]")
         # each 4-bit Linear is de-quantised to bf16 for its matmul (forward and backward): the largest one
         c["dequantised weight buffer"] = act_bytes * max(split.quantised, default=0)
         f["dequantised weight buffer"] = f"{act_bytes} B × largest quantised Linear weight"
