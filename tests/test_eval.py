@@ -372,6 +372,20 @@ def test_sampled_humaneval_task_through_lm_eval():
         "pass@1/sampled": 1.0, "pass@5/sampled": 1.0, "pass@10/sampled": 1.0}
 
 
+@needs_lm_eval
+def test_chat_humaneval_task_scores_fenced_whole_function_answers():
+    """A chat answer (prose around a fenced whole function) passes `sc_humaneval_chat`, where the plain task's
+    stop sequences would cut it."""
+    tok = char_tokenizer()
+    problems = humaneval.load_problems()[:2]
+    fenced = {p["prompt"]: f"Sure:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems}
+    scores = evaluate(ScriptedLM(tok, answers=fenced), "sc_humaneval_chat", tokenizer=tok, limit=2,
+                      allow_code_execution=True)["sc_humaneval_chat"]
+    assert scores["pass@1"] == 1.0
+    assert evaluate(ScriptedLM(tok, answers=fenced), "sc_humaneval", tokenizer=tok, limit=2,
+                    allow_code_execution=True)["sc_humaneval"]["pass@1"] == 0.0
+
+
 # ------------------------------------------------------------------------------------------ suites and names
 
 
