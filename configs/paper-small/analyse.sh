@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run, then
 # the independent held-out set (data/independent/: response loss per domain, short-answer match and code pass@1;
-# the code task runs the generated programs, each in a subprocess with a timeout), routing statistics and plots
-# for the MoE runs, then one comparison report. Finished steps are skipped.
+# the code task runs the generated programs, each in a subprocess with a timeout), with HUMANEVAL=1 HumanEval
+# through the chat template, routing statistics and plots for the MoE runs, then one comparison report.
+# Finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/paper-small}
@@ -18,6 +19,12 @@ for run in "$OUT"/*-s*; do
     sparsecraft eval "$run/model" --tasks independent --apply-chat-template --allow-code-execution --quick \
       --data indep-math=data/independent/math.jsonl indep-code=data/independent/code.jsonl indep-general=data/independent/general.jsonl \
       --out "$run/eval-independent" --batch-size 8
+  fi
+  if [ "${HUMANEVAL:-0}" = 1 ] && [ ! -f "$run/eval-humaneval-chat/results.json" ]; then
+    # HumanEval's 164 problems through the chat template (~20-30 min per run on 2 CPU cores): opt-in
+    echo "=== HumanEval (chat) $run ($(date -u +%H:%M:%S))"
+    sparsecraft eval "$run/model" --tasks sc_humaneval_chat --apply-chat-template --allow-code-execution \
+      --out "$run/eval-humaneval-chat" --batch-size 16
   fi
   case "$run" in
     */dense-*) ;;
