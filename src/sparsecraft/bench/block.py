@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..moe.compiled import compile_moe_blocks
 from .base import Variant, autocast_for, block_ffn, dispatch_label
 from .flops import MoEDims, block_flops, ffn_macs
 from .reference import LoopPescBlock
@@ -43,7 +44,7 @@ def make_block(settings: BenchSettings, name: str, ffn: nn.Module, hidden: int, 
         block, forward = method.standalone_block(ffn, hidden, settings.craft_config(dispatch), device=device,
                                                  dtype=settings.torch_dtype)
     if is_compiled_variant(name):
-        block.compiled = True  # a PESC block (parse_variant refuses others)
+        compile_moe_blocks(block)  # a PESC block (parse_variant refuses others)
     if name == REFERENCE:
         block = LoopPescBlock.from_pesc(block)
         forward = lambda x: block(x, ffn(x))  # noqa: E731

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grouped import grouped_adapters
+from .grouped import cuda_grouped_mm_runs, grouped_adapters
 from .probe import PROBE, token_bucket
 from .triton_adapters import triton_adapters, triton_available
 
@@ -338,8 +338,7 @@ def grouped_mm_available(x: torch.Tensor, num_rows: int, adapter_dim: int) -> bo
     if (x.shape[-1] * itemsize) % 16 or (adapter_dim * itemsize) % 16:
         return False
     if x.device.type == "cuda":
-        # CUDA grouped GEMM needs bf16 on sm90+ in current torch releases.
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return cuda_grouped_mm_runs(x)
     return x.device.type == "cpu"
 
 
@@ -371,8 +370,8 @@ def _triton(x, gates, indices, down, up, act):
     if act is not _ACTIVATIONS["gelu"] or not triton_available(x, "gelu"):
         return _grouped(x, gates, indices, down, up, act)
     if torch.compiler.is_compiling():
-        return _triton_eager(x, gates, indices, down.contiguous(), up.contiguous())
-    return triton_adapters(x, gates, indices, down.contiguous(), up.contiguous())
+        return _triton_eager(x, gates, indices, down, up)
+    return triton_adapters(x, gates, indices, down, up)
 
 
 _triton_eager = torch.compiler.disable(triton_adapters)  # its launch stays outside a compiled graph

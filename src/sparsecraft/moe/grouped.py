@@ -37,6 +37,11 @@ def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int
     return sorted_rows.index_select(0, inverse).view(num_tokens, k, -1).sum(1)
 
 
+def cuda_grouped_mm_runs(t: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs for CUDA tensors like `t`: bf16 on sm90+ in current torch releases."""
+    return t.device.type == "cuda" and t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert `a_e^T @ b_e` for row groups ending at `offs`: `[N*k, m], [N*k, n] -> [E, m, n]`.
 
@@ -44,7 +49,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     preallocated tensor — on the CPU, torch 2.13's `_grouped_mm` for this (2-D x 2-D, groups along the reduced
     dimension) runs at half the speed of that loop (25 ms vs 13 ms at LLaMA-2-7B shapes).
     """
-    if a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] >= 9:
+    if cuda_grouped_mm_runs(a):
         return torch._grouped_mm(a.t(), b, offs=offs)
     out = a.new_empty(offs.numel(), a.shape[1], b.shape[1])
     start = 0

@@ -8,6 +8,7 @@ child to the existing MLP module and switching that module to a subclass whose f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -161,14 +162,10 @@ def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.T
     return out, gates, indices, logits
 
 
-_COMPILED: dict[str, object] = {}
-
-
+@functools.cache
 def compiled_pesc_math():
     """`pesc_math` under torch.compile (dynamic shapes), made once per process and shared by every block."""
-    if "pesc" not in _COMPILED:
-        _COMPILED["pesc"] = torch.compile(pesc_math, dynamic=True)
-    return _COMPILED["pesc"]
+    return torch.compile(pesc_math, dynamic=True)
 
 
 class PescMoE(RoutedBlock):

@@ -33,9 +33,14 @@ BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 32
 def triton_available(x: torch.Tensor, activation: str) -> bool:
     """Whether the `triton` path can run this call: Triton installed, exact GELU, and a CUDA tensor (or a CPU
     one under Triton's interpreter)."""
-    if activation != "gelu" or importlib.util.find_spec("triton") is None:
+    if activation != "gelu" or not _triton_installed():
         return False
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -143,16 +148,15 @@ class TritonAdapters(torch.autograd.Function):
         table = block_table(offs, order.numel())
         pre = grouped_rows(x, down, table, order.numel(), in_rows=token)  # [N*k, r], sorted
         ys = grouped_rows(pre, up, table, order.numel(), out_rows=order, gates=gate, gelu=True)  # pair order
-        ctx.save_for_backward(x, pre, gate, order, inverse, offs, token, down, up)
+        ctx.save_for_backward(x, pre, gate, order, inverse, offs, token, down, up, *table)
         ctx.k = k
         return ys.view(num_tokens, k, -1).sum(1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, pre, gate, order, inverse, offs, token, down, up = ctx.saved_tensors
+        x, pre, gate, order, inverse, offs, token, down, up, *table = ctx.saved_tensors
         num_tokens, k, rows = x.shape[0], ctx.k, order.numel()
         grad_out = grad_out.contiguous()
-        table = block_table(offs, rows)
         # d(gate * act) = grad_ys @ up[e]: the output gradient gathered by token inside the kernel; up[e]^T as W
         grad_ag = grouped_rows(grad_out, up.transpose(1, 2), table, rows, in_rows=token)  # [N*k, r]
         with torch.enable_grad():

@@ -136,10 +136,11 @@ def save_checkpoint(
     (tmp / f"dispatch_{rank}.json").write_text(json.dumps(PROBE.export()))
     if engine_save is not None:
         engine_save(tmp)
-    if rank == 0 and engine_save is None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if rank == 0:
+        if engine_save is None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
     barrier()

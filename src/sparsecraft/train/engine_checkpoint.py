@@ -53,13 +53,9 @@ def save_engine_state(engine: str, model: nn.Module, optimizer, directory: Path)
 
 
 def load_engine_state(engine: str, model: nn.Module, optimizer, directory: Path) -> None:
-    """Restore what `save_engine_state` wrote into the (wrapped) model and optimizer; every rank calls it."""
+    """Restore what `save_engine_state` wrote into the (wrapped) model and optimizer; every rank calls it
+    (`checkpoints.load_checkpoint` has checked that `engine` wrote `directory`)."""
     source = Path(directory) / ENGINE_DIRS[engine]
-    if not source.is_dir():
-        from ..errors import CheckpointError
-
-        raise CheckpointError(f"{directory} holds no {engine} state ({source.name}/ is missing): it was written "
-                              "by a run under another engine; resume it under that one")
     if engine == "deepspeed":
         model.load_checkpoint(str(source), tag=_DS_TAG, load_module_strict=False, load_optimizer_states=True,
                               load_lr_scheduler_states=False)
