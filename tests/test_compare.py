@@ -234,6 +234,36 @@ def test_group_labels_shorten_long_paths(tmp_path):
     assert labels == ["pesc (upit.experts=…/argmin/expand)", "pesc (upit.experts=…/balanced/expand)"]
 
 
+def fake_upit_pipeline(root: Path, name: str, seed: int, final: float, expand: bool = True) -> Path:
+    """An UpIT pipeline folder as `sparsecraft upit` leaves it: upit.json, its own summary, upcycle/ (a run
+    whose recipe points at this pipeline's experts and router)."""
+    pipeline = root / name
+    run = fake_run(pipeline, "upcycle", "pesc", seed, final)
+    data = json.loads((run / "recipe.json").read_text())
+    data["upit"] = {"experts": str(pipeline / "expand"), "router": str(pipeline / "route" / "router.safetensors")}
+    (run / "recipe.json").write_text(json.dumps(data))
+    (pipeline / "upit.json").write_text(json.dumps({
+        "kind": "lora", "output_dir": str(pipeline), "train": {"seed": seed},
+        "expand": {"enabled": expand, "seed": seed, "p": 0.5}, "route": {"seed": seed, "seed_min": 40}}))
+    (pipeline / "summary.json").write_text(json.dumps({"prepare": {}, "upcycle": {}}))
+    return pipeline
+
+
+def test_upit_pipelines_group_by_their_config_not_their_paths(tmp_path):
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        fake_upit_pipeline(root, f"upit-s{s}", s, 1.2 + s / 10)
+    fake_upit_pipeline(root, "upit-noexpand-s0", 0, 1.3, expand=False)
+    runs = load_runs([root])  # a pipeline folder stands for its post-training run
+    assert [r.path.relative_to(root).as_posix() for r in runs] == [
+        "upit-noexpand-s0/upcycle", "upit-s0/upcycle", "upit-s1/upcycle"]
+    assert runs[1].pipeline["expand"]["enabled"] is True
+    # seeds of one pipeline config together although their expert/router paths differ; expansion apart
+    groups = {g.label: [r.seed for r in g.runs] for g in group_runs(runs)}
+    assert groups == {"pesc (pipeline.expand.enabled=False)": [0], "pesc (pipeline.expand.enabled=True)": [0, 1]}
+    assert [r.path.name for r in load_runs([root / "upit-s1"])] == ["upcycle"]
+
+
 def test_same_directory_names_stay_apart(tmp_path):
     a = fake_run(tmp_path / "exp1", "pesc", "pesc", 0, 1.0)
     b = fake_run(tmp_path / "exp2", "pesc", "pesc", 1, 1.2)

@@ -3,13 +3,14 @@
 # the independent held-out set (data/independent/: response loss per domain, short-answer match and code pass@1;
 # the code task runs the generated programs, each in a subprocess with a timeout), with HUMANEVAL=1 HumanEval
 # through the chat template, routing statistics and plots for the MoE runs, then one comparison report.
-# Finished steps are skipped.
+# Finished steps are skipped. `analyse.sh RUN...` evaluates only those runs and writes no report.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/paper-small}
 TASKS=${TASKS:-sc_math_mc,sc_general_mc,sc_code_mc}
-for run in "$OUT"/*-s*; do
-  [ -f "$run/summary.json" ] || continue
+
+analyse() {  # RUN: a finished training run directory
+  local run=$1
   if [ ! -f "$run/eval/results.json" ]; then
     echo "=== eval $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks "$TASKS" --out "$run/eval" --batch-size 8
@@ -21,17 +22,29 @@ for run in "$OUT"/*-s*; do
       --out "$run/eval-independent" --batch-size 8
   fi
   if [ "${HUMANEVAL:-0}" = 1 ] && [ ! -f "$run/eval-humaneval-chat/results.json" ]; then
-    # HumanEval's 164 problems through the chat template (~20-30 min per run on 2 CPU cores): opt-in
+    # HumanEval's 164 problems through the chat template (~15-30 min per run on 2 CPU cores): opt-in
     echo "=== HumanEval (chat) $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks sc_humaneval_chat --apply-chat-template --allow-code-execution \
       --out "$run/eval-humaneval-chat" --batch-size 16
   fi
-  case "$run" in
-    */dense-*) ;;
-    *) if [ ! -f "$run/routes/routes.json" ]; then
-         echo "=== routes $run ($(date -u +%H:%M:%S))"
-         sparsecraft routes "$run/model" --out "$run/routes" --no-progress
-       fi ;;
-  esac
+  if [ "$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["method"])' "$run/summary.json")" != dense ] \
+     && [ ! -f "$run/routes/routes.json" ]; then
+    echo "=== routes $run ($(date -u +%H:%M:%S))"
+    sparsecraft routes "$run/model" --out "$run/routes" --no-progress
+  fi
+}
+
+if [ $# -gt 0 ]; then
+  for run in "$@"; do analyse "$run"; done
+  exit 0
+fi
+runs=()
+for dir in "$OUT"/*-s*; do
+  run=$dir
+  [ -f "$dir/upit.json" ] && run="$dir/upcycle"  # UpIT: the trained MoE is the pipeline's last stage
+  [ -f "$run/summary.json" ] || continue
+  analyse "$run"
+  runs+=("$run")
 done
-sparsecraft compare "$OUT" --out "$OUT/report" --title "paper-small: dense vs PESC vs Sparse Upcycling on SmolLM2-135M-Instruct"
+sparsecraft compare "${runs[@]}" --out "$OUT/report" \
+  --title "paper-small: eight methods on SmolLM2-135M-Instruct, 3 seeds"

@@ -25,6 +25,9 @@ from .plots import read_metrics
 from .route_stats import ROUTES_JSON, RoutingStats
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "recipe.json")
+# An UpIT pipeline folder (`sparsecraft upit`) holds its resolved config here; its trained MoE is `upcycle/`.
+UPIT_CONFIG = "upit.json"
+UPIT_RUN = "upcycle"
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Run:
     not_run: dict[str, str] = field(default_factory=dict)  # benchmark tasks asked for that could not run
     quick: dict | None = None
     routes: RoutingStats | None = None
+    pipeline: dict | None = None  # the UpIT config whose post-training stage this run is
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -156,6 +160,8 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     run.recipe = _read_json(path / "recipe.json", run.notes, "recipe.json")
     run.summary = _read_json(path / "summary.json", run.notes, "summary.json") or {}
     run.metrics = read_metrics(path / "metrics.jsonl")
+    if path.name == UPIT_RUN and (path.parent / UPIT_CONFIG).is_file():
+        run.pipeline = _read_json(path.parent / UPIT_CONFIG, run.notes, f"../{UPIT_CONFIG}")
     if not (path / "summary.json").is_file():
         run.notes.append("no summary.json (unfinished run?): losses taken from metrics.jsonl")
     if not (path / "recipe.json").is_file():
@@ -174,12 +180,24 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     return run
 
 
+def _as_run(path: Path) -> Path:
+    """An UpIT pipeline folder stands for its trained MoE (`upcycle/`); any other path for itself."""
+    if (path / UPIT_CONFIG).is_file() and (path / UPIT_RUN).is_dir():
+        return path / UPIT_RUN
+    return path
+
+
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in RUN_FILES)
+
+
 def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The run directories named; a directory that is not a run but holds runs stands for all of them."""
+    """The run directories named; a directory that is not a run but holds runs stands for all of them, an UpIT
+    pipeline folder for its post-training run."""
     out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir() and not any((p / f).is_file() for f in RUN_FILES):
-            children = sorted(c for c in p.iterdir() if c.is_dir() and any((c / f).is_file() for f in RUN_FILES))
+    for p in map(_as_run, map(Path, paths)):
+        if p.is_dir() and not _is_run(p):
+            children = sorted(c for c in map(_as_run, p.iterdir()) if _is_run(c))
             if children:
                 out += children
                 continue

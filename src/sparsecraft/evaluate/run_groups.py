@@ -1,4 +1,5 @@
-"""Grouping runs into experiments: runs whose recipes differ only in `train.seed` form one `Group`.
+"""Grouping runs into experiments: runs whose recipes differ only in `train.seed` form one `Group` (UpIT
+post-training runs: whose pipeline configs differ only in their seeds).
 
 Groups are ordered by method (the registry's order, `methods.method_order`) and, where one method has several
 groups, labelled by the recipe settings that tell them apart.
@@ -18,12 +19,25 @@ from .run_dirs import Run
 
 # recipe fields that do not make two runs different experiments
 _NOT_THE_EXPERIMENT = ("output_dir", "train.seed", "logging", "checkpoint")
+# an UpIT pipeline's seeds besides train.seed
+_NOT_THE_PIPELINE = (*_NOT_THE_EXPERIMENT, "expand.seed", "route.seed")
+# where an UpIT post-training run reads its own pipeline's experts and router: paths that differ with every
+# pipeline run, so the pipeline's config tells the experiments apart instead
+_PIPELINE_ARTEFACTS = ("upit.experts", "upit.router")
 
 
-def _experiment(recipe: dict) -> dict:
-    flat = flatten(recipe)
-    return {k: v for k, v in flat.items()
-            if not any(k == x or k.startswith(x + ".") for x in _NOT_THE_EXPERIMENT)}
+def _without(flat: dict, prefixes: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flat.items() if not any(k == x or k.startswith(x + ".") for x in prefixes)}
+
+
+def _experiment(run: Run) -> dict:
+    """The settings that make `run` the experiment it is: its recipe but for seeds and output settings, and
+    for an UpIT post-training run its pipeline's config in place of the paths to that pipeline's artefacts."""
+    exp = _without(flatten(run.recipe or {}), _NOT_THE_EXPERIMENT)
+    if run.pipeline is not None:
+        exp = _without(exp, _PIPELINE_ARTEFACTS)
+        exp.update({f"pipeline.{k}": v for k, v in _without(flatten(run.pipeline), _NOT_THE_PIPELINE).items()})
+    return exp
 
 
 def _short(value):
@@ -55,7 +69,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
             key = f"{run.method}|{run.name}"
             experiments[key] = {}
         else:
-            exp = _experiment(run.recipe)
+            exp = _experiment(run)
             key = json.dumps(exp, sort_keys=True)
             experiments[key] = exp
         groups.setdefault(key, []).append(run)
