@@ -243,7 +243,8 @@ def test_resume_after_real_kill_during_save_matches_uninterrupted(workdir, tmp_p
 
 
 def test_two_processes_match_one_with_the_same_global_batch(workdir, tmp_path):
-    common = recipe_args(workdir, tmp_path / "one", "max_steps=4", "batch_size=4")
+    # fp32: equal sums in another order differ by more than the tolerance in bf16 (auto's choice on AMX CPUs)
+    common = recipe_args(workdir, tmp_path / "one", "max_steps=4", "batch_size=4", "train.precision=fp32")
     run(load_recipe(QUICKSTART, common))
     two = [a for a in common if not a.startswith(("output_dir=", "batch_size="))]
     proc = subprocess.run(

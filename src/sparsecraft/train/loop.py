@@ -362,6 +362,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         "trainable_params": sum(p.numel() for p in params.values()), "trainable_by_part": parts,
         "total_params": sum(logical_numel(p) for p in built.model.parameters()),
         "peak_mem_bytes": peak_memory_bytes(accelerator.device),
+        "precision": str(built.compute_dtype).removeprefix("torch."),
         "world_size": accelerator.num_processes, "skipped_steps": guard.skipped,
         **({STREAM_KEY: feed.state_dict()} if feed is not None else {}),
     }
