@@ -219,14 +219,23 @@ def test_groups_tell_settings_apart_and_parent_dir_expands(tmp_path):
     runs = load_runs([root])  # the parent directory stands for its runs
     assert [r.name for r in runs] == ["e4-s0", "e4-s1", "e8-s0", "e8-s1"]
     groups = group_runs(runs)
-    assert sorted(g.label for g in groups) == ["pesc (craft.num_experts=4)", "pesc (craft.num_experts=8)"]
+    # labelled by the runs' names without the seed, which tell them apart
+    assert sorted(g.label for g in groups) == ["pesc (e4)", "pesc (e8)"]
     assert all(len(g.runs) == 2 for g in groups)
+
+
+def test_groups_whose_names_do_not_tell_them_apart_are_labelled_by_settings(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "run-s0", "pesc", 0, 1.0, craft={"num_experts": 4})
+    fake_run(root, "run-s1", "pesc", 1, 1.1)
+    labels = sorted(g.label for g in group_runs(load_runs([root])))
+    assert labels == ["pesc (craft.num_experts=4)", "pesc (craft.num_experts=8)"]
 
 
 def test_group_labels_shorten_long_paths(tmp_path):
     root = tmp_path / "runs"
-    for name in ("argmin", "balanced"):
-        run = fake_run(root, name, "pesc", 0, 1.0)
+    for seed, name in enumerate(("argmin", "balanced")):  # one name ("exp"), so the settings label them
+        run = fake_run(root, f"exp-s{seed}", "pesc", 0, 1.0)
         data = json.loads((run / "recipe.json").read_text())
         data["upit"] = {"experts": f"/home/someone/work/runs/ablation/{name}/expand"}
         (run / "recipe.json").write_text(json.dumps(data))
@@ -257,8 +266,12 @@ def test_upit_pipelines_group_by_their_config_not_their_paths(tmp_path):
     runs = load_runs([root])  # a pipeline folder stands for its post-training run
     assert [r.path.relative_to(root).as_posix() for r in runs] == [
         "upit-noexpand-s0/upcycle", "upit-s0/upcycle", "upit-s1/upcycle"]
+    assert [r.name for r in runs] == ["upit-noexpand-s0", "upit-s0", "upit-s1"]  # named by their pipelines
     assert runs[1].pipeline["expand"]["enabled"] is True
     # seeds of one pipeline config together although their expert/router paths differ; expansion apart
+    groups = {g.label: [r.seed for r in g.runs] for g in group_runs(runs)}
+    assert groups == {"pesc (upit-noexpand)": [0], "pesc (upit)": [0, 1]}
+    runs[0].name = "upit-s2"  # the same name as the others: the pipeline setting that differs labels them
     groups = {g.label: [r.seed for r in g.runs] for g in group_runs(runs)}
     assert groups == {"pesc (pipeline.expand.enabled=False)": [0], "pesc (pipeline.expand.enabled=True)": [0, 1]}
     assert [r.path.name for r in load_runs([root / "upit-s1"])] == ["upcycle"]
@@ -383,3 +396,11 @@ def test_a_suite_reports_unreachable_tasks_and_runs_the_rest(monkeypatch):
     prepared = prepare_tasks([TaskRequest("arc_easy", 0, from_suite=True), TaskRequest("sc_math_mc")])
     assert prepared.names == ["sc_math_mc"] and list(prepared.not_run) == ["arc_easy"]
     assert "hub" in prepared.not_run["arc_easy"]
+
+
+def test_seedless_names():
+    from sparsecraft.evaluate.run_groups import seedless_name
+
+    cases = {"camel-s2": "camel", "pesc_seed3": "pesc", "upit-s0/upcycle": "upit/upcycle", "x/s1": "x",
+             "ablations1": "ablations1", "s0": "s0", "dense-matched-s1": "dense-matched"}
+    assert {name: seedless_name(name) for name in cases} == cases

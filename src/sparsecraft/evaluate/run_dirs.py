@@ -160,7 +160,7 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     run.recipe = _read_json(path / "recipe.json", run.notes, "recipe.json")
     run.summary = _read_json(path / "summary.json", run.notes, "summary.json") or {}
     run.metrics = read_metrics(path / "metrics.jsonl")
-    if path.name == UPIT_RUN and (path.parent / UPIT_CONFIG).is_file():
+    if _is_pipeline_run(path):
         run.pipeline = _read_json(path.parent / UPIT_CONFIG, run.notes, f"../{UPIT_CONFIG}")
     if not (path / "summary.json").is_file():
         run.notes.append("no summary.json (unfinished run?): losses taken from metrics.jsonl")
@@ -185,6 +185,10 @@ def _as_run(path: Path) -> Path:
     if (path / UPIT_CONFIG).is_file() and (path / UPIT_RUN).is_dir():
         return path / UPIT_RUN
     return path
+
+
+def _is_pipeline_run(path: Path) -> bool:
+    return path.name == UPIT_RUN and (path.parent / UPIT_CONFIG).is_file()
 
 
 def _is_run(path: Path) -> bool:
@@ -212,7 +216,9 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """Directory names, with parents added (then a number) until every run has its own."""
+    """Directory names (an UpIT post-training run: its pipeline's), with parents added (then a number) until every
+    run has its own."""
+    paths = [p.parent if _is_pipeline_run(p) else p for p in paths]
     names = [p.name or str(p) for p in paths]
     for depth in (2, 3):
         clash = {n for n in names if names.count(n) > 1}

@@ -10,6 +10,7 @@ groups, labelled by the recipe settings that tell them apart.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ _NOT_THE_PIPELINE = (*_NOT_THE_EXPERIMENT, "expand.seed", "route.seed")
 # where an UpIT post-training run reads its own pipeline's experts and router: paths that differ with every
 # pipeline run, so the pipeline's config tells the experiments apart instead
 _PIPELINE_ARTEFACTS = ("upit.experts", "upit.router")
+
+
+_SEED_PART = re.compile(r"(?:[-_.]|(?<![^/]))(?:s|seed)[-_]?\d+(?=$|/)")  # `-s0`, `_seed1`, `/s2`
 
 
 def _without(flat: dict, prefixes: tuple[str, ...]) -> dict:
@@ -59,9 +63,15 @@ class Group:
         return [v for v in (get(r) for r in self.runs) if v is not None]
 
 
+def seedless_name(name: str) -> str:
+    """A run's name without its seed part: `camel-s2` -> `camel`, `upit-s0/upcycle` -> `upit/upcycle`."""
+    return _SEED_PART.sub("", name).replace("//", "/").strip("/") or name
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs with equal recipes except for `train.seed` (and output/logging/checkpoint settings) share a group.
-    Groups of one method are labelled by the settings that tell them apart."""
+    Groups of one method are labelled by their runs' common name without the seed (`dense (camel)`) where that
+    tells them apart, else by the settings that do."""
     groups: dict[str, list[Run]] = {}
     experiments: dict[str, dict] = {}
     for run in runs:
@@ -73,12 +83,15 @@ def group_runs(runs: list[Run]) -> list[Group]:
             key = json.dumps(exp, sort_keys=True)
             experiments[key] = exp
         groups.setdefault(key, []).append(run)
+    stems = {key: {seedless_name(r.name) for r in members} for key, members in groups.items()}
     out = []
     for key, members in groups.items():
         method = members[0].method
         label = method
         rivals = [k for k, m in groups.items() if m[0].method == method and k != key]
-        if rivals:
+        if rivals and len(stems[key]) == 1 and all(stems[r] != stems[key] for r in rivals):
+            label = f"{method} ({next(iter(stems[key]))})"  # the name the runs were given, seed left out
+        elif rivals:
             mine = experiments[key]
             differing = sorted({k for r in rivals for k in set(mine) | set(experiments[r])
                                 if mine.get(k) != experiments[r].get(k) and k != "method"})
