@@ -4,10 +4,12 @@
 # the code task runs the generated programs, each in a subprocess with a timeout), with HUMANEVAL=1 HumanEval
 # through the chat template, routing statistics and plots for the MoE runs, then one comparison report.
 # Finished steps are skipped. `analyse.sh RUN...` evaluates only those runs and writes no report.
+#   JOBS=2   evaluates two runs at once, each on its share of the cores
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/paper-small}
 TASKS=${TASKS:-sc_math_mc,sc_general_mc,sc_code_mc}
+JOBS=${JOBS:-1}
 
 analyse() {  # RUN: a finished training run directory
   local run=$1
@@ -42,9 +44,18 @@ runs=()
 for dir in "$OUT"/*-s*; do
   run=$dir
   [ -f "$dir/upit.json" ] && run="$dir/upcycle"  # UpIT: the trained MoE is the pipeline's last stage
-  [ -f "$run/summary.json" ] || continue
-  analyse "$run"
-  runs+=("$run")
+  [ -f "$run/summary.json" ] && runs+=("$run")
 done
+pids=()
+for lane in $(seq 0 $((JOBS - 1))); do  # lane i takes runs i, i+JOBS, ...
+  (
+    export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
+    for i in "${!runs[@]}"; do
+      if [ $((i % JOBS)) = "$lane" ]; then analyse "${runs[$i]}"; fi
+    done
+  ) &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 sparsecraft compare "${runs[@]}" --out "$OUT/report" \
   --title "paper-small: eight methods on SmolLM2-135M-Instruct, 3 seeds"
