@@ -16,6 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from sparsecraft.evaluate.run_groups import seedless_name
+
 ORDER = ["dense", "camel", "dense-matched", "pesc", "pesc-camelidae", "mixlora", "upcycle", "upit"]
 
 
@@ -31,6 +33,15 @@ def cell(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def table(header: list[str], rows: list[list[str]]) -> None:
+    """One Markdown table: the first column left-aligned, the rest right-aligned."""
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
 def collect(root: Path) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for folder in sorted(root.glob("*-s[0-9]*")):
@@ -38,7 +49,7 @@ def collect(root: Path) -> dict[str, list[dict]]:
         summary, indep = read(run / "summary.json"), read(run / "eval-independent" / "results.json")
         if summary is None or indep is None:
             continue
-        name = folder.name.rsplit("-s", 1)[0]
+        name = seedless_name(folder.name)
         groups.setdefault(name, []).append({
             "summary": summary, "indep": indep, "quick": read(run / "eval-independent" / "quick.json") or {},
             "mc": read(run / "eval" / "results.json") or {}, "routes": read(run / "routes" / "routes.json"),
@@ -64,42 +75,35 @@ def main() -> None:
     def layer_mean(key):
         return lambda r: sum(r["routes"][key]) / len(r["routes"][key])
 
-    print("| method | seeds | trainable | held-out loss before → after | math | code | general | tokens/s "
-          "| peak memory GiB |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    rows = []
     for name, runs in groups.items():
         s = lambda k: vals(runs, lambda r: r["summary"][k])  # noqa: E731
-        trainable = s("trainable_params")[0] / 1e6
-        print(f"| {name} | {len(runs)} | {trainable:.2f} M | "
-              f"{cell(s('initial_eval_loss'))} → **{cell(s('eval_loss'))}** | "
-              f"{cell(s('eval_loss/math'))} | {cell(s('eval_loss/code'))} | {cell(s('eval_loss/general'))} | "
-              f"{cell(s('tokens_per_s'), 1)} | {cell([b / 2**30 for b in s('peak_mem_bytes')], 2)} |")
-    print()
-    print("| method | indep math loss | indep code loss | indep general loss | short-answer match (48) "
-          "| code pass@1 (16) |")
-    print("|---|---:|---:|---:|---:|---:|")
+        rows.append([name, str(len(runs)), f"{s('trainable_params')[0] / 1e6:.2f} M",
+                     f"{cell(s('initial_eval_loss'))} → **{cell(s('eval_loss'))}**",
+                     *(cell(s(f"eval_loss/{d}")) for d in ("math", "code", "general")),
+                     cell(s("tokens_per_s"), 1), cell([b / 2**30 for b in s("peak_mem_bytes")], 2)])
+    table(["method", "seeds", "trainable", "held-out loss before → after", "math", "code", "general", "tokens/s",
+           "peak memory GiB"], rows)
+    rows = []
     for name, runs in groups.items():
         q = lambda src: vals(runs, lambda r: r["quick"]["sources"][src]["loss"])  # noqa: E731
         t = lambda task, m: vals(runs, lambda r: r["indep"]["tasks"][task][m])  # noqa: E731
-        print(f"| {name} | {cell(q('indep-math'))} | {cell(q('indep-code'))} | {cell(q('indep-general'))} | "
-              f"{cell(t('sc_indep_qa', 'match'))} | {cell(t('sc_indep_code', 'pass@1'))} |")
-    print()
-    print("| method | sc_math_mc acc (23) | sc_code_mc acc (17) | sc_general_mc acc (27) "
-          "| HumanEval chat pass@1 (164) |")
-    print("|---|---:|---:|---:|---:|")
+        rows.append([name, *(cell(q(f"indep-{d}")) for d in ("math", "code", "general")),
+                     cell(t("sc_indep_qa", "match")), cell(t("sc_indep_code", "pass@1"))])
+    table(["method", "indep math loss", "indep code loss", "indep general loss", "short-answer match (48)",
+           "code pass@1 (16)"], rows)
+    rows = []
     for name, runs in groups.items():
         t = lambda task: vals(runs, lambda r: r["mc"]["tasks"][task]["acc"])  # noqa: E731
         he = vals(runs, lambda r: r["humaneval"]["tasks"]["sc_humaneval_chat"]["pass@1"])
-        print(f"| {name} | {cell(t('sc_math_mc'))} | {cell(t('sc_code_mc'))} | {cell(t('sc_general_mc'))} | "
-              f"{cell(he) if he else 'not run'} |")
-    print()
-    print("| method | router entropy (max 2.079) | load imbalance (max 4) | specialisation | domain MI |")
-    print("|---|---:|---:|---:|---:|")
-    for name, runs in groups.items():
-        if not any(r["routes"] for r in runs):
-            continue
-        print(f"| {name} | " + " | ".join(cell(vals(runs, layer_mean(k))) for k in
-                                          ("router_entropy", "load_imbalance", "specialisation", "domain_mi")) + " |")
+        rows.append([name, *(cell(t(f"sc_{d}_mc")) for d in ("math", "code", "general")),
+                     cell(he) if he else "not run"])
+    table(["method", "sc_math_mc acc (23)", "sc_code_mc acc (17)", "sc_general_mc acc (27)",
+           "HumanEval chat pass@1 (164)"], rows)
+    rows = [[name, *(cell(vals(runs, layer_mean(k))) for k in
+                     ("router_entropy", "load_imbalance", "specialisation", "domain_mi"))]
+            for name, runs in groups.items() if any(r["routes"] for r in runs)]
+    table(["method", "router entropy (max 2.079)", "load imbalance (max 4)", "specialisation", "domain MI"], rows)
 
 
 if __name__ == "__main__":
