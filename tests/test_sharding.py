@@ -52,6 +52,7 @@ def _engine(engine: str, world: int):
 
     model = crafted()
     model._sparsecraft_recorder.sync_across_processes = True  # router statistics over the global batch
+    assert sharding.one_dispatch_path(model, tokens_per_batch=24) == "dense"  # as the training loop does
     params = [p for p in model.parameters() if p.requires_grad]
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -108,6 +109,11 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: in
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    # a busy node: each rank's timed dispatch probe picks another path. Under ZeRO-2 that reduced one parameter's
+    # gradient into another's (buckets fill in backward order) until the loop fixed one path for all ranks.
+    import sparsecraft.moe.experts as experts
+
+    experts.probed_path = lambda *args, **kwargs: ("dense", "grouped")[rank]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from sparsecraft.train.checkpoints import load_checkpoint, save_checkpoint
     from sparsecraft.train.engine_checkpoint import load_engine_state, save_engine_state
@@ -278,3 +284,15 @@ def test_a_sharded_checkpoint_loads_into_an_unsharded_model(tmp_path):
     assert losses == pytest.approx(want_losses[1:], rel=1e-4, abs=1e-5)
     for key, value in sparsecraft.new_parameters(model).items():
         torch.testing.assert_close(value.detach(), want_state[key], rtol=1e-4, atol=1e-5)
+
+
+def test_one_dispatch_path_names_the_rules_choice_unless_a_path_is_named():
+    from sparsecraft.train.sharding import one_dispatch_path
+
+    model = crafted()
+    assert one_dispatch_path(model, tokens_per_batch=1) == "dense"  # never `gathered`, whatever the count
+    assert sparsecraft.surgery.craft_config_of(model).dispatch == "dense"
+    sparsecraft.surgery.set_dispatch(model, "sorted")
+    assert one_dispatch_path(model, tokens_per_batch=4096) is None  # a named path is the user's choice
+    assert sparsecraft.surgery.craft_config_of(model).dispatch == "sorted"
+    assert one_dispatch_path(tiny_model("llama"), tokens_per_batch=4096) is None  # nothing crafted

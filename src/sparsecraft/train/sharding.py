@@ -16,8 +16,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..moe.experts import choose_path
 from ..moe.layers import RoutedBlock
-from ..surgery import find_decoder_layers, is_added_name
+from ..surgery import craft_config_of, find_decoder_layers, is_added_name, is_crafted, set_dispatch
+
+
+def one_dispatch_path(model: nn.Module, tokens_per_batch: int) -> str | None:
+    """Under several processes: fix the crafted layers' adapter dispatch to one named path, the same on every rank.
+
+    DeepSpeed ZeRO-1/2 copy gradients into their buckets in the order the backward produces them and reduce the
+    buckets by position, so every rank must run the same backward graph. The timed probe (`dispatch: auto`) can
+    pick different paths on different ranks (their timings differ; a busy node makes it likely), and the shape
+    rule can too when ranks see different token counts: either silently adds one parameter's gradient to
+    another's. The rule's pick for a full micro-batch of `tokens_per_batch` tokens depends on the recipe alone,
+    so it is the same everywhere. Returns the path set, or None (no crafted layers, or a path already named).
+    """
+    if not is_crafted(model):
+        return None
+    cfg = craft_config_of(model)
+    if cfg.dispatch not in ("auto", "rule"):
+        return None
+    path = choose_path(max(tokens_per_batch, cfg.num_experts), cfg.num_experts, cfg.top_k, cfg.adapter_dim)
+    set_dispatch(model, path)
+    return path
 
 
 def decoder_layer_class(model: nn.Module) -> type:
