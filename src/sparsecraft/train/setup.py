@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..hardware import cpu_bf16
 from ..methods import Method, get_method
 from ..moe.balance import is_balance_bias
 from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
@@ -28,15 +29,17 @@ class BuiltModel:
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of the frozen base for `precision`. `auto`: bf16 on CUDA devices that support it, fp32 on
-    the CPU. On CPUs with AMX-BF16 (`hardware.cpu_bf16`) `bf16` trains the NF4 quickstart 1.4x faster at the same
-    losses (docs/benchmarks.md) and is worth setting; it is not auto's choice yet because with it the DeepSpeed
-    ZeRO-2 parity tests fail when run after the rest of the suite (cause not found). Trainable weights stay fp32."""
+    """The compute dtype of the frozen base for `precision`. `auto`: bf16 on CUDA devices that support it and on
+    CPUs with AMX-BF16 tiles, where bf16 matmuls run in hardware (the quickstart's NF4 training ran 1.3-1.4x
+    faster there at the same losses, docs/benchmarks.md); fp32 on other CPUs, which convert bf16 around every op
+    (AVX2) or were not measured (AVX512-BF16 without AMX). Trainable weights stay fp32 either way."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp32":
         return torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_bf16() == "amx_bf16":
         return torch.bfloat16
     return torch.float32
 
