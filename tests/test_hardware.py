@@ -23,13 +23,13 @@ def test_this_machine_is_described_consistently():
     assert info["cpu_bf16"] == summary["cpu_bf16"] and info["cpu_capability"] == summary["cpu_capability"]
 
 
-def test_auto_precision_takes_bf16_on_amx_cpus_only(monkeypatch):
-    """`precision: auto` computes the base in bf16 on CPUs with AMX-BF16 tiles (measured faster there), fp32 on
-    other CPUs; explicit settings win everywhere."""
+def test_auto_precision_takes_bf16_on_cpus_with_bf16_hardware_only(monkeypatch):
+    """`precision: auto` computes the base in bf16 on CPUs with AMX-BF16 or AVX512-BF16 (measured faster on
+    both), fp32 on other CPUs; explicit settings win everywhere."""
     from sparsecraft.train import setup
 
     cpu = torch.device("cpu")
-    for flag, expected in (("amx_bf16", torch.bfloat16), ("avx512_bf16", torch.float32), (None, torch.float32)):
+    for flag, expected in (("amx_bf16", torch.bfloat16), ("avx512_bf16", torch.bfloat16), (None, torch.float32)):
         monkeypatch.setattr(setup, "cpu_bf16", lambda flag=flag: flag)
         assert setup.compute_dtype_for("auto", cpu) == expected, flag
         assert setup.compute_dtype_for("fp32", cpu) == torch.float32

@@ -56,7 +56,7 @@ class TrainSettings:
     batch_size: int = 4  # per process, per micro-step
     grad_accum: int = 1
     gradient_checkpointing: bool = True
-    precision: str = "auto"  # auto: bf16 on CUDA with bf16 and on AMX-BF16 CPUs, else fp32
+    precision: str = "auto"  # auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32
     compile: bool = False  # the PESC blocks' math under torch.compile (moe/compiled.py)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only

@@ -30,16 +30,17 @@ class BuiltModel:
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype of the frozen base for `precision`. `auto`: bf16 on CUDA devices that support it and on
-    CPUs with AMX-BF16 tiles, where bf16 matmuls run in hardware (the quickstart's NF4 training ran 1.3-1.4x
-    faster there at the same losses, docs/benchmarks.md); fp32 on other CPUs, which convert bf16 around every op
-    (AVX2) or were not measured (AVX512-BF16 without AMX). Trainable weights stay fp32 either way."""
+    CPUs that compute bf16 in hardware (AMX-BF16 tiles or AVX512-BF16 dot products), where the real NF4 training
+    step of PESC and dense ran 1.35-1.40x faster at the same losses (an Intel Xeon with AMX and an AMD EPYC with
+    AVX512-BF16, docs/benchmarks.md); fp32 on other CPUs (AVX2), which convert bf16 around every op. Trainable
+    weights stay fp32 either way."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp32":
         return torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    if device.type == "cpu" and cpu_bf16() == "amx_bf16":
+    if device.type == "cpu" and cpu_bf16() is not None:
         return torch.bfloat16
     return torch.float32
 
