@@ -48,5 +48,6 @@ def main() -> None:
             copied = keep(part, dest_root / part.relative_to(src_root))
             print(f"{part}: {len(copied)} files")
 
+
 if __name__ == "__main__":
     main()

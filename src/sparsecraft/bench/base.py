@@ -130,10 +130,9 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
     if isinstance(block, LoopPescBlock):
         return "loop"
     if isinstance(block, PescMoE) and block.compiled:  # traced: the shape rule decides, then what traces
-        from ..moe.experts import choose_path, traceable_path
+        from ..moe.experts import path_by_shape, traceable_path
 
-        path = dispatch if dispatch not in ("auto", "rule") else \
-            choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
+        path = path_by_shape(dispatch, tokens, settings.experts, settings.top_k, settings.adapter_dim)
         return f"compiled:{traceable_path(path)}"
     if isinstance(block, PescMoE):
         return pesc_path(dispatch, tokens, settings, hidden, device)
@@ -147,12 +146,10 @@ def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, 
     measured choice (the probe's winner once the variant has run; the shape rule's pick before),
     `rule:<path>` for the rule's, `grouped->sorted` where `torch._grouped_mm` cannot run these shapes,
     `triton->grouped` where the Triton kernel cannot."""
-    from ..moe.experts import choose_path, grouped_mm_available, probed_choice
+    from ..moe.experts import grouped_mm_available, path_by_shape, probed_choice
     from ..moe.triton_adapters import triton_available
 
-    path = dispatch
-    if dispatch in ("auto", "rule"):
-        path = choose_path(tokens, settings.experts, settings.top_k, settings.adapter_dim)
+    path = path_by_shape(dispatch, tokens, settings.experts, settings.top_k, settings.adapter_dim)
     if dispatch == "auto":
         for training in (True, False):
             measured = probed_choice(tokens, settings.experts, settings.top_k, settings.adapter_dim, hidden,

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..config import CraftConfig
 from ..errors import ConfigError
-from ..moe.experts import choose_path
+from ..moe.experts import path_by_shape
 from ..moe.layers import PescMoE, RouterSite, attach_pesc
 from ..surgery import crafted_layers, install_blocks, plan_layers
 from .base import Method
@@ -47,7 +47,7 @@ class PescMethod(Method):
         total = router
         if shape.adapter_dropout > 0:
             total += a * h + h  # dropout(F) and its bool mask
-        path = choose_path(num_tokens, e, k, r) if shape.dispatch in ("auto", "rule") else shape.dispatch
+        path = path_by_shape(shape.dispatch, num_tokens, e, k, r)
         if path == "dense":
             total += a * (3 * e * r + e)  # every expert: W_down·x, act, gated act (E·r each) + gate mask [E]
         else:

@@ -131,6 +131,14 @@ def choose_path(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int)
     return "grouped"
 
 
+def path_by_shape(dispatch: str, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int) -> str:
+    """The named path a `dispatch` setting stands for without timing: the shape rule's pick for `auto` and
+    `rule`, the setting itself when it names a path."""
+    if dispatch in ("auto", "rule"):
+        return choose_path(num_tokens, num_experts, top_k, adapter_dim)
+    return dispatch
+
+
 def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int,
                     activation: str = "gelu") -> list[str]:
     """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for

@@ -249,10 +249,10 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
     if craft_cfg is not None:
         # the load-balancing loss sees the global micro-batch, as one process would
         built.inner._sparsecraft_recorder.sync_across_processes = accelerator.num_processes > 1
-        fixed = one_dispatch_path(built.inner, recipe.train.batch_size * data_cfg.max_length) \
-            if accelerator.num_processes > 1 else None
-        if fixed and main:
-            print(f"note: dispatch {fixed} on every process (ZeRO reduces gradients in backward order)")
+        if accelerator.num_processes > 1:
+            fixed = one_dispatch_path(built.inner, recipe.train.batch_size * data_cfg.max_length)
+            if fixed and main:
+                print(f"note: dispatch {fixed} on every process (ZeRO reduces gradients in backward order)")
 
     params = trainable_parameters(built.model)
     parts = trainable_by_part(built.model)  # before any engine wraps or shards the parameters

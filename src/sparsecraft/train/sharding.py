@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..moe.experts import choose_path
+from ..moe.experts import path_by_shape
 from ..moe.layers import RoutedBlock
 from ..surgery import craft_config_of, find_decoder_layers, is_added_name, is_crafted, set_dispatch
 
@@ -34,9 +34,11 @@ def one_dispatch_path(model: nn.Module, tokens_per_batch: int) -> str | None:
     if not is_crafted(model):
         return None
     cfg = craft_config_of(model)
-    if cfg.dispatch not in ("auto", "rule"):
+    # at least E tokens: the rule's `gathered` (decoding a token or two) is never a training path
+    path = path_by_shape(cfg.dispatch, max(tokens_per_batch, cfg.num_experts), cfg.num_experts, cfg.top_k,
+                         cfg.adapter_dim)
+    if path == cfg.dispatch:
         return None
-    path = choose_path(max(tokens_per_batch, cfg.num_experts), cfg.num_experts, cfg.top_k, cfg.adapter_dim)
     set_dispatch(model, path)
     return path
 
