@@ -47,7 +47,7 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
-MEMORY_ALLOCATORS = ("default", "live")
+MEMORY_ALLOCATORS = ("default", "live", "trim")  # trim: glibc as configured + train.trim_heap's trims
 # glibc's environment form of mallopt(M_MMAP_THRESHOLD): fixing it also turns off the dynamic threshold
 LIVE_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
@@ -81,7 +81,8 @@ class BenchSettings:
     memory: bool = True  # peak memory in a separate process per variant
     memory_steps: int = 3
     # "default": glibc as configured; "live": a fixed 128 KiB mmap threshold, so freed tensors go back to the OS
-    # and peak RSS tracks live tensors rather than heap fragmentation (see docs/benchmarks.md)
+    # and peak RSS tracks live tensors rather than heap fragmentation (see docs/benchmarks.md); "trim": glibc as
+    # configured, freed heap handed back between decoder layers as `train.trim_heap: true` does
     memory_allocator: str = "default"
 
     def validate(self) -> None:

@@ -68,8 +68,12 @@ def measure_in_this_process(settings_dict: dict, level: str, method: str) -> dic
         [variant] = build_block_variants(settings, [method], device)
     else:
         [variant] = build_model_variants(settings, [method], device, share_base=False)
+    if settings.memory_allocator == "trim" and variant.model is not None:
+        from ..train.heap import install_heap_trims
+
+        install_heap_trims(variant.model)
     build_peak = max_rss_bytes()
-    hwm_reset = _reset_high_water_mark()
+    hwm_reset = reset_high_water_mark()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -85,7 +89,7 @@ def measure_in_this_process(settings_dict: dict, level: str, method: str) -> dic
     return result
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     """Return freed heap to the OS, then reset this process's RSS high-water mark (Linux `clear_refs` 5, which
     `ru_maxrss` follows). False where that is not possible; the peak then includes the build."""
     import ctypes

@@ -13,7 +13,7 @@ BENCH_CRAFT_FIELDS = ("num_experts", "top_k", "adapter_dim")
 
 
 def add_parser(sub) -> None:
-    from ..bench.settings import METHODS, SHAPES, BenchSettings
+    from ..bench.settings import MEMORY_ALLOCATORS, METHODS, SHAPES, BenchSettings
 
     d = BenchSettings()
     p = sub.add_parser(
@@ -41,9 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda[:N]")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
-    p.add_argument("--memory-allocator", choices=("default", "live"), default="default",
-                   help="peak-memory workers: glibc as configured, or 'live' (fixed 128 KiB mmap threshold: "
-                        "RSS follows live tensors, not heap fragmentation)")
+    p.add_argument("--memory-allocator", choices=MEMORY_ALLOCATORS, default="default",
+                   help="peak-memory workers: glibc as configured, 'live' (fixed 128 KiB mmap threshold: "
+                        "RSS follows live tensors, not heap fragmentation) or 'trim' (freed heap handed back "
+                        "between decoder layers, as train.trim_heap does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", default=None, metavar="FILE", help="write every record (and settings, machine) here")
     s = p.add_argument_group("serving load (--serve)")
