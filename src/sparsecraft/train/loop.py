@@ -235,8 +235,10 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         note = compile_note(compile_moe_blocks(built.inner))
         if note and main:
             print(note)
-    if recipe.train.trim_heap and accelerator.device.type == "cpu" and not install_heap_trims(built.inner) and main:
-        print("note: train.trim_heap needs glibc's malloc_trim, which this C library lacks; not trimming")
+    if recipe.train.trim_heap and accelerator.device.type == "cpu":  # GPUs: the CUDA caching allocator's memory
+        installed = install_heap_trims(built.inner)
+        if not installed and main:
+            print("note: train.trim_heap needs glibc's malloc_trim, which this C library lacks; not trimming")
     context = context_length(built.inner)
     if context is not None and data_cfg.max_length > context:
         if main:
