@@ -92,14 +92,12 @@ def measure_in_this_process(settings_dict: dict, level: str, method: str) -> dic
 def reset_high_water_mark() -> bool:
     """Return freed heap to the OS, then reset this process's RSS high-water mark (Linux `clear_refs` 5, which
     `ru_maxrss` follows). False where that is not possible; the peak then includes the build."""
-    import ctypes
     import gc
 
+    from ..train.heap import release_free_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
