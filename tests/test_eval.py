@@ -386,6 +386,26 @@ def test_chat_humaneval_task_scores_fenced_whole_function_answers():
                     allow_code_execution=True)["sc_humaneval"]["pass@1"] == 0.0
 
 
+def test_chat_sampled_humaneval_takes_the_code_out_of_every_sampled_answer():
+    problem = humaneval.load_problems()[0]
+    fenced = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nIt works."
+    plain, wrong = problem["canonical_solution"], "```python\ndef nothing():\n    return None\n```"
+    with humaneval.allow_code_execution():
+        got = humaneval.process_sampled_any_completion(problem, [[fenced, plain] + [wrong] * 8])
+    assert got == pytest.approx({"pass@1": 0.2, "pass@5": 1 - 56 / 252, "pass@10": 1.0})  # n=10, c=2
+
+
+@needs_lm_eval
+def test_chat_sampled_humaneval_task_through_lm_eval():
+    tok = char_tokenizer()
+    problems = humaneval.load_problems()[:2]
+    fenced = {p["prompt"]: f"Sure:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems}
+    scores = evaluate(ScriptedLM(tok, answers=fenced), "sc_humaneval_chat_sampled", tokenizer=tok, limit=2,
+                      allow_code_execution=True)["sc_humaneval_chat_sampled"]
+    assert {k: v for k, v in scores.items() if "stderr" not in k} == {
+        "pass@1/sampled": 1.0, "pass@5/sampled": 1.0, "pass@10/sampled": 1.0}
+
+
 # ------------------------------------------------------------------------------------------ suites and names
 
 

@@ -202,3 +202,10 @@ def completion_as_code(problem: dict, completion: str) -> str:
 def process_any_completion(doc: dict, results: list[str]) -> dict[str, float]:
     """lm-eval hook of `sc_indep_code`: pass@1 of a chat answer or a plain completion (`completion_as_code`)."""
     return {"pass@1": float(check_completion(doc, completion_as_code(doc, results[0])).passed)}
+
+
+def process_sampled_any_completion(doc: dict, results: list) -> dict[str, float]:
+    """lm-eval hook of `sc_humaneval_chat_sampled`: pass@k over sampled chat answers or plain completions, each
+    taken as code the way `completion_as_code` takes the greedy one."""
+    completions = results[0] if results and isinstance(results[0], list) else results
+    return process_sampled_results(doc, [[completion_as_code(doc, c) for c in completions]])

