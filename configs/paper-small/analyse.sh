@@ -2,7 +2,7 @@
 # After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run, then
 # the independent held-out set (data/independent/: response loss per domain, short-answer match and code pass@1;
 # the code task runs the generated programs, each in a subprocess with a timeout), with HUMANEVAL=1 HumanEval
-# through the chat template, routing statistics and plots for the MoE runs, then one comparison report.
+# through the chat template (HUMANEVAL_SAMPLED=1: its sampled pass@k), routing statistics and plots for the MoE runs, then one comparison report.
 # Finished steps are skipped. `analyse.sh RUN...` evaluates only those runs and writes no report.
 #   JOBS=2   evaluates two runs at once, each on its share of the cores
 set -euo pipefail
@@ -28,6 +28,13 @@ analyse() {  # RUN: a finished training run directory
     echo "=== HumanEval (chat) $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks sc_humaneval_chat --apply-chat-template --allow-code-execution \
       --out "$run/eval-humaneval-chat" --batch-size 16
+  fi
+  if [ "${HUMANEVAL_SAMPLED:-0}" = 1 ] && [ ! -f "$run/eval-humaneval-chat-sampled/results.json" ]; then
+    # pass@1/5/10 from 10 sampled answers per problem: ten times the greedy generation (~2 h per run on 2 CPU
+    # cores, scripts/generate_batch_probe.py; minutes on a GPU): opt-in
+    echo "=== HumanEval (chat, sampled) $run ($(date -u +%H:%M:%S))"
+    sparsecraft eval "$run/model" --tasks sc_humaneval_chat_sampled --apply-chat-template --allow-code-execution \
+      --out "$run/eval-humaneval-chat-sampled" --batch-size 40
   fi
   if [ "$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["method"])' "$run/summary.json")" != dense ] \
      && [ ! -f "$run/routes/routes.json" ]; then
