@@ -16,6 +16,7 @@ from pathlib import Path
 
 RECORDS = ["recipe.json", "summary.json", "metrics.jsonl", "upit.json", "eval/results.json",
            "eval-independent/results.json", "eval-independent/quick.json", "eval-humaneval-chat/results.json",
+           "eval-humaneval-chat-sampled/results.json", "eval-humaneval-chat-sampled-first32/results.json",
            "routes/routes.json"]
 LIMIT = 1 << 20
 
