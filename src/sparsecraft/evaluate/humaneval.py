@@ -168,12 +168,20 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return float(estimate_pass_at_k(num_samples, [num_correct], k)[0])
 
 
+def _sampled_completions(results: list) -> list[str]:
+    """The problem's completions: lm-eval passes them as one list, `results[0]`."""
+    return results[0] if results and isinstance(results[0], list) else results
+
+
+def _pass_at_k_of(doc: dict, programs: list[str]) -> dict[str, float]:
+    passed = sum(check_completion(doc, program).passed for program in programs)
+    return {f"pass@{k}": pass_at_k(len(programs), passed, k) for k in SAMPLED_K if k <= len(programs)}
+
+
 def process_sampled_results(doc: dict, results: list) -> dict[str, float]:
     """lm-eval hook of `sc_humaneval_sampled`: every sampled completion of one problem is run; pass@k for each k
-    in SAMPLED_K (lm-eval passes the problem's completions as one list, `results[0]`)."""
-    completions = results[0] if results and isinstance(results[0], list) else results
-    passed = sum(check_completion(doc, completion).passed for completion in completions)
-    return {f"pass@{k}": pass_at_k(len(completions), passed, k) for k in SAMPLED_K if k <= len(completions)}
+    in SAMPLED_K."""
+    return _pass_at_k_of(doc, _sampled_completions(results))
 
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -207,5 +215,4 @@ def process_any_completion(doc: dict, results: list[str]) -> dict[str, float]:
 def process_sampled_any_completion(doc: dict, results: list) -> dict[str, float]:
     """lm-eval hook of `sc_humaneval_chat_sampled`: pass@k over sampled chat answers or plain completions, each
     taken as code the way `completion_as_code` takes the greedy one."""
-    completions = results[0] if results and isinstance(results[0], list) else results
-    return process_sampled_results(doc, [[completion_as_code(doc, c) for c in completions]])
+    return _pass_at_k_of(doc, [completion_as_code(doc, c) for c in _sampled_completions(results)])
