@@ -406,6 +406,29 @@ def test_chat_sampled_humaneval_task_through_lm_eval():
         "pass@1/sampled": 1.0, "pass@5/sampled": 1.0, "pass@10/sampled": 1.0}
 
 
+
+def test_humaneval_task_files_include_the_plain_one(tmp_path):
+    """The HumanEval variants start from sc_humaneval.yaml (`include:`); the configs handed to lm-eval, and the
+    files written for its CLI, are whole: the shared data and prompt, each variant's own sampling and scorer."""
+    import yaml
+
+    from sparsecraft.evaluate.tasks import task_config, write_task_dir
+
+    plain = task_config("sc_humaneval")
+    for name in ("sc_humaneval_chat", "sc_humaneval_sampled", "sc_humaneval_chat_sampled"):
+        config = task_config(name)
+        assert config["task"] == name and "include" not in config
+        for key in ("dataset_path", "dataset_kwargs", "test_split", "doc_to_text", "doc_to_target", "unsafe_code"):
+            assert config[key] == plain[key], (name, key)
+    chat_sampled = task_config("sc_humaneval_chat_sampled")
+    assert chat_sampled["repeats"] == 10 and chat_sampled["generation_kwargs"]["do_sample"] is True
+    assert "<|im_end|>" in chat_sampled["generation_kwargs"]["until"]
+    assert chat_sampled["process_results"] is humaneval.process_sampled_any_completion
+    written = yaml.safe_load((write_task_dir(tmp_path, ("sc_humaneval_chat_sampled",))
+                              / "sc_humaneval_chat_sampled.yaml").read_text().replace("!function", ""))
+    assert "include" not in written and written["dataset_kwargs"] == plain["dataset_kwargs"]
+
+
 # ------------------------------------------------------------------------------------------ suites and names
 
 

@@ -16,7 +16,8 @@ Every task reads local files only, so it runs with no hub:
 | `sc_indep_code` | generation, pass@1 (runs code: needs permission) | `data/independent/code.jsonl` stubs |
 
 `task_config(name)` returns a config dict with absolute data paths, ready for `TaskManager.load`;
-`write_task_dir(out)` writes the same configs as YAML for lm-eval's own CLI (`lm_eval --include_path OUT`).
+`write_task_dir(out)` writes the same configs as YAML for lm-eval's own CLI (`lm_eval --include_path OUT`). A
+task file may start from another with lm-eval's `include: OTHER.yaml`; both functions give the merged config.
 """
 
 from __future__ import annotations
@@ -78,11 +79,18 @@ def _resolve_data_file(value: str, task: str) -> str:
     return str(path)
 
 
+def _read_yaml(filename: str) -> dict[str, Any]:
+    """One task file, with lm-eval's `include: OTHER.yaml` (the other file's keys, then this file's over them)."""
+    with open(TASKS_DIR / filename, encoding="utf-8") as f:
+        config = yaml.load(f, Loader=_Loader)
+    base = config.pop("include", None)
+    return {**_read_yaml(base), **config} if base else config
+
+
 def _raw_config(name: str) -> dict[str, Any]:
     if not is_local_task(name):
         raise ConfigError(f"{name!r} is not a bundled task (bundled: {', '.join(LOCAL_TASKS)})")
-    with open(TASKS_DIR / f"{name}.yaml", encoding="utf-8") as f:
-        config = yaml.load(f, Loader=_Loader)
+    config = _read_yaml(f"{name}.yaml")
     files = config["dataset_kwargs"]["data_files"]
     for split, value in files.items():
         files[split] = _resolve_data_file(value, name)
