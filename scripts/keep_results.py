@@ -14,9 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-RECORDS = ["recipe.json", "summary.json", "metrics.jsonl", "upit.json", "eval/results.json",
-           "eval-independent/results.json", "eval-independent/quick.json", "eval-humaneval-chat/results.json",
-           "eval-humaneval-chat-sampled/results.json", "eval-humaneval-chat-sampled-first32/results.json",
+# glob patterns under a run folder: every evaluation's summaries (eval, eval-independent, eval-humaneval-*, ...)
+RECORDS = ["recipe.json", "summary.json", "metrics.jsonl", "upit.json", "eval*/results.json", "eval*/quick.json",
            "routes/routes.json"]
 LIMIT = 1 << 20
 
@@ -24,16 +23,14 @@ LIMIT = 1 << 20
 def keep(run: Path, dest: Path) -> list[str]:
     """Copy `run`'s records into `dest`; returns the relative paths copied."""
     copied = []
-    for name in RECORDS:
-        src = run / name
-        if not src.is_file():
-            continue
+    for src in sorted(path for pattern in RECORDS for path in run.glob(pattern) if path.is_file()):
+        name = src.relative_to(run)
         if src.stat().st_size > LIMIT:
             print(f"left out (over 1 MiB): {src}")
             continue
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest / name)
-        copied.append(name)
+        copied.append(str(name))
     return copied
 
 

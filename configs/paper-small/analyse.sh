@@ -2,7 +2,8 @@
 # After run.sh: benchmark scores (the bundled offline multiple-choice tasks through lm-eval) for every run, then
 # the independent held-out set (data/independent/: response loss per domain, short-answer match and code pass@1;
 # the code task runs the generated programs, each in a subprocess with a timeout), with HUMANEVAL=1 HumanEval
-# through the chat template (HUMANEVAL_SAMPLED=1: its sampled pass@k), routing statistics and plots for the MoE runs, then one comparison report.
+# through the chat template (HUMANEVAL_SAMPLED=1: its sampled pass@k), routing statistics and plots for the MoE
+# runs, then one comparison report.
 # Finished steps are skipped. `analyse.sh RUN...` evaluates only those runs and writes no report.
 #   JOBS=2   evaluates two runs at once, each on its share of the cores
 set -euo pipefail
