@@ -22,8 +22,8 @@ RANKS = {
     "craft": 6, "memory": 6,
     "checkpoint": 7, "report": 7, "scale": 8,
     "loading": 8,
-    "auto": 9, "train": 9,
-    "evaluate": 10, "upit": 10, "bench": 10, "serve": 10, "integrations": 10,
+    "auto": 9, "train": 9, "serve": 9,
+    "evaluate": 10, "upit": 10, "bench": 10, "integrations": 10,
     "cli": 11,
     "__main__": 12, "__init__": 12,
 }

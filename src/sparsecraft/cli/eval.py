@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
                         "with a timeout; not a sandbox")
     p.add_argument("--apply-chat-template", action="store_true",
                    help="prompt through the tokenizer's chat template (few-shot examples as earlier turns)")
+    p.add_argument("--generation", choices=("engine", "hf"), default="engine",
+                   help="how generation tasks are answered: engine = continuous batching (finished answers leave "
+                        "the batch, repeated prompts are prefilled once), hf = lm-eval's model.generate batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
@@ -106,7 +109,8 @@ def run(args) -> int:
         quick_settings = parse_data_args(args.data) if args.data else default_settings()
 
     model, tokenizer, device = _load(args)
-    settings = {"device": str(device), "dtype": args.dtype, "batch_size": batch_size, "limit": limit}
+    settings = {"device": str(device), "dtype": args.dtype, "batch_size": batch_size, "limit": limit,
+                "generation": args.generation}
     if quick_settings is not None:
         from ..evaluate.quick import quick_eval
         from ..evaluate.results import QUICK_JSON, format_quick_table, write_quick
@@ -128,7 +132,7 @@ def run(args) -> int:
 
         raw, prepared = run_lm_eval(model, prepared, tokenizer=tokenizer, limit=limit, batch_size=batch_size,
                                     allow_code_execution=args.allow_code_execution,
-                                    apply_chat_template=args.apply_chat_template)
+                                    apply_chat_template=args.apply_chat_template, generation=args.generation)
         summary = summarize_lm_eval(raw, prepared.names)
         settings.update(lm_eval=lm_eval_version(), sparsecraft=__version__, tasks_requested=args.tasks or "local",
                         chat_template=args.apply_chat_template)

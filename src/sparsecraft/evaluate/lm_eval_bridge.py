@@ -30,15 +30,22 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError as exc:  # the [eval] extra is optional
     raise ConfigError(f'lm-eval is not installed ({exc.name or exc} is missing): pip install "sparsecraft[eval]"') \
         from exc
 
+import torch
+from tqdm import tqdm
+
 from . import humaneval
+from .engine_generation import Prompt, engine_can_drive, engine_can_run, generate_all, request_seed
 from .suites import TaskRequest, parse_tasks
 from .tasks import LOCAL_TASKS, is_local_task, task_config
 
 MODEL_TYPE = "sparsecraft"
+GENERATION_PATHS = ("engine", "hf")
+AUTO_ENGINE_BATCH = 32  # rows decoded together when the batch size is "auto" (continuous batching needs a number)
 
 
 @register_model(MODEL_TYPE)
@@ -52,12 +59,17 @@ class SparsecraftLM(HFLM):
         tokenizer: a tokenizer object or directory; default: the one stored with the model or its base
             (`sparsecraft.generation.load_tokenizer_for`). Required with a model object.
         dtype, device, allow_pickle: passed to `sparsecraft.load` when `pretrained` is a path.
+        generation: "engine" (default) answers generation requests through the serving engine's continuous
+            batching (`engine_generation`), "hf" through lm-eval's own batched `model.generate`.
         batch_size, max_length and any other keyword: lm-eval's `HFLM` options.
     """
 
     def __init__(self, pretrained: Any, tokenizer: Any = None, dtype: Any = None, device: str | None = None,
                  allow_pickle: bool = False, batch_size: int | str = 1, max_length: int | None = None,
-                 **kwargs: Any) -> None:
+                 generation: str = "engine", **kwargs: Any) -> None:
+        if generation not in GENERATION_PATHS:
+            raise ConfigError(f"generation must be one of {', '.join(GENERATION_PATHS)}, got {generation!r}")
+        self.generation = generation
         from ..generation import load_tokenizer_for
         from ..loading import load
 
@@ -79,6 +91,42 @@ class SparsecraftLM(HFLM):
         kwargs.pop("backend", None)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                          max_length=max_length, **kwargs)
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """lm-eval's generation requests: through the engine when the model is a transformers model and every
+        request's options allow it (and `generation="engine"`), else through lm-eval's `HFLM.generate_until`."""
+        if (self.generation != "engine" or not engine_can_drive(self.model) or isinstance(self.think_end_token, int)
+                or not requests):
+            return super().generate_until(requests, disable_tqdm)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        base_seed = torch.initial_seed()  # simple_evaluate seeds torch before it asks for answers
+        prompts, stops = [], []
+        for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if not engine_can_run(kwargs):
+                return super().generate_until(requests, disable_tqdm)
+            ids, _ = self.tok_batch_encode([context], left_truncate_len=self.max_length - max_gen_toks,
+                                           truncation=self.truncation)
+            sampled = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
+            prompts.append(Prompt(ids=ids[0].tolist(), max_tokens=max_gen_toks, stop=until,
+                                  temperature=float(kwargs["temperature"]) if sampled else 0.0,
+                                  top_p=float(kwargs.get("top_p") or 1.0), seed=request_seed(base_seed, index)))
+            stops.append(until)
+        batch = self.batch_size if isinstance(self.batch_size, int) else AUTO_ENGINE_BATCH
+        with tqdm(total=len(prompts), disable=disable_tqdm or self.rank != 0,
+                  desc="Generating (continuous batching)") as bar:
+            texts = generate_all(self.model, self.tokenizer, prompts, max_batch_size=batch,
+                                 on_done=lambda _: bar.update(1))
+        think = self.think_end_token if isinstance(self.think_end_token, str) else None
+        answers = []
+        for request, text, until in zip(requests, texts, stops, strict=True):
+            answer = postprocess_generated_text(generation=text, stop=until, think_end_token=think)
+            self.cache_hook.add_partial("generate_until", request.args, answer)
+            answers.append(answer)
+        return answers
 
     def get_model_info(self) -> dict:
         """Parameters, dtype, path and sparsecraft method; never asks the hub (HFLM's version looks up a SHA)."""
@@ -208,6 +256,7 @@ def run_lm_eval(
     seed: int = 0,
     log_samples: bool = False,
     apply_chat_template: bool = False,
+    generation: str = "engine",
 ) -> tuple[dict[str, Any], PreparedTasks]:
     """Evaluate a model (path, model object or an lm-eval `LM`) on tasks; returns (lm-eval's output, tasks).
 
@@ -215,6 +264,7 @@ def run_lm_eval(
     `prepare_tasks`. `limit`: examples per task (a fraction when below 1), as lm-eval's `--limit`.
     `apply_chat_template`: prompts go through the tokenizer's chat template (few-shot examples as earlier
     turns), as lm-eval's `--apply_chat_template --fewshot_as_multiturn`; for instruction-tuned models.
+    `generation`: "engine" (continuous batching) or "hf" (lm-eval's `model.generate` batches); see SparsecraftLM.
     """
     from lm_eval.evaluator import simple_evaluate
 
@@ -226,7 +276,7 @@ def run_lm_eval(
         lm = model
     else:
         lm = SparsecraftLM(model, tokenizer=tokenizer, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                           batch_size=batch_size, max_length=max_length)
+                           batch_size=batch_size, max_length=max_length, generation=generation)
     with _code_execution(allow_code_execution):
         raw = simple_evaluate(
             model=lm, tasks=prepared.objects, task_manager=prepared.task_manager, limit=limit,

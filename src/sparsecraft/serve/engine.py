@@ -3,12 +3,14 @@
 Requests wait in a bounded queue. Before each decode step the engine admits waiting requests into free slots
 (up to `max_batch_size`): their prompts are prefilled together, left-padded, and their rows join the running
 batch's KV cache (`kvbatch.KVBatch.merge`), so a request that arrives mid-generation starts on the next step
-instead of waiting for the batch to end. Finished or cancelled rows leave the cache at once. Each row keeps its
-own positions, mask, sampling settings and generator, so its tokens do not depend on which rows share its batch
-(greedy output equals the solo run up to floating-point summation order).
+instead of waiting for the batch to end. Identical prompts admitted together are prefilled once. Finished or
+cancelled rows leave the cache at once. Each row keeps its own positions, mask, sampling settings and generator,
+so its tokens do not depend on which rows share its batch (greedy output equals the solo run up to floating-point
+summation order).
 
 Results go out through each request's `sink` (called on the engine thread; the server hands them to its event
-loop), so a client that reads slowly never holds up the step.
+loop), so a client that reads slowly never holds up the step. Batch jobs (evaluation) submit everything and
+call `drain()`, which runs the same steps in their own thread.
 """
 
 from __future__ import annotations
@@ -161,31 +163,51 @@ class Engine:
                         self._abort_all("the server is shutting down")
                         return
                     new = self._take_waiting()
-                try:
-                    if new:
-                        self._prefill(new)
-                    self._drop_cancelled()
-                    if self._slots:
-                        self._decode()
-                except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, never the server
-                    log.exception("generation step failed")
-                    for slot in self._slots:
-                        self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
-                    self._slots, self._batch = [], None
+                self._step(new)
+
+    def drain(self) -> None:
+        """Run steps in the calling thread until no request waits or runs: for batch jobs (evaluation) that
+        submit everything first. Not while the engine thread runs."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("drain() while the engine thread runs")
+        with torch.inference_mode():
+            while self._waiting or self._slots:
+                with self._cond:
+                    new = self._take_waiting()
+                self._step(new)
+
+    def _step(self, new: list[GenerationRequest]) -> None:
+        """Prefill the newly admitted requests, then decode one token for every running row."""
+        try:
+            if new:
+                self._prefill(new)
+            self._drop_cancelled()
+            if self._slots:
+                self._decode()
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, never the server
+            log.exception("generation step failed")
+            for slot in self._slots:
+                self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
+            self._slots, self._batch = [], None
 
     def _take_waiting(self) -> list[GenerationRequest]:
-        """Waiting requests for the free slots, within the prefill token budget (one always fits)."""
+        """Waiting requests for the free slots, within the prefill token budget (one always fits). Repeats of a
+        prompt already taken cost nothing: `_prefill` computes each distinct prompt once."""
         taken: list[GenerationRequest] = []
+        distinct: set[tuple[int, ...]] = set()
         width = 0
         while self._waiting and len(self._slots) + len(taken) < self.max_batch_size:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
                 continue
-            new_width = max(width, len(head.prompt_ids))
-            if taken and new_width * (len(taken) + 1) > self.max_prefill_tokens:
+            key = tuple(head.prompt_ids)
+            new_width = max(width, len(key))
+            rows = len(distinct) + (key not in distinct)
+            if taken and new_width * rows > self.max_prefill_tokens:
                 break
             taken.append(self._waiting.popleft())
+            distinct.add(key)
             width = new_width
         return taken
 
@@ -200,7 +222,11 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
-        ids, mask = left_pad([r.prompt_ids for r in requests], self.pad_id)
+        """Prefill each distinct prompt once (the repeats of a sampled benchmark share it), then give every
+        request its own row: the cache rows of repeated prompts are copies, their samples are their own."""
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in requests]
+        ids, mask = left_pad([list(p) for p in distinct], self.pad_id)
         cache = DynamicCache()
         slots = [_Slot(r, self.tokenizer) for r in requests]
         try:
@@ -210,10 +236,11 @@ class Engine:
             for r in requests:
                 self._finish_error(r, f"prefill failed: {type(exc).__name__}: {exc}")
             return
+        logits = logits[torch.tensor(row_of, device=logits.device)]
         keep = self._accept(slots, self._choose(logits, slots))
         if not keep:
             return
-        joined = KVBatch(cache, mask).select(keep)
+        joined = KVBatch(cache, mask).select([row_of[i] for i in keep])
         self._batch = joined if self._batch is None else self._batch.merge(joined)
         self._slots += [slots[i] for i in keep]
         self.peak_running = max(self.peak_running, len(self._slots))

@@ -18,28 +18,46 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `top_p` (at least one); `probs: [V]` -> `[V]`
-    renormalised."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-    kept = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return kept / kept.sum()
+CANDIDATES = 256  # most likely tokens looked at first; the nucleus almost always ends inside them
+
+
+def nucleus(top_probs: torch.Tensor, top_ids: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of tokens whose probability reaches `top_p` (at least one), renormalised.
+
+    `top_probs: [K]` sorted descending with their ids `top_ids: [K]` -> `(ids [K'], probs [K'])`. Exact when
+    the K tokens hold at least `top_p` of the mass (the caller passes the whole sorted vocabulary otherwise).
+    """
+    before = top_probs.cumsum(0) - top_probs  # mass of the tokens ranked above each one
+    keep = before < top_p
+    keep[0] = True
+    kept = top_probs[keep]
+    return top_ids[keep], kept / kept.sum()
 
 
 def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                   generators: list[torch.Generator]) -> list[int]:
-    """`logits: [B, V]` -> one token id per row. Temperature 0 is greedy (argmax)."""
-    greedy = logits.argmax(-1).tolist()
-    out = []
-    for row, (temp, top_p, gen) in enumerate(zip(temperatures, top_ps, generators, strict=True)):
-        if temp <= 0:
-            out.append(int(greedy[row]))
+    """`logits: [B, V]` -> one token id per row. Temperature 0 is greedy (argmax).
+
+    Sampled rows are softened and ranked together (one softmax and one top-`CANDIDATES` over the batch, instead of
+    a full-vocabulary sort per row); each row then draws from its own nucleus with its own generator. A row whose
+    nucleus reaches past the candidates (a very flat distribution) is ranked over the whole vocabulary.
+    """
+    out = logits.argmax(-1).tolist()
+    rows = [i for i, t in enumerate(temperatures) if t > 0]
+    if not rows:
+        return [int(t) for t in out]
+    temps = torch.tensor([temperatures[i] for i in rows], dtype=torch.float32)
+    probs = torch.softmax(logits[rows].float().cpu() / temps[:, None], dim=-1)  # [R, V]
+    k = min(CANDIDATES, probs.shape[-1])
+    top_probs, top_ids = probs.topk(k, dim=-1)  # [R, k], sorted descending
+    for j, row in enumerate(rows):
+        top_p = float(top_ps[row])
+        if top_p >= 1.0:
+            out[row] = int(torch.multinomial(probs[j], 1, generator=generators[row]))
             continue
-        probs = torch.softmax(logits[row].float().cpu() / temp, dim=-1)
-        probs = top_p_filter(probs, top_p)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return out
+        if float(top_probs[j].sum()) >= top_p:
+            ids, p = nucleus(top_probs[j], top_ids[j], top_p)
+        else:
+            ids, p = nucleus(*probs[j].sort(descending=True), top_p)
+        out[row] = int(ids[torch.multinomial(p, 1, generator=generators[row])])
+    return [int(t) for t in out]
