@@ -573,8 +573,13 @@ def test_cli_end_to_end_on_a_saved_model(run_cli, tmp_path):
     tiny_llama(seed=2).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     code, stdout, err = run_cli(str(model_dir), "--tasks", "sc_math_mc,sc_math_gen", "--limit", "3", "--quick",
-                                "--out", str(out))
+                                "--log-samples", "--out", str(out))
     assert code == 0, err
+    generated = [json.loads(line) for line in (out / "samples" / "sc_math_gen.jsonl").read_text().splitlines()]
+    assert sorted({s["doc_id"] for s in generated}) == [0, 1, 2]  # once per document and filter
+    assert len(generated) == 3 * len({s["filter"] for s in generated})
+    assert all(isinstance(s["resps"][0][0], str) and "exact_match" in str(s) for s in generated)
+    assert len((out / "samples" / "sc_math_mc.jsonl").read_text().splitlines()) == 3
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == str(model_dir)
     assert set(results["tasks"]) == {"sc_math_mc", "sc_math_gen"}

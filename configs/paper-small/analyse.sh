@@ -31,8 +31,8 @@ analyse() {  # RUN: a finished training run directory
       --out "$run/eval-humaneval-chat" --batch-size 16
   fi
   if [ "${HUMANEVAL_SAMPLED:-0}" = 1 ] && [ ! -f "$run/eval-humaneval-chat-sampled/results.json" ]; then
-    # pass@1/5/10 from 10 sampled answers per problem: ten times the greedy generation (~2 h per run on 2 CPU
-    # cores, scripts/generate_batch_probe.py; minutes on a GPU): opt-in
+    # pass@1/5/10 from 10 sampled answers per problem: ten times the greedy generation (~1 h per run on 2 CPU
+    # cores through the eval engine, docs/benchmarks.md; minutes on a GPU): opt-in
     echo "=== HumanEval (chat, sampled) $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks sc_humaneval_chat_sampled --apply-chat-template --allow-code-execution \
       --out "$run/eval-humaneval-chat-sampled" --batch-size 40

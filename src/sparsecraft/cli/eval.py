@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--generation", choices=("engine", "hf"), default="engine",
                    help="how generation tasks are answered: engine = continuous batching (finished answers leave "
                         "the batch, repeated prompts are prefilled once), hf = lm-eval's model.generate batches")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every document's prompt, answers and metrics to OUT/samples/TASK.jsonl")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the model's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
@@ -127,16 +129,21 @@ def run(args) -> int:
             format_results_table,
             summarize_lm_eval,
             write_results,
+            write_samples,
         )
         from ..version import __version__
 
         raw, prepared = run_lm_eval(model, prepared, tokenizer=tokenizer, limit=limit, batch_size=batch_size,
                                     allow_code_execution=args.allow_code_execution,
-                                    apply_chat_template=args.apply_chat_template, generation=args.generation)
+                                    apply_chat_template=args.apply_chat_template, generation=args.generation,
+                                    log_samples=args.log_samples)
         summary = summarize_lm_eval(raw, prepared.names)
         settings.update(lm_eval=lm_eval_version(), sparsecraft=__version__, tasks_requested=args.tasks or "local",
                         chat_template=args.apply_chat_template)
         path = write_results(out, args.model, summary, settings, raw, prepared.not_run)
+        if args.log_samples:
+            for written in write_samples(out, raw):
+                print(f"wrote {written}")
         print(format_results_table({"model": args.model, "tasks": summary["tasks"], "not_run": prepared.not_run,
                                     "settings": {"num_fewshot": summary["num_fewshot"],
                                                  "samples": summary["samples"]}}))

@@ -6,6 +6,7 @@ Shapes other tools read (the comparison report reads `RUN_DIR/eval/`):
                    "subtasks": {...same as tasks, for groups' members...}, "settings": {...}}
     quick.json    {"model": str, "sources": {name: {"loss", "perplexity", "tokens", "samples"}},
                    "loss": overall, "perplexity": overall, "tokens": n, "settings": {...}}
+    samples/TASK.jsonl   with `--log-samples`: lm-eval's record of every document (prompt, answers, metrics)
 
 Metric names are lm-eval's with the filter after a slash when it is not `none`: `acc`, `acc_norm`,
 `acc_stderr`, `exact_match/strict-match`, `pass@1`. Every file is written to a temporary sibling and renamed
@@ -94,6 +95,17 @@ def write_results(out_dir: str | os.PathLike, model: str, summary: dict[str, Any
                                                          indent=2, default=str) + "\n")
     atomic_write_text(out_dir / RESULTS_MD, format_results_table(data) + "\n")
     return atomic_write_text(out_dir / RESULTS_JSON, _json(data))
+
+
+def write_samples(out_dir: str | os.PathLike, raw: dict[str, Any]) -> list[Path]:
+    """lm-eval's per-sample log (`log_samples`) as `samples/TASK.jsonl`: one line per document with its prompt
+    (`arguments`), the model's raw answers (`resps`), the filtered ones scored (`filtered_resps`), the target and
+    the metrics. Returns the files written."""
+    written = []
+    for task, samples in sorted((raw.get("samples") or {}).items()):
+        lines = [json.dumps(sample, ensure_ascii=False, default=str) for sample in samples]
+        written.append(atomic_write_text(Path(out_dir) / "samples" / f"{task}.jsonl", "\n".join(lines) + "\n"))
+    return written
 
 
 def format_results_table(data: dict[str, Any]) -> str:
