@@ -67,8 +67,10 @@ def generate_all(model, tokenizer, prompts: list[Prompt], *, max_batch_size: int
     Prompts are admitted longest first (identical ones side by side, so their repeats share a prefill); the text
     excludes the stop sequence that ended it. Raises RuntimeError with the engine's message if a step failed.
     """
+    # the repeats of a prompt are submitted side by side but admitted as slots free up: keep the last few prompts'
+    # KV so each is computed once
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max(1, len(prompts)),
-                    max_prefill_tokens=max_prefill_tokens)
+                    max_prefill_tokens=max_prefill_tokens, prefix_cache=4)
     texts: list[list[str]] = [[] for _ in prompts]
     errors: list[str] = []
 

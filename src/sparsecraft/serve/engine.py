@@ -19,7 +19,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,12 +94,16 @@ class Engine:
     """Continuous batching over a causal LM (any model `sparsecraft.load` returns) and its tokenizer."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_prefill_tokens: int = 4096) -> None:
+                 max_prefill_tokens: int = 4096, prefix_cache: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        # recent prompts whose KV rows and next-token logits are kept (0: none; evaluation's repeated prompts)
+        self.prefix_cache = prefix_cache
+        self._prefixes: OrderedDict[tuple[int, ...], tuple[KVBatch, torch.Tensor]] = OrderedDict()
+        self.prefilled_tokens = 0  # prompt tokens that went through the model (the rest came from _prefixes)
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -222,15 +226,14 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
-        """Prefill each distinct prompt once (the repeats of a sampled benchmark share it), then give every
-        request its own row: the cache rows of repeated prompts are copies, their samples are their own."""
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in requests]
-        ids, mask = left_pad([list(p) for p in distinct], self.pad_id)
-        cache = DynamicCache()
+        """Prefill each distinct prompt once, or take it from the recent-prompt cache (a sampled benchmark's
+        repeats of one prompt arrive one slot at a time), then give every request its own row: the cache rows of a
+        repeated prompt are copies, their samples are their own."""
+        prompts: dict[tuple[int, ...], int] = {}
+        row_of = [prompts.setdefault(tuple(r.prompt_ids), len(prompts)) for r in requests]
         slots = [_Slot(r, self.tokenizer) for r in requests]
         try:
-            logits = self._forward(ids, mask, positions_from_mask(mask), cache)
+            group, rows, logits = self._prompt_rows(list(prompts))
         except Exception as exc:  # noqa: BLE001 - these requests fail; the running batch goes on
             log.exception("prefill failed")
             for r in requests:
@@ -240,10 +243,41 @@ class Engine:
         keep = self._accept(slots, self._choose(logits, slots))
         if not keep:
             return
-        joined = KVBatch(cache, mask).select([row_of[i] for i in keep])
+        joined = group.select([rows[row_of[i]] for i in keep])
         self._batch = joined if self._batch is None else self._batch.merge(joined)
         self._slots += [slots[i] for i in keep]
         self.peak_running = max(self.peak_running, len(self._slots))
+
+    def _prompt_rows(self, prompts: list[tuple[int, ...]]) -> tuple[KVBatch, list[int], torch.Tensor]:
+        """KV rows for the prompts: `(group, rows, logits)`, where `group.select([rows[i]])` is prompt i's row and
+        `logits[i]` `[V]` its next token's logits. Prompts in the recent-prompt cache are not computed again."""
+        fresh = [p for p in prompts if p not in self._prefixes]
+        found = [p for p in prompts if p in self._prefixes]
+        blocks: list[KVBatch] = []
+        row_in_group: dict[tuple[int, ...], int] = {}
+        next_logits: dict[tuple[int, ...], torch.Tensor] = {}
+        if fresh:
+            ids, mask = left_pad([list(p) for p in fresh], self.pad_id)
+            cache = DynamicCache()
+            logits = self._forward(ids, mask, positions_from_mask(mask), cache)
+            self.prefilled_tokens += sum(len(p) for p in fresh)
+            computed = KVBatch(cache, mask)
+            blocks.append(computed)
+            for j, prompt in enumerate(fresh):
+                row_in_group[prompt], next_logits[prompt] = j, logits[j]
+                if self.prefix_cache > 0:  # a copy of the row: later batches never write into it
+                    self._prefixes[prompt] = (computed.select([j]), logits[j].clone())
+        for prompt in found:
+            self._prefixes.move_to_end(prompt)
+            row, logits_row = self._prefixes[prompt]
+            row_in_group[prompt], next_logits[prompt] = sum(b.size for b in blocks), logits_row
+            blocks.append(row)
+        while len(self._prefixes) > self.prefix_cache:
+            self._prefixes.popitem(last=False)
+        group = blocks[0]
+        for block in blocks[1:]:
+            group = group.merge(block)
+        return group, [row_in_group[p] for p in prompts], torch.stack([next_logits[p] for p in prompts])
 
     def _decode(self) -> None:
         mask, positions = self._batch.step_inputs(self.device)
