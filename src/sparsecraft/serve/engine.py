@@ -3,7 +3,8 @@
 Requests wait in a bounded queue. Before each decode step the engine admits waiting requests into free slots
 (up to `max_batch_size`): their prompts are prefilled together, left-padded, and their rows join the running
 batch's KV cache (`kvbatch.KVBatch.merge`), so a request that arrives mid-generation starts on the next step
-instead of waiting for the batch to end. Identical prompts admitted together are prefilled once. Finished or
+instead of waiting for the batch to end. Identical prompts admitted together are prefilled once (with
+`prefix_cache`, also ones admitted later: the KV rows of recent prompts are kept). Finished or
 cancelled rows leave the cache at once. Each row keeps its own positions, mask, sampling settings and generator,
 so its tokens do not depend on which rows share its batch (greedy output equals the solo run up to floating-point
 summation order).

@@ -5,7 +5,8 @@ prefilled group to a running batch (the shorter side is left-padded), drop finis
 that have become padding for every row left. The cache is a plain transformers `DynamicCache` (tensors
 `[B, kv_heads, T, head_dim]` per layer), read by iterating it and rebuilt from tensors with its constructor, so
 nothing here depends on a model family: attention masks say which columns are real and position ids carry each
-row's own positions, which is all the model needs to compute for every row what it would compute alone.
+row's own positions, which is all the model needs to compute for every row what it would compute alone. Its layers
+are `GrowingLayer`s, so a decode step writes its new column in place instead of concatenating the whole cache.
 """
 
 from __future__ import annotations
