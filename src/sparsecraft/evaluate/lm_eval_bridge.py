@@ -7,7 +7,9 @@ Importing this module registers the model type `sparsecraft` with lm-eval:
 
 `SparsecraftLM` is lm-eval's own `HFLM` around a model that `sparsecraft.load` gives (crafted, trained, dense,
 GGUF, built-in name, imported Camelidae/Sparsetral layouts) or around a model object already in memory, so
-log-likelihood batching, generation with stop sequences, truncation and caching are lm-eval's code, not ours.
+log-likelihood batching, truncation and caching are lm-eval's code, not ours. Generation requests are answered
+by the serving engine's continuous batching (`engine_generation`), with lm-eval's own stop-sequence handling and
+truncation rules; `generation="hf"` (or an option the engine lacks) leaves them to lm-eval's `generate` batches.
 lm-eval calls the model without labels, so no router loss is added: the scores come from the logits alone.
 
 `run_lm_eval` resolves task names and suites, builds every task before the model is loaded (an unknown name,
