@@ -275,9 +275,7 @@ class Engine:
             blocks.append(row)
         while len(self._prefixes) > self.prefix_cache:
             self._prefixes.popitem(last=False)
-        group = blocks[0]
-        for block in blocks[1:]:
-            group = group.merge(block)
+        group = blocks[0] if len(blocks) == 1 else KVBatch.concat(blocks)
         return group, [row_in_group[p] for p in prompts], torch.stack([next_logits[p] for p in prompts])
 
     def _decode(self) -> None:

@@ -128,15 +128,20 @@ class KVBatch:
 
     def merge(self, other: KVBatch) -> KVBatch:
         """This batch's rows followed by `other`'s, the narrower one left-padded to the wider one's columns."""
-        width = max(self.width, other.width)
+        return KVBatch.concat([self, other])
+
+    @staticmethod
+    def concat(batches: list[KVBatch]) -> KVBatch:
+        """The rows of all `batches` in order, each left-padded to the widest: one copy however many there are."""
+        width = max(b.width for b in batches)
         layers = []
-        for (ka, va), (kb, vb) in zip(_cache_tensors(self.cache), _cache_tensors(other.cache), strict=True):
-            if ka is None or kb is None or ka.numel() == 0 or kb.numel() == 0:
+        for per_batch in zip(*(_cache_tensors(b.cache) for b in batches), strict=True):
+            if any(k is None or k.numel() == 0 for k, _ in per_batch):
                 layers.append((None, None))  # a layer without its own cache (KV shared with another layer)
                 continue
-            layers.append((torch.cat([_pad_time(ka, width), _pad_time(kb, width)], 0),
-                           torch.cat([_pad_time(va, width), _pad_time(vb, width)], 0)))
-        mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(other.mask, (width - other.width, 0))], 0)
+            layers.append((torch.cat([_pad_time(k, width) for k, _ in per_batch], 0),
+                           torch.cat([_pad_time(v, width) for _, v in per_batch], 0)))
+        mask = torch.cat([F.pad(b.mask, (width - b.width, 0)) for b in batches], 0)
         return KVBatch(growing_cache(layers), mask)
 
     def select(self, rows: list[int]) -> KVBatch | None:
