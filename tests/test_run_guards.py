@@ -149,7 +149,9 @@ def test_random_kills_during_checkpoint_writes_resume_to_identical_weights(workd
     """Standing guard: a real training process is killed at seeded random moments while it writes checkpoints
     (a handful of kills, bounded time); every resume continues from a complete checkpoint and the run ends with
     the weights of one that was never interrupted."""
-    common = args_for(workdir, tmp_path / "clean", "max_steps=8", "checkpoint.keep=2", "craft.dropout=0.1")
+    # every process would otherwise time its own dispatch choices, and under load pick other winners
+    common = args_for(workdir, tmp_path / "clean", "max_steps=8", "checkpoint.keep=2", "craft.dropout=0.1",
+                      "craft.dispatch=rule")
     run(load_recipe(QUICKSTART, common))
     expected = weights(tmp_path / "clean")
     out = tmp_path / "killed"

@@ -48,7 +48,8 @@ class CraftConfig:
         aux_loss_coef: alpha of the Switch load-balancing loss added to `loss` when labels are given.
         z_loss_coef: coefficient of the router z-loss (0 disables it being added; it is still reported).
         layers: `"all"`, `"every:N"` (layers 0, N, 2N, ...), or an explicit list of layer indices.
-        dispatch: `auto` picks by shape; `dense`, `grouped`, `sorted`, `loop` force one path.
+        dispatch: `auto` times the candidate paths per call shape; `rule` picks by a fixed shape rule
+            (reproducible across processes); `dense`, `grouped`, `sorted`, `gathered`, `triton`, `loop` force one.
     """
 
     # Each field's metadata is its command-line option (see `craft_fields`): `help`, and where needed `flag`
