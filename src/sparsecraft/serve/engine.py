@@ -1,13 +1,14 @@
 """The batching engine: one thread owns the model and decodes every running request one token per step.
 
-Requests wait in a bounded queue. Before each decode step the engine admits waiting requests into free slots
-(up to `max_batch_size`): their prompts are prefilled together, left-padded, and their rows join the running
-batch's KV cache (`kvbatch.KVBatch.merge`), so a request that arrives mid-generation starts on the next step
-instead of waiting for the batch to end. Identical prompts admitted together are prefilled once (with
-`prefix_cache`, also ones admitted later: the KV rows of recent prompts are kept). Finished or
-cancelled rows leave the cache at once. Each row keeps its own positions, mask, sampling settings and generator,
-so its tokens do not depend on which rows share its batch (greedy output equals the solo run up to floating-point
-summation order).
+Requests wait in a bounded queue. Before each decode step the engine admits waiting requests into free slots (up to
+`max_batch_size`): their prompts are prefilled together, left-padded, and their rows join the running batch's KV
+cache, so a request that arrives mid-generation starts on the next step instead of waiting for the batch to end.
+Identical prompts admitted together are prefilled once (with `prefix_cache`, also ones admitted later: the KV rows
+of recent prompts are kept). A finished or cancelled row is freed at once and the next admitted request's KV row is
+written into it in place (`KVBatch.place`); the batch is copied only to grow, to shrink once a quarter of its rows
+stay free with nothing waiting, or to widen for a prompt longer than every running row. Each row keeps its own
+positions, mask, sampling settings and generator, so its tokens do not depend on which rows share its batch (greedy
+output equals the solo run up to floating-point summation order).
 
 Results go out through each request's `sink` (called on the engine thread; the server hands them to its event
 loop), so a client that reads slowly never holds up the step. Batch jobs (evaluation) submit everything and
@@ -113,7 +114,7 @@ class Engine:
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
-        self._slots: list[_Slot] = []
+        self._slots: list[_Slot | None] = []  # one per batch row; None: a free row (decoded, its token ignored)
         self._batch: KVBatch | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -153,7 +154,7 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"running": len(self._slots), "waiting": len(self._waiting), "steps": self.steps,
+            return {"running": self._running_count(), "waiting": len(self._waiting), "steps": self.steps,
                     "peak_running": self.peak_running,
                     "alive": self._thread is not None and self._thread.is_alive()}
 
@@ -191,7 +192,7 @@ class Engine:
                 self._decode()
         except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, never the server
             log.exception("generation step failed")
-            for slot in self._slots:
+            for slot in filter(None, self._slots):
                 self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
             self._slots, self._batch = [], None
 
@@ -201,7 +202,8 @@ class Engine:
         taken: list[GenerationRequest] = []
         distinct: set[tuple[int, ...]] = set()
         width = 0
-        while self._waiting and len(self._slots) + len(taken) < self.max_batch_size:
+        running = self._running_count()
+        while self._waiting and running + len(taken) < self.max_batch_size:
             head = self._waiting[0]
             if head.cancelled:
                 self._waiting.popleft()
@@ -244,10 +246,17 @@ class Engine:
         keep = self._accept(slots, self._choose(logits, slots))
         if not keep:
             return
-        joined = group.select([rows[row_of[i]] for i in keep])
-        self._batch = joined if self._batch is None else self._batch.merge(joined)
-        self._slots += [slots[i] for i in keep]
-        self.peak_running = max(self.peak_running, len(self._slots))
+        group_rows = [rows[row_of[i]] for i in keep]
+        free = [row for row, slot in enumerate(self._slots) if slot is None][:len(keep)]
+        if free:  # into the rows of finished requests, in place
+            self._batch.place(free, group, group_rows[:len(free)])
+            for row, i in zip(free, keep, strict=False):
+                self._slots[row] = slots[i]
+        if len(keep) > len(free):  # more rows: the batch grows (one copy)
+            joined = group.select(group_rows[len(free):])
+            self._batch = joined if self._batch is None else self._batch.merge(joined)
+            self._slots += [slots[i] for i in keep[len(free):]]
+        self.peak_running = max(self.peak_running, self._running_count())
 
     def _prompt_rows(self, prompts: list[tuple[int, ...]]) -> tuple[KVBatch, list[int], torch.Tensor]:
         """KV rows for the prompts: `(group, rows, logits)`, where `group.select([rows[i]])` is prompt i's row and
@@ -280,24 +289,43 @@ class Engine:
 
     def _decode(self) -> None:
         mask, positions = self._batch.step_inputs(self.device)
-        ids = torch.tensor([[slot.last] for slot in self._slots], dtype=torch.long)
+        ids = torch.tensor([[slot.last if slot else self.pad_id] for slot in self._slots], dtype=torch.long)
         logits = self._forward(ids, mask, positions, self._batch.cache)
         self._batch.advance()
-        self._keep(self._accept(self._slots, self._choose(logits, self._slots)))
+        live = [row for row, slot in enumerate(self._slots) if slot is not None]
+        if len(live) < len(self._slots):
+            logits = logits[torch.tensor(live, device=logits.device)]
+        slots = [self._slots[row] for row in live]
+        going = set(self._accept(slots, self._choose(logits, slots)))
+        self._release([row for j, row in enumerate(live) if j not in going])
 
     def _choose(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
         return choose_tokens(logits, [s.request.temperature for s in slots], [s.request.top_p for s in slots],
                              [s.generator for s in slots])
 
     def _drop_cancelled(self) -> None:
-        if any(s.request.cancelled for s in self._slots):
-            self._keep([i for i, s in enumerate(self._slots) if not s.request.cancelled])
+        self._release([row for row, slot in enumerate(self._slots) if slot and slot.request.cancelled])
 
-    def _keep(self, rows: list[int]) -> None:
-        if len(rows) == len(self._slots):
+    def _running_count(self) -> int:
+        return sum(slot is not None for slot in self._slots)
+
+    def _release(self, rows: list[int]) -> None:
+        """Free the rows of ended requests; shrink the batch once a quarter of it is free and nothing waits (free
+        rows still cost their share of every decode step), and cut columns that no row uses any more."""
+        if not rows:
             return
-        self._batch = self._batch.select(rows)
-        self._slots = [self._slots[i] for i in rows]
+        for row in rows:
+            self._slots[row] = None
+        live = [row for row, slot in enumerate(self._slots) if slot is not None]
+        if not live:
+            self._slots, self._batch = [], None
+            return
+        self._batch.release(rows)
+        if not self._waiting and 4 * (len(self._slots) - len(live)) >= len(self._slots):
+            self._batch = self._batch.select(live)
+            self._slots = [self._slots[row] for row in live]
+        else:
+            self._batch.trim()
 
     def _accept(self, slots: list[_Slot], tokens: list[int]) -> list[int]:
         """Record each row's new token and send its text; returns the rows that go on."""
@@ -335,7 +363,7 @@ class Engine:
             request.sink(Event("error", message))
 
     def _abort_all(self, message: str) -> None:
-        for request in [s.request for s in self._slots] + list(self._waiting):
+        for request in [s.request for s in self._slots if s] + list(self._waiting):
             self._finish_error(request, message)
         self._slots, self._batch = [], None
         self._waiting.clear()

@@ -1,12 +1,13 @@
 """A batch of sequences decoded together: left-padded token masks and a KV cache whose rows can join and leave.
 
-Continuous batching needs three cache operations that `model.generate` never does: append the rows of a freshly
-prefilled group to a running batch (the shorter side is left-padded), drop finished rows, and cut the columns
-that have become padding for every row left. The cache is a plain transformers `DynamicCache` (tensors
-`[B, kv_heads, T, head_dim]` per layer), read by iterating it and rebuilt from tensors with its constructor, so
-nothing here depends on a model family: attention masks say which columns are real and position ids carry each
-row's own positions, which is all the model needs to compute for every row what it would compute alone. Its layers
-are `GrowingLayer`s, so a decode step writes its new column in place instead of concatenating the whole cache.
+Continuous batching needs cache operations that `model.generate` never does: append the rows of a freshly prefilled
+group to a running batch (the shorter side is left-padded), free finished rows and write new requests' rows into
+them in place, drop rows, and cut the columns that have become padding for every row left. The cache is a plain
+transformers `DynamicCache` (tensors `[B, kv_heads, T, head_dim]` per layer), read by iterating it and rebuilt from
+tensors with its constructor, so nothing here depends on a model family: attention masks say which columns are real
+and position ids carry each row's own positions, which is all the model needs to compute for every row what it would
+compute alone. Its layers are `GrowingLayer`s, so a decode step writes its new column in place instead of
+concatenating the whole cache.
 """
 
 from __future__ import annotations
@@ -45,31 +46,46 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views of a buffer with spare columns: a decode step writes its
     column in place instead of copying the layer's whole cache into a new tensor (`torch.cat`, a fifth of a
-    batch-40 decode step at 550 columns on a CPU). A full buffer is reallocated a quarter larger (at least 64
-    columns); keys replaced from outside (a crop, a batch selection) are copied into a new buffer on the next
-    update."""
+    batch-40 decode step at 550 columns on a CPU), and `drop_leading` cuts columns off the front by moving the
+    view. A full buffer is reallocated a quarter larger (at least 64 columns); keys replaced from outside (a crop,
+    a batch selection) are copied into a new buffer on the next update."""
 
     SPARE = 64
+
+    def _own_view(self) -> bool:
+        """Whether `keys` is still the view of the buffer this layer made (not replaced from outside)."""
+        return (self._buffers is not None and self.keys.numel() > 0
+                and self.keys.data_ptr() == self._buffers[0][..., self._start:, :].data_ptr())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self._buffers = None
+            self._buffers, self._start = None, 0
         old = self.keys.shape[-2] if self.keys.numel() else 0
         need = old + key_states.shape[-2]
-        buffers = self._buffers
-        if (buffers is None or self.keys.numel() and self.keys.data_ptr() != buffers[0].data_ptr()
-                or need > buffers[0].shape[-2] or buffers[0].shape[:-2] != key_states.shape[:-2]):
+        if (not (self._own_view() or old == 0 and self._buffers is not None)
+                or self._start + need > self._buffers[0].shape[-2]
+                or self._buffers[0].shape[:-2] != key_states.shape[:-2]):
             capacity = need + max(self.SPARE, need // 4)
             buffers = tuple(t.new_empty(*t.shape[:-2], capacity, t.shape[-1]) for t in (key_states, value_states))
             if old:
                 buffers[0][..., :old, :] = self.keys
                 buffers[1][..., :old, :] = self.values
-            self._buffers = buffers
-        buffers[0][..., old:need, :] = key_states
-        buffers[1][..., old:need, :] = value_states
-        self.keys, self.values = buffers[0][..., :need, :], buffers[1][..., :need, :]
+            self._buffers, self._start = buffers, 0
+        first, last = self._start + old, self._start + need
+        self._buffers[0][..., first:last, :] = key_states
+        self._buffers[1][..., first:last, :] = value_states
+        self.keys = self._buffers[0][..., self._start:last, :]
+        self.values = self._buffers[1][..., self._start:last, :]
         return self.keys, self.values
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first `columns` columns: a narrower view of the same buffer, nothing copied."""
+        if not self.is_initialized or self.keys.numel() == 0 or columns <= 0:
+            return
+        if self._own_view():
+            self._start += columns
+        self.keys, self.values = self.keys[..., columns:, :], self.values[..., columns:, :]
 
 
 def growing_cache(layers: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> DynamicCache:
@@ -143,6 +159,51 @@ class KVBatch:
                            torch.cat([_pad_time(v, width) for _, v in per_batch], 0)))
         mask = torch.cat([F.pad(b.mask, (width - b.width, 0)) for b in batches], 0)
         return KVBatch(growing_cache(layers), mask)
+
+    def release(self, rows: list[int]) -> None:
+        """Rows whose requests ended: none of their columns is real any more, the row is free for `place`."""
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long)
+            self.mask[index] = 0
+            self.lengths[index] = 0
+
+    def place(self, rows: list[int], group: KVBatch, group_rows: list[int]) -> None:
+        """Write `group`'s rows `group_rows` into this batch's (free) rows `rows` in place, aligned to the last
+        column; a group wider than the batch widens it first (the one case that copies the cache)."""
+        if group.width > self.width:
+            self._widen(group.width)
+        start = self.width - group.width
+        dst, src = torch.tensor(rows, dtype=torch.long), torch.tensor(group_rows, dtype=torch.long)
+        for (keys, values), (g_keys, g_values) in zip(_cache_tensors(self.cache), _cache_tensors(group.cache),
+                                                      strict=True):
+            if keys is None or keys.numel() == 0:
+                continue
+            index = src.to(g_keys.device)  # the columns before `start` keep an old row's (masked) values
+            keys[dst.to(keys.device), :, start:] = g_keys.index_select(0, index)
+            values[dst.to(values.device), :, start:] = g_values.index_select(0, index)
+        self.mask[dst] = 0
+        self.mask[dst, start:] = group.mask.index_select(0, src)
+        self.lengths[dst] = group.lengths.index_select(0, src)
+
+    def _widen(self, width: int) -> None:
+        layers = [(_pad_time(k, width), _pad_time(v, width)) for k, v in _cache_tensors(self.cache)]
+        self.cache = growing_cache([(k, v) if k is not None and k.numel() else (None, None) for k, v in layers])
+        self.mask = F.pad(self.mask, (width - self.width, 0))
+
+    def trim(self, min_columns: int = 64) -> int:
+        """Cut the leading columns that are padding in every row, once there are at least `min_columns` of them
+        (views of the same buffers: nothing is copied). Returns how many were cut."""
+        real = self.mask.any(0).nonzero()
+        start = int(real[0]) if real.numel() else self.width
+        if start < min_columns:
+            return 0
+        for layer in self.cache.layers:
+            if isinstance(layer, GrowingLayer):
+                layer.drop_leading(start)
+            elif layer.is_initialized and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        self.mask = self.mask[:, start:]
+        return start
 
     def select(self, rows: list[int]) -> KVBatch | None:
         """Only `rows` (in that order), without the leading columns that are padding in all of them; None when

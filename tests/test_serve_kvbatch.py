@@ -1,0 +1,115 @@
+"""The running batch's cache operations against a model's own uncached forward: a finished row freed and a new
+request written into it in place (narrower and wider than the batch), leading padding cut without a copy, and the
+engine reusing freed rows with every answer still equal to the model's solo `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from test_serve_engine import crafted, request, solo_generate
+from transformers import DynamicCache
+
+from sparsecraft.serve.engine import Engine
+from sparsecraft.serve.kvbatch import GrowingLayer, KVBatch, cache_argument, left_pad, positions_from_mask
+
+
+def prefill(model, rows: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
+    """The engine's prefill: left-padded rows through the model into a fresh cache; last logits `[n, V]`."""
+    ids, mask = left_pad(rows, 0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                **{cache_argument(model): cache}, use_cache=True)
+    return KVBatch(cache, mask), out.logits[:, -1]
+
+
+def decode(model, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+    """One decode step of every row; logits `[B, V]`."""
+    mask, positions = batch.step_inputs("cpu")
+    out = model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=positions,
+                **{cache_argument(model): batch.cache}, use_cache=True)
+    batch.advance()
+    return out.logits[:, -1]
+
+
+def uncached(model, tokens: list[int]) -> torch.Tensor:
+    """The next-token logits `[V]` of one sequence computed from scratch."""
+    return model(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+
+@torch.inference_mode()
+def test_freed_rows_take_new_requests_in_place_and_match_the_uncached_model():
+    model = tiny_model("llama")
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    batch, _ = prefill(model, seqs)
+    batch = batch.select([0, 1, 2])  # as the engine holds it: growing layers
+    for token in (20, 21):
+        decode(model, batch, [token] * 3)
+        seqs = [s + [token] for s in seqs]
+    keys_before = batch.cache.layers[0].keys.data_ptr()
+
+    batch.release([1])  # row 1 finished; a narrower new request takes its place
+    new, _ = prefill(model, [[30, 31, 32]])
+    batch.place([1], new, [0])
+    seqs[1] = [30, 31, 32]
+    logits = decode(model, batch, [22, 40, 22])
+    seqs = [s + [t] for s, t in zip(seqs, [22, 40, 22], strict=True)]
+    assert batch.cache.layers[0].keys.data_ptr() == keys_before  # nothing was copied
+    for row, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[row], uncached(model, seq), rtol=0, atol=1e-5)
+
+    batch.release([0])  # a request longer than every row: the batch widens
+    long = list(range(40, 60))
+    new, _ = prefill(model, [[50, 51], long])
+    batch.place([0], new, [1])
+    seqs[0] = long
+    logits = decode(model, batch, [41, 42, 43])
+    seqs = [s + [t] for s, t in zip(seqs, [41, 42, 43], strict=True)]
+    assert batch.width == len(long) + 1
+    for row, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[row], uncached(model, seq), rtol=0, atol=1e-5)
+
+    batch.release([0])  # the long row leaves: the columns only it used are cut, by moving views
+    free_columns = batch.width - max(len(s) for s in seqs[1:])
+    assert batch.trim(min_columns=1000) == 0 and batch.trim(min_columns=1) == free_columns
+    logits = decode(model, batch, [44, 45, 46])
+    for row in (1, 2):
+        torch.testing.assert_close(logits[row], uncached(model, seqs[row] + [[44, 45, 46][row]]), rtol=0, atol=1e-5)
+
+
+def test_growing_layer_drops_leading_columns_without_copying():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 3, n, 4, generator=g) for n in (6, 1, 1)]
+    layer = GrowingLayer()
+    layer.update(chunks[0], -chunks[0])
+    layer.drop_leading(4)
+    cut = layer.keys.data_ptr()
+    keys, values = layer.update(chunks[1], -chunks[1])
+    assert keys.data_ptr() == cut  # written into the same buffer, behind the cut
+    want = torch.cat([chunks[0][..., 4:, :], chunks[1]], -2)
+    assert torch.equal(keys, want) and torch.equal(values, -want)
+    layer.batch_select_indices(torch.tensor([0]))  # replaced from outside, then cut: copied on the next update
+    layer.drop_leading(1)
+    keys, _ = layer.update(chunks[2][:1], -chunks[2][:1])
+    assert torch.equal(keys, torch.cat([want[:1, :, 1:], chunks[2][:1]], -2))
+
+
+@pytest.mark.parametrize("method", ["pesc", "dense"])
+def test_engine_reuses_freed_rows_and_answers_stay_solo(method, monkeypatch):
+    model, tok = crafted(method), tiny_tokenizer()
+    prompts = ["hello there", "a", "the quick brown fox jumps", "MoE!", "x y z", "0123456789abcdef", "ok", "why?"]
+    lengths = [3, 9, 5, 12, 2, 7, 4, 10]  # rows finish at different steps while others wait
+    want = [solo_generate(model, tok, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    placed = []
+    place = KVBatch.place
+    monkeypatch.setattr(KVBatch, "place", lambda self, rows, *a: (placed.append(len(rows)), place(self, rows, *a)))
+    engine = Engine(model, tok, max_batch_size=3)
+    sinks = []
+    for prompt, n in zip(prompts, lengths, strict=True):
+        r, sink = request(tok, prompt, n)
+        engine.submit(r)
+        sinks.append(sink)
+    engine.drain()
+    assert [s.text for s in sinks] == want
+    assert sum(placed) >= 4 and engine.peak_running == 3  # finished rows took new requests in place
+    assert engine.stats()["running"] == 0
