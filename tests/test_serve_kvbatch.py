@@ -58,9 +58,13 @@ def test_freed_rows_take_new_requests_in_place_and_match_the_uncached_model():
     for row, seq in enumerate(seqs):
         torch.testing.assert_close(logits[row], uncached(model, seq), rtol=0, atol=1e-5)
 
-    batch.release([0])  # a request longer than every row: the batch widens
+    batch.release([0])  # a group with a long and a short prompt: placing the short one leaves the width alone
     long = list(range(40, 60))
     new, _ = prefill(model, [[50, 51], long])
+    width = batch.width
+    batch.place([0], new, [0])
+    assert batch.width == width
+    batch.release([0])  # a request longer than every row: the batch widens
     batch.place([0], new, [1])
     seqs[0] = long
     logits = decode(model, batch, [41, 42, 43])
@@ -69,12 +73,15 @@ def test_freed_rows_take_new_requests_in_place_and_match_the_uncached_model():
     for row, seq in enumerate(seqs):
         torch.testing.assert_close(logits[row], uncached(model, seq), rtol=0, atol=1e-5)
 
-    batch.release([0])  # the long row leaves: the columns only it used are cut, by moving views
-    free_columns = batch.width - max(len(s) for s in seqs[1:])
-    assert batch.trim(min_columns=1000) == 0 and batch.trim(min_columns=1) == free_columns
+    batch.release([0])  # the long row leaves; decoded while free, it keeps no column
     logits = decode(model, batch, [44, 45, 46])
+    seqs = [s + [t] for s, t in zip(seqs, [44, 45, 46], strict=True)]
+    assert int(batch.mask[0].sum()) == 0 and int(batch.lengths[0]) == 0
+    free_columns = batch.width - max(len(s) for s in seqs[1:])  # the columns only the long row used are cut
+    assert batch.trim(min_columns=1000) == 0 and batch.trim(min_columns=1) == free_columns
+    logits = decode(model, batch, [47, 48, 49])
     for row in (1, 2):
-        torch.testing.assert_close(logits[row], uncached(model, seqs[row] + [[44, 45, 46][row]]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[row], uncached(model, seqs[row] + [[47, 48, 49][row]]), rtol=0, atol=1e-5)
 
 
 def test_growing_layer_drops_leading_columns_without_copying():
@@ -97,12 +104,14 @@ def test_growing_layer_drops_leading_columns_without_copying():
 @pytest.mark.parametrize("method", ["pesc", "dense"])
 def test_engine_reuses_freed_rows_and_answers_stay_solo(method, monkeypatch):
     model, tok = crafted(method), tiny_tokenizer()
-    prompts = ["hello there", "a", "the quick brown fox jumps", "MoE!", "x y z", "0123456789abcdef", "ok", "why?"]
-    lengths = [3, 9, 5, 12, 2, 7, 4, 10]  # rows finish at different steps while others wait
+    long = "a long prompt that ends soon, after which its columns are cut " * 2
+    prompts = ["hello there", "a", long, "the quick brown fox jumps", "MoE!", "x y z", "0123456789abcdef", "ok", "why?"]
+    lengths = [3, 9, 2, 5, 12, 2, 7, 4, 10]  # rows finish at different steps while others wait
     want = [solo_generate(model, tok, p, n) for p, n in zip(prompts, lengths, strict=True)]
-    placed = []
-    place = KVBatch.place
+    placed, cut = [], []
+    place, trim = KVBatch.place, KVBatch.trim
     monkeypatch.setattr(KVBatch, "place", lambda self, rows, *a: (placed.append(len(rows)), place(self, rows, *a)))
+    monkeypatch.setattr(KVBatch, "trim", lambda self, *a: cut.append(trim(self, *a)) or cut[-1])
     engine = Engine(model, tok, max_batch_size=3)
     sinks = []
     for prompt, n in zip(prompts, lengths, strict=True):
@@ -112,4 +121,25 @@ def test_engine_reuses_freed_rows_and_answers_stay_solo(method, monkeypatch):
     engine.drain()
     assert [s.text for s in sinks] == want
     assert sum(placed) >= 4 and engine.peak_running == 3  # finished rows took new requests in place
+    assert max(cut) >= len(tok(long).input_ids) - 20  # the long prompt's columns went once it ended
     assert engine.stats()["running"] == 0
+
+
+def test_a_failed_admission_ends_every_request_and_the_engine_goes_on(monkeypatch):
+    model, tok = crafted("pesc"), tiny_tokenizer()
+
+    def broken(self, *args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(KVBatch, "place", broken)
+    engine = Engine(model, tok, max_batch_size=2)
+    sinks = []
+    for prompt, n in [("first", 2), ("second", 6), ("third", 6), ("fourth", 3)]:
+        r, sink = request(tok, prompt, n)
+        engine.submit(r)
+        sinks.append(sink)
+    engine.drain()  # "third" goes into the row "first" freed: that fails, ending "third" and the running "second"
+    assert all(s.done.is_set() for s in sinks)
+    assert [s.final.kind for s in sinks] == ["done", "error", "error", "done"]
+    assert "out of memory" in sinks[2].final.text
+    assert sinks[3].text == solo_generate(model, tok, "fourth", 3)  # the next request starts a fresh batch

@@ -2,8 +2,8 @@
 
 lm-eval's own HF path (`HFLM.generate_until` -> `model.generate`) decodes a fixed batch until its longest answer
 ends, so rows that stopped early are computed to the end, and a sampled task's repeats (`repeats: 10`) prefill the
-same prompt ten times. The engine (`serve.engine.Engine`) drops a finished row at once, admits the next request
-into its slot, and prefills identical prompts once. The answers are cut at the stop sequences as lm-eval cuts them;
+same prompt ten times. The engine (`serve.engine.Engine`) frees a finished row at once, writes the next request
+into it, and prefills identical prompts once. The answers are cut at the stop sequences as lm-eval cuts them;
 greedy answers equal `model.generate`'s up to floating-point summation order; sampled ones draw from a generator
 seeded per request (torch's seed and the request's index), so a rerun gives the same answers whatever the batch.
 

@@ -6,7 +6,7 @@ cache, so a request that arrives mid-generation starts on the next step instead 
 Identical prompts admitted together are prefilled once (with `prefix_cache`, also ones admitted later: the KV rows
 of recent prompts are kept). A finished or cancelled row is freed at once and the next admitted request's KV row is
 written into it in place (`KVBatch.place`); the batch is copied only to grow, to shrink once a quarter of its rows
-stay free with nothing waiting, or to widen for a prompt longer than every running row. Each row keeps its own
+stay free with nothing waiting, or to widen for a prompt longer than the batch is wide. Each row keeps its own
 positions, mask, sampling settings and generator, so its tokens do not depend on which rows share its batch (greedy
 output equals the solo run up to floating-point summation order).
 
@@ -119,7 +119,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.peak_running = 0  # most rows ever decoded together (shows that batching happened)
+        self.peak_running = 0  # most requests ever decoded together (shows that batching happened)
 
     # -- called from the server's threads -------------------------------------------------------------------
     def start(self) -> None:
@@ -135,7 +135,10 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; `QueueFull` when `max_queue` requests already wait, `EngineStopped` when stopping."""
+        """Queue a request; `QueueFull` when `max_queue` requests already wait, `EngineStopped` when stopping,
+        ValueError for an empty prompt (a row needs one real column)."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -244,19 +247,28 @@ class Engine:
             return
         logits = logits[torch.tensor(row_of, device=logits.device)]
         keep = self._accept(slots, self._choose(logits, slots))
-        if not keep:
-            return
-        group_rows = [rows[row_of[i]] for i in keep]
-        free = [row for row, slot in enumerate(self._slots) if slot is None][:len(keep)]
-        if free:  # into the rows of finished requests, in place
+        try:
+            self._admit([slots[i] for i in keep], group, [rows[row_of[i]] for i in keep])
+        except Exception as exc:  # the step's handler ends the running rows; these may not be among them yet
+            running = {id(slot) for slot in self._slots if slot}
+            for i in keep:
+                if id(slots[i]) not in running:
+                    self._finish_error(slots[i].request, f"generation failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _admit(self, slots: list[_Slot], group: KVBatch, group_rows: list[int]) -> None:
+        """Give each slot its row: a free row first (written in place), else a new one (the batch grows)."""
+        free = [row for row, slot in enumerate(self._slots) if slot is None][:len(slots)]
+        if free:
             self._batch.place(free, group, group_rows[:len(free)])
-            for row, i in zip(free, keep, strict=False):
-                self._slots[row] = slots[i]
-        if len(keep) > len(free):  # more rows: the batch grows (one copy)
+            for row, slot in zip(free, slots, strict=False):
+                self._slots[row] = slot
+        if len(slots) > len(free):
             joined = group.select(group_rows[len(free):])
             self._batch = joined if self._batch is None else self._batch.merge(joined)
-            self._slots += [slots[i] for i in keep[len(free):]]
+            self._slots += slots[len(free):]
         self.peak_running = max(self.peak_running, self._running_count())
+        self._tidy()
 
     def _prompt_rows(self, prompts: list[tuple[int, ...]]) -> tuple[KVBatch, list[int], torch.Tensor]:
         """KV rows for the prompts: `(group, rows, logits)`, where `group.select([rows[i]])` is prompt i's row and
@@ -310,18 +322,20 @@ class Engine:
         return sum(slot is not None for slot in self._slots)
 
     def _release(self, rows: list[int]) -> None:
-        """Free the rows of ended requests; shrink the batch once a quarter of it is free and nothing waits (free
-        rows still cost their share of every decode step), and cut columns that no row uses any more."""
-        if not rows:
-            return
-        for row in rows:
-            self._slots[row] = None
+        """Free the rows of ended requests."""
+        if rows:
+            for row in rows:
+                self._slots[row] = None
+            self._batch.release(rows)
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Shrink the batch once a quarter of it is free and nothing waits (free rows still cost their share of
+        every decode step); otherwise cut the leading columns no row uses any more."""
         live = [row for row, slot in enumerate(self._slots) if slot is not None]
         if not live:
             self._slots, self._batch = [], None
-            return
-        self._batch.release(rows)
-        if not self._waiting and 4 * (len(self._slots) - len(live)) >= len(self._slots):
+        elif not self._waiting and 4 * (len(self._slots) - len(live)) >= len(self._slots):
             self._batch = self._batch.select(live)
             self._slots = [self._slots[row] for row in live]
         else:

@@ -4,7 +4,7 @@ Continuous batching needs cache operations that `model.generate` never does: app
 group to a running batch (the shorter side is left-padded), free finished rows and write new requests' rows into
 them in place, drop rows, and cut the columns that have become padding for every row left. The cache is a plain
 transformers `DynamicCache` (tensors `[B, kv_heads, T, head_dim]` per layer), read by iterating it and rebuilt from
-tensors with its constructor, so nothing here depends on a model family: attention masks say which columns are real
+tensors by `growing_cache`, so nothing here depends on a model family: attention masks say which columns are real
 and position ids carry each row's own positions, which is all the model needs to compute for every row what it would
 compute alone. Its layers are `GrowingLayer`s, so a decode step writes its new column in place instead of
 concatenating the whole cache.
@@ -47,8 +47,9 @@ class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views of a buffer with spare columns: a decode step writes its
     column in place instead of copying the layer's whole cache into a new tensor (`torch.cat`, a fifth of a
     batch-40 decode step at 550 columns on a CPU), and `drop_leading` cuts columns off the front by moving the
-    view. A full buffer is reallocated a quarter larger (at least 64 columns); keys replaced from outside (a crop,
-    a batch selection) are copied into a new buffer on the next update."""
+    view. A full buffer is reallocated a quarter larger (at least 64 columns); keys replaced from outside by a new
+    tensor (a batch selection) are copied into a new buffer on the next update (a crop, a view of the same buffer
+    start, is not)."""
 
     SPARE = 64
 
@@ -116,7 +117,8 @@ class KVBatch:
     """The running batch: `mask [B, T]` (long), the KV cache (T columns) and per-row real lengths `[B]`.
 
     Row i's next token sits at position `lengths[i]`; column j of the cache is real for row i iff
-    `mask[i, j] == 1`.
+    `mask[i, j] == 1`. A free row (`release`d, length 0) has no real column: it is decoded with its current token
+    as its only real column and keeps none of them, so it never holds a column `trim` could cut.
     """
 
     def __init__(self, cache, mask: torch.Tensor) -> None:
@@ -138,9 +140,10 @@ class KVBatch:
         return mask.to(device), self.lengths.unsqueeze(1).to(device)
 
     def advance(self) -> None:
-        """After a decode step: the cache grew by one real column in every row."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
-        self.lengths = self.lengths + 1
+        """After a decode step: the cache grew by one column, real in every row but the free ones."""
+        live = (self.lengths > 0).to(self.mask.dtype)
+        self.mask = torch.cat([self.mask, live.unsqueeze(1)], dim=1)
+        self.lengths = self.lengths + live
 
     def merge(self, other: KVBatch) -> KVBatch:
         """This batch's rows followed by `other`'s, the narrower one left-padded to the wider one's columns."""
@@ -169,20 +172,24 @@ class KVBatch:
 
     def place(self, rows: list[int], group: KVBatch, group_rows: list[int]) -> None:
         """Write `group`'s rows `group_rows` into this batch's (free) rows `rows` in place, aligned to the last
-        column; a group wider than the batch widens it first (the one case that copies the cache)."""
-        if group.width > self.width:
-            self._widen(group.width)
-        start = self.width - group.width
-        dst, src = torch.tensor(rows, dtype=torch.long), torch.tensor(group_rows, dtype=torch.long)
+        column; rows longer than the batch is wide widen it first (the one case that copies the cache)."""
+        src = torch.tensor(group_rows, dtype=torch.long)
+        mask = group.mask.index_select(0, src)
+        real = mask.any(0).nonzero()
+        first = int(real[0]) if real.numel() else mask.shape[1]  # the group's other rows may be longer
+        if mask.shape[1] - first > self.width:
+            self._widen(mask.shape[1] - first)
+        start = self.width - (mask.shape[1] - first)
+        dst = torch.tensor(rows, dtype=torch.long)
         for (keys, values), (g_keys, g_values) in zip(_cache_tensors(self.cache), _cache_tensors(group.cache),
                                                       strict=True):
             if keys is None or keys.numel() == 0:
                 continue
             index = src.to(g_keys.device)  # the columns before `start` keep an old row's (masked) values
-            keys[dst.to(keys.device), :, start:] = g_keys.index_select(0, index)
-            values[dst.to(values.device), :, start:] = g_values.index_select(0, index)
+            keys[dst.to(keys.device), :, start:] = g_keys.index_select(0, index)[:, :, first:]
+            values[dst.to(values.device), :, start:] = g_values.index_select(0, index)[:, :, first:]
         self.mask[dst] = 0
-        self.mask[dst, start:] = group.mask.index_select(0, src)
+        self.mask[dst, start:] = mask[:, first:]
         self.lengths[dst] = group.lengths.index_select(0, src)
 
     def _widen(self, width: int) -> None:
