@@ -126,7 +126,8 @@ def test_repeats_admitted_one_slot_at_a_time_reuse_the_prompts_cache():
     model, tok = crafted_pesc(), tiny_tokenizer()
     prompt = tok("def g(y):").input_ids
     prompts = [Prompt(ids=prompt, max_tokens=6 + s, temperature=1.0, top_p=0.9, seed=s) for s in range(6)]
-    from sparsecraft.serve.engine import Engine, GenerationRequest
+    from sparsecraft.serve.engine import Engine
+    from sparsecraft.serve.requests import GenerationRequest
 
     def run(prefix_cache: int) -> tuple[list[str], int]:
         engine = Engine(model, tok, max_batch_size=2, max_queue=8, prefix_cache=prefix_cache)

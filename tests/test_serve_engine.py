@@ -13,7 +13,8 @@ from conftest import tiny_model, tiny_tokenizer
 
 import sparsecraft
 from sparsecraft.config import CraftConfig
-from sparsecraft.serve.engine import Engine, GenerationRequest, QueueFull
+from sparsecraft.serve.engine import Engine
+from sparsecraft.serve.requests import GenerationRequest, QueueFull
 from sparsecraft.serve.textstream import TextStream
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps", "MoE!", "x y z", "0123456789abcdef", "ok", "why?"]

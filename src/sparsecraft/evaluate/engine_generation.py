@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..serve.engine import Engine, Event, GenerationRequest
+from ..serve.engine import Engine
+from ..serve.requests import Event, GenerationRequest
 
 # Keys of lm-eval's normalised generation kwargs that the engine honours; anything else goes to model.generate.
 ENGINE_OPTIONS = frozenset({"do_sample", "temperature", "top_p", "until", "max_gen_toks"})

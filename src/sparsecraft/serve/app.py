@@ -15,11 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .engine import Engine, EngineStopped, GenerationRequest, QueueFull
+from .engine import Engine
 from .errors import APIError, error_body, install_error_handlers
 from .limits import BodyLimit
 from .prompts import chat_prompt_ids, check_sampling, completion_budget, completion_prompt_ids
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .requests import EngineStopped, GenerationRequest, QueueFull
 from .responses import ChunkWriter, RequestChannel, full_response, new_id
 
 # how often a request without news checks that its client is still there (a streamed one writes an SSE comment)

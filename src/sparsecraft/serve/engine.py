@@ -22,74 +22,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from .kvbatch import KVBatch, cache_argument, left_pad, positions_from_mask
-from .sampling import choose_tokens, make_generator
-from .textstream import TextStream
+from .requests import EngineStopped, Event, GenerationRequest, QueueFull, RunningRequest, eos_ids
+from .sampling import choose_tokens
 
 log = logging.getLogger("sparsecraft.serve")
-
-
-@dataclass
-class Event:
-    """What a request hears: `text` (a delta), `done` (finish reason and token counts) or `error`."""
-
-    kind: str
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """One completion to generate. `temperature` 0 is greedy; `stop` strings end it early."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    sink: Callable[[Event], None]
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    cancelled: bool = False
-
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no new work."""
-
-
-class _Slot:
-    """A running request: its text stream, generator, token count and last token."""
-
-    def __init__(self, request: GenerationRequest, tokenizer) -> None:
-        self.request = request
-        self.stream = TextStream(tokenizer, request.stop)
-        self.generator = make_generator(request.seed)
-        self.generated = 0
-        self.last = 0
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the generation config's (one or several) and the tokenizer's."""
-    ids = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 class Engine:
@@ -114,7 +55,7 @@ class Engine:
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
-        self._slots: list[_Slot | None] = []  # one per batch row; None: a free row (decoded, its token ignored)
+        self._slots: list[RunningRequest | None] = []  # per batch row; None: a free row (decoded, token ignored)
         self._batch: KVBatch | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -237,7 +178,7 @@ class Engine:
         repeated prompt are copies, their samples are their own."""
         prompts: dict[tuple[int, ...], int] = {}
         row_of = [prompts.setdefault(tuple(r.prompt_ids), len(prompts)) for r in requests]
-        slots = [_Slot(r, self.tokenizer) for r in requests]
+        slots = [RunningRequest(r, self.tokenizer) for r in requests]
         try:
             group, rows, logits = self._prompt_rows(list(prompts))
         except Exception as exc:  # noqa: BLE001 - these requests fail; the running batch goes on
@@ -256,7 +197,7 @@ class Engine:
                     self._finish_error(slots[i].request, f"generation failed: {type(exc).__name__}: {exc}")
             raise
 
-    def _admit(self, slots: list[_Slot], group: KVBatch, group_rows: list[int]) -> None:
+    def _admit(self, slots: list[RunningRequest], group: KVBatch, group_rows: list[int]) -> None:
         """Give each slot its row: a free row first (written in place), else a new one (the batch grows)."""
         free = [row for row, slot in enumerate(self._slots) if slot is None][:len(slots)]
         if free:
@@ -311,7 +252,7 @@ class Engine:
         going = set(self._accept(slots, self._choose(logits, slots)))
         self._release([row for j, row in enumerate(live) if j not in going])
 
-    def _choose(self, logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+    def _choose(self, logits: torch.Tensor, slots: list[RunningRequest]) -> list[int]:
         return choose_tokens(logits, [s.request.temperature for s in slots], [s.request.top_p for s in slots],
                              [s.generator for s in slots])
 
@@ -341,7 +282,7 @@ class Engine:
         else:
             self._batch.trim()
 
-    def _accept(self, slots: list[_Slot], tokens: list[int]) -> list[int]:
+    def _accept(self, slots: list[RunningRequest], tokens: list[int]) -> list[int]:
         """Record each row's new token and send its text; returns the rows that go on."""
         going = []
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
@@ -364,7 +305,7 @@ class Engine:
                 going.append(i)
         return going
 
-    def _finish(self, slot: _Slot, reason: str) -> None:
+    def _finish(self, slot: RunningRequest, reason: str) -> None:
         tail = slot.stream.finish()
         if tail:
             slot.request.sink(Event("text", tail))

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from .engine import Event
+from .requests import Event
 
 
 class RequestChannel:
