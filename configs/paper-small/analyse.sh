@@ -31,7 +31,7 @@ analyse() {  # RUN: a finished training run directory
       --out "$run/eval-humaneval-chat" --batch-size 16
   fi
   if [ "${HUMANEVAL_SAMPLED:-0}" = 1 ] && [ ! -f "$run/eval-humaneval-chat-sampled/results.json" ]; then
-    # pass@1/5/10 from 10 sampled answers per problem: ten times the greedy generation (~1 h per run on 2 CPU
+    # pass@1/5/10 from 10 sampled answers per problem: ten times the greedy generation (0.5-1 h per run on 2 CPU
     # cores through the eval engine, docs/benchmarks.md; minutes on a GPU): opt-in
     echo "=== HumanEval (chat, sampled) $run ($(date -u +%H:%M:%S))"
     sparsecraft eval "$run/model" --tasks sc_humaneval_chat_sampled --apply-chat-template --allow-code-execution \
