@@ -4,7 +4,7 @@
 
 HumanEval's first PROBLEMS prompts through the chat template, SAMPLES answers each (T=0.8, top-p 0.95, seeded per
 request as `sparsecraft eval` seeds them), through `evaluate.engine_generation.generate_all` with ROWS rows. Prints
-wall time, decode steps, generated tokens and tokens/s, and a digest of the answers: two code versions that agree on
+wall time, generated tokens and tokens/s, and a digest of the answers: two code versions that agree on
 the digest did the same work. Run it with `PYTHONPATH=<other checkout>/src` to time another version of the engine.
 """
 
@@ -21,7 +21,6 @@ from sparsecraft.evaluate.engine_generation import Prompt, generate_all, request
 from sparsecraft.evaluate.humaneval import load_problems
 from sparsecraft.generation import load_tokenizer_for
 from sparsecraft.loading import load
-from sparsecraft.serve.engine import Engine
 
 
 def main() -> None:
@@ -41,21 +40,13 @@ def main() -> None:
         ids = tokenizer(text).input_ids
         prompts += [Prompt(ids, args.max_tokens, temperature=0.8, top_p=0.95, seed=request_seed(1234, len(prompts)))
                     for _ in range(args.samples)]
-    engines = []
-    original_init = Engine.__init__
-
-    def counting_init(self, *a, **kw):  # remember each engine so that its step count can be read afterwards
-        original_init(self, *a, **kw)
-        engines.append(self)
-
-    Engine.__init__ = counting_init
     start = time.perf_counter()
     answers = generate_all(model, tokenizer, prompts, max_batch_size=args.rows)
     seconds = time.perf_counter() - start
     tokens = sum(len(tokenizer(a).input_ids) for a in answers)
     digest = hashlib.sha256("\x00".join(answers).encode()).hexdigest()[:12]
     print(f"sparsecraft from {sparsecraft.__file__}; {torch.get_num_threads()} threads")
-    print(f"{len(prompts)} answers, {args.rows} rows: {seconds:.1f} s, {engines[0].steps} model calls, "
+    print(f"{len(prompts)} answers, {args.rows} rows: {seconds:.1f} s, "
           f"~{tokens} answer tokens, {tokens / seconds:.1f} tokens/s, answers digest {digest}")
 
 

@@ -38,6 +38,13 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def first_real_column(mask: torch.Tensor) -> int:
+    """The first column of a `[n, T]` mask that is real in any row (T when none is): the columns before it are
+    padding in every row and can be cut."""
+    real = mask.any(0).nonzero()
+    return int(real[0]) if real.numel() else mask.shape[1]
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids `[n, L]` of a left-padded mask: 0, 1, ... over the real tokens (padding gets 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -55,8 +62,10 @@ class GrowingLayer(DynamicLayer):
 
     def _own_view(self) -> bool:
         """Whether `keys` is still the view of the buffer this layer made (not replaced from outside)."""
-        return (self._buffers is not None and self.keys.numel() > 0
-                and self.keys.data_ptr() == self._buffers[0][..., self._start:, :].data_ptr())
+        if self._buffers is None or self.keys.numel() == 0:
+            return False
+        buffer = self._buffers[0]  # pointer arithmetic, not a slice: this runs for every layer at every step
+        return self.keys.data_ptr() == buffer.data_ptr() + self._start * buffer.stride(-2) * buffer.element_size()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -175,8 +184,7 @@ class KVBatch:
         column; rows longer than the batch is wide widen it first (the one case that copies the cache)."""
         src = torch.tensor(group_rows, dtype=torch.long)
         mask = group.mask.index_select(0, src)
-        real = mask.any(0).nonzero()
-        first = int(real[0]) if real.numel() else mask.shape[1]  # the group's other rows may be longer
+        first = first_real_column(mask)  # the group's other rows may be longer
         if mask.shape[1] - first > self.width:
             self._widen(mask.shape[1] - first)
         start = self.width - (mask.shape[1] - first)
@@ -200,8 +208,7 @@ class KVBatch:
     def trim(self, min_columns: int = 64) -> int:
         """Cut the leading columns that are padding in every row, once there are at least `min_columns` of them
         (views of the same buffers: nothing is copied). Returns how many were cut."""
-        real = self.mask.any(0).nonzero()
-        start = int(real[0]) if real.numel() else self.width
+        start = first_real_column(self.mask)
         if start < min_columns:
             return 0
         for layer in self.cache.layers:
@@ -219,8 +226,7 @@ class KVBatch:
             return None
         index = torch.tensor(rows, dtype=torch.long)
         mask = self.mask.index_select(0, index)
-        real = mask.any(0).nonzero()
-        start = int(real[0]) if real.numel() else mask.shape[1]
+        start = first_real_column(mask)
         layers = []
         for keys, values in _cache_tensors(self.cache):
             if keys is None or keys.numel() == 0:
