@@ -248,11 +248,12 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(narrow):
                                  "ignore_eos": True, "stream": True}) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-    # the connection is closed: the slot must be free long before the 200 tokens (4 s at 20 ms a step) are done
-    start = time.monotonic()
+    # the connection is closed: the slot must be freed before the 200 tokens are done. Counted in engine steps, not
+    # seconds, so a loaded machine cannot fail it: with one slot, the next request waits for the first to leave, and
+    # had the first run its 200 steps the two would have taken over 200
     reply = narrow.client().completions.create(model=NAME, prompt="next", max_tokens=3, temperature=0)
-    assert reply.usage.completion_tokens <= 3 and time.monotonic() - start < 1.5
-    assert narrow.engine.steps < 100
+    assert reply.usage.completion_tokens <= 3
+    assert narrow.engine.steps < 200
 
 
 @pytest.mark.slow
