@@ -14,7 +14,7 @@ from conftest import tiny_model, tiny_tokenizer
 import sparsecraft
 from sparsecraft.config import CraftConfig
 from sparsecraft.serve.engine import Engine
-from sparsecraft.serve.requests import GenerationRequest, QueueFull
+from sparsecraft.serve.requests import EngineStopped, GenerationRequest, QueueFull
 from sparsecraft.serve.textstream import TextStream
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps", "MoE!", "x y z", "0123456789abcdef", "ok", "why?"]
@@ -180,3 +180,33 @@ def test_text_stream_holds_back_stop_prefixes_and_split_characters():
     stream = TextStream(Bytes())
     deltas = [stream.push(b)[0] for b in "né€".encode()]
     assert "".join(deltas) + stream.finish() == "né€" and "\ufffd" not in "".join(deltas)
+
+
+def test_requests_being_prefilled_count_as_running(monkeypatch):
+    model, tok = crafted("dense"), tiny_tokenizer()
+    engine = Engine(model, tok, max_batch_size=4)
+    seen = []
+    prefill = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, new: (seen.append(self.stats()), prefill(self, new))[1])
+    for prompt in ("one", "two"):
+        engine.submit(request(tok, prompt, 2)[0])
+    engine.drain()
+    assert [(s["running"], s["waiting"]) for s in seen] == [(2, 0)]  # out of the queue, not yet in a row
+    assert engine.stats()["running"] == 0
+
+
+def test_a_dead_engine_thread_ends_its_requests_and_refuses_new_ones(engine_for, monkeypatch):
+    model, tok = crafted("dense"), tiny_tokenizer()
+
+    def crash(self, new):
+        raise SystemError("interpreter trouble")  # escapes the step's own handler only if it is not an Exception
+
+    monkeypatch.setattr(Engine, "_step", crash)
+    engine = engine_for(model, tok)
+    r, sink = request(tok, "hello", 4)
+    engine.submit(r)
+    assert sink.done.wait(30) and sink.final.kind == "error" and "engine failed" in sink.final.text
+    engine._thread.join(30)
+    assert not engine.stats()["alive"]
+    with pytest.raises(EngineStopped):
+        engine.submit(request(tok, "again", 2)[0])

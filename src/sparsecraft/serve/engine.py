@@ -59,6 +59,7 @@ class Engine:
         self._batch: KVBatch | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._admitting: list[GenerationRequest] = []  # taken from the queue, not yet in a row (count as running)
         self.steps = 0
         self.peak_running = 0  # most requests ever decoded together (shows that batching happened)
 
@@ -98,22 +99,29 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"running": self._running_count(), "waiting": len(self._waiting), "steps": self.steps,
+            return {"running": self._running_count() + len(self._admitting), "waiting": len(self._waiting),
+                    "steps": self.steps,
                     "peak_running": self.peak_running,
                     "alive": self._thread is not None and self._thread.is_alive()}
 
     # -- the engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._waiting and not self._slots:
-                        self._cond.wait()
-                    if self._stopping:
-                        self._abort_all("the server is shutting down")
-                        return
-                    new = self._take_waiting()
-                self._step(new)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not self._stopping and not self._waiting and not self._slots:
+                            self._cond.wait()
+                        if self._stopping:
+                            self._abort_all("the server is shutting down")
+                            return
+                        new = self._take_waiting()
+                    self._step(new)
+        except BaseException as exc:  # the thread dies: nothing may wait for it, and it takes no more work
+            log.exception("the engine thread failed")
+            with self._cond:
+                self._stopping = True
+                self._abort_all(f"the engine failed: {type(exc).__name__}: {exc}")
 
     def drain(self) -> None:
         """Run steps in the calling thread until no request waits or runs: for batch jobs (evaluation) that
@@ -131,6 +139,7 @@ class Engine:
         try:
             if new:
                 self._prefill(new)
+                self._admitting = []
             self._drop_cancelled()
             if self._slots:
                 self._decode()
@@ -139,6 +148,8 @@ class Engine:
             for slot in filter(None, self._slots):
                 self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
             self._slots, self._batch = [], None
+        finally:
+            self._admitting = []
 
     def _take_waiting(self) -> list[GenerationRequest]:
         """Waiting requests for the free slots, within the prefill token budget (one always fits). Repeats of a
@@ -160,6 +171,7 @@ class Engine:
             taken.append(self._waiting.popleft())
             distinct.add(key)
             width = new_width
+        self._admitting = taken  # set under the lock, so `stats` never sees them nowhere
         return taken
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -181,13 +193,13 @@ class Engine:
         slots = [RunningRequest(r, self.tokenizer) for r in requests]
         try:
             group, rows, logits = self._prompt_rows(list(prompts))
+            logits = logits[torch.tensor(row_of, device=logits.device)]
+            keep = self._accept(slots, self._choose_each(logits, slots))
         except Exception as exc:  # noqa: BLE001 - these requests fail; the running batch goes on
             log.exception("prefill failed")
             for r in requests:
                 self._finish_error(r, f"prefill failed: {type(exc).__name__}: {exc}")
             return
-        logits = logits[torch.tensor(row_of, device=logits.device)]
-        keep = self._accept(slots, self._choose(logits, slots))
         try:
             self._admit([slots[i] for i in keep], group, [rows[row_of[i]] for i in keep])
         except Exception as exc:  # the step's handler ends the running rows; these may not be among them yet
@@ -249,12 +261,28 @@ class Engine:
         if len(live) < len(self._slots):
             logits = logits[torch.tensor(live, device=logits.device)]
         slots = [self._slots[row] for row in live]
-        going = set(self._accept(slots, self._choose(logits, slots)))
+        going = set(self._accept(slots, self._choose_each(logits, slots)))
         self._release([row for j, row in enumerate(live) if j not in going])
 
     def _choose(self, logits: torch.Tensor, slots: list[RunningRequest]) -> list[int]:
         return choose_tokens(logits, [s.request.temperature for s in slots], [s.request.top_p for s in slots],
                              [s.generator for s in slots])
+
+    def _choose_each(self, logits: torch.Tensor, slots: list[RunningRequest]) -> list[int | None]:
+        """The next token of every row (`logits: [B, V]`); where choosing fails for the batch (one row's logits
+        not finite), each row is chosen alone and only the rows that fail end, with an error (their token None)."""
+        try:
+            return self._choose(logits, slots)
+        except Exception:  # noqa: BLE001 - find the failing rows instead of ending every request
+            log.exception("choosing the next tokens failed; choosing row by row")
+        tokens: list[int | None] = []
+        for j, slot in enumerate(slots):
+            try:
+                tokens.append(self._choose(logits[j:j + 1], [slot])[0])
+            except Exception as exc:  # noqa: BLE001
+                self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
+                tokens.append(None)
+        return tokens
 
     def _drop_cancelled(self) -> None:
         self._release([row for row, slot in enumerate(self._slots) if slot and slot.request.cancelled])
@@ -282,12 +310,13 @@ class Engine:
         else:
             self._batch.trim()
 
-    def _accept(self, slots: list[RunningRequest], tokens: list[int]) -> list[int]:
-        """Record each row's new token and send its text; returns the rows that go on."""
+    def _accept(self, slots: list[RunningRequest], tokens: list[int | None]) -> list[int]:
+        """Record each row's new token and send its text; returns the rows that go on (not those without a
+        token: they ended with an error)."""
         going = []
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
             request = slot.request
-            if request.cancelled:
+            if request.cancelled or token is None:
                 continue
             slot.generated += 1
             slot.last = token
@@ -309,18 +338,21 @@ class Engine:
         tail = slot.stream.finish()
         if tail:
             slot.request.sink(Event("text", tail))
+        slot.request.finished = True
         slot.request.sink(Event("done", finish_reason=reason, prompt_tokens=len(slot.request.prompt_ids),
                                 completion_tokens=slot.generated))
 
     @staticmethod
     def _finish_error(request: GenerationRequest, message: str) -> None:
-        if not request.cancelled:
+        """End `request` with an error, unless it was cancelled or has had its final event already."""
+        if not request.cancelled and not request.finished:
+            request.finished = True
             request.sink(Event("error", message))
 
     def _abort_all(self, message: str) -> None:
-        for request in [s.request for s in self._slots if s] + list(self._waiting):
+        for request in [s.request for s in self._slots if s] + self._admitting + list(self._waiting):
             self._finish_error(request, message)
-        self._slots, self._batch = [], None
+        self._slots, self._batch, self._admitting = [], None, []
         self._waiting.clear()
 
 

@@ -193,9 +193,13 @@ class KVBatch:
                                                       strict=True):
             if keys is None or keys.numel() == 0:
                 continue
-            index = src.to(g_keys.device)  # the columns before `start` keep an old row's (masked) values
-            keys[dst.to(keys.device), :, start:] = g_keys.index_select(0, index)[:, :, first:]
-            values[dst.to(values.device), :, start:] = g_values.index_select(0, index)[:, :, first:]
+            index, rows_here = src.to(g_keys.device), dst.to(keys.device)
+            # the columns before `start` held an old request's values: masked, but a mask does not neutralise a
+            # NaN or Inf there (0 * NaN in attention), so they are zeroed
+            keys[rows_here, :, :start] = 0
+            values[rows_here, :, :start] = 0
+            keys[rows_here, :, start:] = g_keys.index_select(0, index)[:, :, first:]
+            values[rows_here, :, start:] = g_values.index_select(0, index)[:, :, first:]
         self.mask[dst] = 0
         self.mask[dst, start:] = mask[:, first:]
         self.lengths[dst] = group.lengths.index_select(0, src)

@@ -33,6 +33,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     cancelled: bool = False
+    finished: bool = False  # set by the engine with the final event (done or error): there is only one
 
 
 class QueueFull(Exception):

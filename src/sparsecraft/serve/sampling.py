@@ -19,6 +19,8 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 CANDIDATES = 256  # most likely tokens looked at first; the nucleus almost always ends inside them
+# Below this a temperature is greedy (vLLM's rule): dividing by it would overflow the logits into inf/NaN
+MIN_TEMPERATURE = 1e-5
 
 
 def nucleus(top_probs: torch.Tensor, top_ids: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,18 +38,20 @@ def nucleus(top_probs: torch.Tensor, top_ids: torch.Tensor, top_p: float) -> tup
 
 def choose_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
                   generators: list[torch.Generator]) -> list[int]:
-    """`logits: [B, V]` -> one token id per row. Temperature 0 is greedy (argmax).
+    """`logits: [B, V]` -> one token id per row. Temperature 0 (or below `MIN_TEMPERATURE`) is greedy (argmax).
 
     Sampled rows are softened and ranked together (one softmax and one top-`CANDIDATES` over the batch, instead of
     a full-vocabulary sort per row); each row then draws from its own nucleus with its own generator. A row whose
     nucleus reaches past the candidates (a very flat distribution) is ranked over the whole vocabulary.
     """
     out = logits.argmax(-1).tolist()
-    rows = [i for i, t in enumerate(temperatures) if t > 0]
+    rows = [i for i, t in enumerate(temperatures) if t >= MIN_TEMPERATURE]
     if not rows:
         return [int(t) for t in out]
     temps = torch.tensor([temperatures[i] for i in rows], dtype=torch.float32)
-    probs = torch.softmax(logits[rows].float().cpu() / temps[:, None], dim=-1)  # [R, V]
+    chosen = logits[rows].float().cpu()
+    chosen = chosen - chosen.amax(-1, keepdim=True)  # <= 0 before dividing: a small temperature cannot overflow
+    probs = torch.softmax(chosen / temps[:, None], dim=-1)  # [R, V]
     k = min(CANDIDATES, probs.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)  # [R, k], sorted descending
     for j, row in enumerate(rows):
