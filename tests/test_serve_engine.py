@@ -208,5 +208,5 @@ def test_a_dead_engine_thread_ends_its_requests_and_refuses_new_ones(engine_for,
     assert sink.done.wait(30) and sink.final.kind == "error" and "engine failed" in sink.final.text
     engine._thread.join(30)
     assert not engine.stats()["alive"]
-    with pytest.raises(EngineStopped):
+    with pytest.raises(EngineStopped, match="the engine failed: SystemError: interpreter trouble"):
         engine.submit(request(tok, "again", 2)[0])

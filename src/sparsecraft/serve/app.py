@@ -61,8 +61,8 @@ def create_app(engine: Engine, *, model_name: str, context: int, max_body_bytes:
         except QueueFull:
             raise APIError(429, "the server is busy: its request queue is full; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        except EngineStopped:
-            raise APIError(503, "the server is shutting down", code="shutting_down") from None
+        except EngineStopped as exc:  # shutting down, or the engine thread failed
+            raise APIError(503, str(exc), code="shutting_down") from None
         rid = new_id(kind)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -58,6 +58,7 @@ class Engine:
         self._slots: list[RunningRequest | None] = []  # per batch row; None: a free row (decoded, token ignored)
         self._batch: KVBatch | None = None
         self._stopping = False
+        self._stop_reason = "the server is shutting down"
         self._thread: threading.Thread | None = None
         self._admitting: list[GenerationRequest] = []  # taken from the queue, not yet in a row (count as running)
         self.steps = 0
@@ -83,7 +84,7 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         with self._cond:
             if self._stopping:
-                raise EngineStopped("the server is shutting down")
+                raise EngineStopped(self._stop_reason)
             if len(self._waiting) >= self.max_queue and any(r.cancelled for r in self._waiting):
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)  # their clients have left
             if len(self._waiting) >= self.max_queue:
@@ -121,7 +122,8 @@ class Engine:
             log.exception("the engine thread failed")
             with self._cond:
                 self._stopping = True
-                self._abort_all(f"the engine failed: {type(exc).__name__}: {exc}")
+                self._stop_reason = f"the engine failed: {type(exc).__name__}: {exc}"
+                self._abort_all(self._stop_reason)
 
     def drain(self) -> None:
         """Run steps in the calling thread until no request waits or runs: for batch jobs (evaluation) that
