@@ -404,3 +404,22 @@ def test_seedless_names():
     cases = {"camel-s2": "camel", "pesc_seed3": "pesc", "upit-s0/upcycle": "upit/upcycle", "x/s1": "x",
              "ablations1": "ablations1", "s0": "s0", "dense-matched-s1": "dense-matched"}
     assert {name: seedless_name(name) for name in cases} == cases
+
+
+def test_sampled_pass_at_k_all_shown_and_categories_use_the_headline(tmp_path):
+    run = fake_run(tmp_path / "runs", "pesc-s1", "pesc", 1, 1.2)
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({
+        "model": "m",
+        "tasks": {"sc_humaneval": {"pass@10/sampled": 0.6, "pass@1/sampled": 0.2, "pass@1_stderr/sampled": 0.01,
+                                   "pass@5/sampled": 0.4, "pass@1/other": 0.9},
+                  "gsm8k": {"exact_match,strict-match": 0.5, "exact_match,flexible-extract": 0.7}},
+        "primary_metric": {"sc_humaneval": "pass@1/sampled", "gsm8k": "exact_match,strict-match"}}))
+    write_report([run], tmp_path / "report", "t")
+    md = (tmp_path / "report" / "report.md").read_text()
+    for key in ("sc_humaneval/pass@1/sampled", "sc_humaneval/pass@5/sampled", "sc_humaneval/pass@10/sampled"):
+        assert key in md
+    # another filter's pass@1 and a non-primary metric stay out; no standard errors
+    assert "pass@1/other" not in md and "flexible-extract" not in md and "stderr" not in md
+    # Code is pass@1 (0.2), not whichever pass@k came last: (0.2 + 0.5) / 2
+    assert "| pesc-s1 | pesc | 0.2 | 0.5 | – | – | – | 0.35 |" in md

@@ -104,7 +104,7 @@ def build_report(runs: list[Run], out_dir: str | os.PathLike, title: str) -> lis
                                 "that ran, the average the mean of the categories; tasks not run are listed per run.")
             names = [*PAPER_CATEGORIES, "Average"]
             bench.blocks.append(by_key_table(runs, groups, names, lambda r, k: category_scores(
-                {task_of(t): v for t, v in r.benchmarks.items()}).get(k), fmt_score))
+                {task: r.benchmarks[key] for task, key in r.headlines.items()}).get(k), fmt_score))
         missing = [(r.name, ", ".join(sorted(r.not_run))) for r in runs if r.not_run]
         if missing:
             bench.blocks.append(Table(["run", "tasks not run"], [list(m) for m in missing], [False, False]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     benchmarks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> value
+    headlines: dict[str, str] = field(default_factory=dict)  # task -> its "task/metric" key in `benchmarks`
     not_run: dict[str, str] = field(default_factory=dict)  # benchmark tasks asked for that could not run
     quick: dict | None = None
     routes: RoutingStats | None = None
@@ -105,21 +107,33 @@ def _read_json(path: Path, notes: list[str], what: str) -> dict | None:
     return data
 
 
-def _benchmarks(results: dict | None) -> dict[str, float]:
-    """`{"tasks": {task: {metric: value}}, "primary_metric": {task: metric}}` -> `{"task/metric": value}`:
-    a task's primary metric when one is named, else all its metrics; numbers only, standard errors left out."""
-    out = {}
+def _pass_at_family(metric: str) -> str | None:
+    """`"pass@5/sampled"` -> `"/sampled"`: the filter part shared by a task's pass@k metrics; None if not pass@k."""
+    head, _, rest = str(metric).partition("/")
+    return "/" + rest if re.fullmatch(r"pass@\d+", head.split(",")[0]) else None
+
+
+def _benchmarks(results: dict | None) -> tuple[dict[str, float], dict[str, str]]:
+    """`{"tasks": {task: {metric: value}}, "primary_metric": {task: metric}}` -> (`{"task/metric": value}`,
+    `{task: "task/metric"}` of its headline). A task's primary metric when one is named (with its pass@k siblings:
+    sampled code tasks report pass@1, @5 and @10), else all its metrics; numbers only, standard errors left out."""
+    out, headlines = {}, {}
     primary = (results or {}).get("primary_metric") or {}
     for task, metrics in ((results or {}).get("tasks") or {}).items():
         if not isinstance(metrics, dict):
             continue
+        named = primary.get(task) if isinstance(primary, dict) and primary.get(task) in metrics else None
+        family = _pass_at_family(named) if named else None
         for metric, value in metrics.items():
             if "stderr" in str(metric) or finite_number(value) is None:
                 continue
-            if isinstance(primary, dict) and primary.get(task) in metrics and metric != primary[task]:
+            if named and metric != named and (family is None or _pass_at_family(metric) != family):
                 continue
-            out[f"{task}/{str(metric).removesuffix(',none')}"] = float(value)
-    return out
+            key = f"{task}/{str(metric).removesuffix(',none')}"
+            out[key] = float(value)
+            if metric == named or (not named and task not in headlines):
+                headlines[task] = key
+    return out, headlines
 
 
 def eval_dirs(path: Path) -> list[Path]:
@@ -134,8 +148,11 @@ def _read_evaluations(run: Run) -> None:
     for folder in eval_dirs(run.path):
         where = folder.name
         results = _read_json(folder / "results.json", run.notes, f"{where}/results.json")
-        for key, value in _benchmarks(results).items():
+        values, headlines = _benchmarks(results)
+        for key, value in values.items():
             run.benchmarks.setdefault(key, value)
+        for task, key in headlines.items():
+            run.headlines.setdefault(task, key)
         not_run = (results or {}).get("not_run")
         if isinstance(not_run, dict):
             for task, why in not_run.items():
