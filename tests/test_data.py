@@ -142,6 +142,29 @@ def test_alpaca_input_is_optional_and_system_kept(tmp_path):
     assert got == [user_assistant("Hi", "Yo"), user_assistant("Hi", "Yo", system="S")]
 
 
+def test_a_blank_system_prompt_is_left_out_not_the_record(tmp_path):
+    # ShareGPT exports often carry {"from": "system", "value": ""}; alpaca and camelidae already drop it
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
+        {"from": "system", "value": ""}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    messages = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "system", "content": " \n"}, *user_assistant("Hi", "Yo")]}])
+    train, _, _ = load_records(DataConfig([DataSource(str(sharegpt)), DataSource(str(messages))]))
+    assert [r["messages"] for r in train] == [user_assistant("Hi", "Yo")] * 2
+
+
+def test_csv_saved_by_pandas_with_its_index_column(tmp_path):
+    path = tmp_path / "qa.csv"  # DataFrame.to_csv's default: a first column with a blank header
+    path.write_text(",instruction,output\n0,What is 2+2?,4\n1,Name a colour.,Red\n")
+    train, _, _ = load_records(DataConfig([DataSource(str(path))]))
+    assert sorted(r["messages"][-1]["content"] for r in train) == ["4", "Red"]
+
+
+def test_upper_case_gz_suffix_is_decompressed(tmp_path):
+    path = tmp_path / "UP.JSONL.GZ"
+    path.write_bytes(gzip.compress(json.dumps({"messages": user_assistant("a", "b")}).encode() + b"\n"))
+    assert load_records(DataConfig([DataSource(str(path))]))[0][0]["messages"] == user_assistant("a", "b")
+
+
 def test_json_lines_saved_as_json_and_single_object(tmp_path):
     path = tmp_path / "lines.json"  # many hub datasets ship JSON Lines under a .json name
     path.write_text("\n".join(json.dumps({"query": f"q{i}", "response": "r"}) for i in range(3)))
@@ -225,6 +248,25 @@ def test_template_fallback_when_renders_are_not_prefixes(tok):
     ids, labels = encode_conversation(tok, convo, template)
     assert (ids, labels) == expected(tok, [("U:Hi?\nA:", False), ("Yo.<|im_end|>", True),
                                            ("\nU:2+2?\nFINAL:", False), ("4<|im_end|>", True), ("\n", False)])
+
+
+
+def test_template_fallback_does_not_train_an_answer_quoted_in_the_prompt(tok):
+    # Qwen3's shape: answers after the last question get a think block, earlier ones not, so the renders are not
+    # prefixes and the answer is searched for; "Yes" also appears in the question and must not be taken from there.
+    # (The last answer's renders are prefixes: everything after the generation prompt is trained, think block too.)
+    template = ("{%- set ns = namespace(last=0) -%}{%- for m in messages %}{% if m['role'] == 'user' %}"
+                "{% set ns.last = loop.index0 %}{% endif %}{% endfor -%}{%- for m in messages -%}"
+                "{%- if m['role'] == 'user' -%}U:{{ m['content'] }}\n"
+                "{% elif loop.index0 > ns.last -%}A:<think></think>{{ m['content'] }}<|im_end|>\n"
+                "{% else -%}A:{{ m['content'] }}<|im_end|>\n{% endif -%}{%- endfor -%}"
+                "{%- if add_generation_prompt %}A:{% endif %}")
+    convo = [{"role": "user", "content": "Yes or No: 2 even?"}, {"role": "assistant", "content": "Yes"},
+             {"role": "user", "content": "3 even?"}, {"role": "assistant", "content": "No"}]
+    ids, labels = encode_conversation(tok, convo, template)
+    assert (ids, labels) == expected(tok, [("U:Yes or No: 2 even?\nA:", False), ("Yes<|im_end|>", True),
+                                           ("\nU:3 even?\nA:", False), ("<think></think>No<|im_end|>", True),
+                                           ("\n", False)])
 
 
 # ---------------------------------------------------------------- bad records

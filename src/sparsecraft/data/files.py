@@ -47,7 +47,7 @@ def iter_records(path: str | Path) -> Iterator[Located]:
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
 
 
 def _iter_lines(lines) -> Iterator[Located]:
@@ -203,4 +203,6 @@ def _csv_options(path: Path) -> dict:
 
     with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
-    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
+    # a blank header cell (pandas' index column from DataFrame.to_csv) gets the name pandas gives it on reading
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    return {"features": Features({name: Value("string") for name in names}), "keep_default_na": False}

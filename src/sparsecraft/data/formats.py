@@ -94,7 +94,10 @@ def _turn(item: Any, where: str) -> dict:
 
 
 def finish(messages: list[Message]) -> list[Message]:
-    """Checks every format shares: text is valid Unicode and non-blank, system first, ends with the assistant."""
+    """Checks every format shares: text is valid Unicode and non-blank, system first, ends with the assistant.
+    A blank system prompt is left out (exports often carry `{"from": "system", "value": ""}`)."""
+    if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
+        messages = messages[1:]
     for i, m in enumerate(messages):
         try:
             m["content"].encode("utf-8")  # lone surrogates: from undecodable bytes or `\ud800` escapes

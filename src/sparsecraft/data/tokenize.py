@@ -37,10 +37,26 @@ def answer_spans(tokenizer, messages: list[Message], chat_template: str, full: s
         if cursor <= len(before) < len(through) and full.startswith(through) and through.startswith(before):
             span = (len(before), len(through))
         else:  # a template whose earlier turns change with what follows (e.g. drops past reasoning)
-            span = _locate(tokenizer, full, m["content"], cursor)
+            span = _locate(tokenizer, full, m["content"], _after_prompt(full, messages, i, before, cursor))
         spans.append(span)
         cursor = span[1]
     return spans
+
+
+def _after_prompt(full: str, messages: list[Message], i: int, before: str, cursor: int) -> int:
+    """Where answer `i` may start in `full`: past the turns that ask for it, so that an answer quoted in the
+    question ("Yes or No?") is not taken from the prompt."""
+    floor = max(cursor, len(before)) if before and full.startswith(before) else cursor
+    j = i
+    while j > 0 and messages[j - 1]["role"] != "assistant":
+        j -= 1
+    for turn in messages[j:i]:
+        for text in (turn["content"], turn["content"].strip()):
+            at = full.find(text, floor) if text else -1
+            if at >= 0:
+                floor = at + len(text)
+                break
+    return floor
 
 
 def _locate(tokenizer, full: str, content: str, cursor: int) -> tuple[int, int]:
