@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested fields (optim.lr=1e-4)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.add_argument("--apply-changes", action="store_true",
-                   help="with --resume: apply a changed lr, betas, eps, weight decay or max_grad_norm from here on")
+                   help="with --resume: apply a changed lr, betas, eps, weight decay, max_grad_norm or max_steps "
+                        "(the lr schedule laid over the new length) from here on")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     p.add_argument("--dry-run", action="store_true",
                    help="parameters and per-GPU memory under each engine, from the model's config alone")

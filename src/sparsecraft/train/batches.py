@@ -40,7 +40,9 @@ class BatchPlan:
         return self.micro_steps_per_epoch // self.grad_accum
 
     def total_steps(self, epochs: float, max_steps: int = 0) -> int:
-        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))
+        """`max_steps` if set, else the fewest optimizer steps that cover `epochs` (counted in micro-steps: with
+        `grad_accum` not dividing an epoch's micro-steps, steps straddle epochs)."""
+        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.micro_steps_per_epoch / self.grad_accum))
 
     def _order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

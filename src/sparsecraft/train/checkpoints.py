@@ -27,6 +27,7 @@ from ..moe.probe import PROBE
 from .engine_checkpoint import engine_of, read_sharded_trainable
 
 STATE_NAME = "state.json"
+BY_RULE_NAME = "by_rule.safetensors"  # state a step changes outside the optimizer (balancing biases)
 STREAM_KEY = "data_stream"  # state.json: where a streamed train split stood after the checkpoint's step
 _PREFIX = "step-"
 # Test hook: seconds to sleep after writing and before the rename, so a test can kill a real process mid-save.
@@ -112,11 +113,14 @@ def save_checkpoint(
     barrier=lambda: None,
     keep: int = 2,
     engine_save: Callable[[Path], object] | None = None,
+    by_rule: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically. Every rank calls it (each saves its RNG); rank 0 writes the rest.
 
     Args:
         trainable: name -> tensor of every trainable parameter (unwrapped names).
+        by_rule: name -> tensor of state the optimizer does not own but a step changes (the selection biases of
+            auxiliary-loss-free balancing), the same on every rank; written by rank 0 beside the weights.
         state: JSON-serialisable progress (step, tokens seen, ...).
         barrier: synchronises ranks (accelerator.wait_for_everyone) between the phases.
         engine_save: for a sharded run, called by every rank with the checkpoint's folder to write its shard of
@@ -141,6 +145,8 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
                       str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if by_rule:
+            save_file({k: v.detach().cpu().contiguous() for k, v in by_rule.items()}, str(tmp / BY_RULE_NAME))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
     barrier()
@@ -175,10 +181,12 @@ def load_checkpoint(
     world_size: int = 1,
     engine: str | None = None,
     engine_load: Callable[[Path], object] | None = None,
+    by_rule: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint; returns its state dict.
     `engine` / `engine_load`: for a sharded run, its engine (`fsdp`, `deepspeed`) and the call (every rank) that
-    loads this rank's shard of the weights and optimizer state."""
+    loads this rank's shard of the weights and optimizer state. `by_rule`: tensors written as `save_checkpoint`'s
+    `by_rule`, restored in place (a checkpoint from before they were saved has none: they keep their values)."""
     state = json.loads((path / STATE_NAME).read_text())
     if state.get("world_size", 1) != world_size:
         raise CheckpointError(
@@ -199,6 +207,14 @@ def load_checkpoint(
             for name, param in trainable.items():
                 param.copy_(tensors[name].to(param.device, param.dtype))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if by_rule and (path / BY_RULE_NAME).is_file():
+        saved = load_file(str(path / BY_RULE_NAME))
+        if set(saved) != set(by_rule):
+            raise CheckpointError(f"{path}: its balancing biases do not match this model's ({len(saved)} saved, "
+                                  f"{len(by_rule)} here)")
+        with torch.no_grad():
+            for name, tensor in by_rule.items():
+                tensor.copy_(saved[name].to(tensor.device, tensor.dtype))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((path / f"rng_{rank}.json").read_text()))
     choices = path / f"dispatch_{rank}.json"

@@ -17,10 +17,11 @@ LOCK_NAME = ".lock"
 # what a run leaves in its output directory; their presence means the directory holds a run
 RUN_FILES = ("model", "metrics.jsonl", "summary.json", "recipe.json", "checkpoints", "tensorboard")
 # recipe fields a resumed run may change freely: they do not alter the trajectory of the weights
-RESUME_FREE = ("logging.", "checkpoint.", "train.max_steps", "train.eval_every", "train.eval_batches",
+RESUME_FREE = ("logging.", "checkpoint.", "train.eval_every", "train.eval_batches",
                "output_dir", "push_to_hub", "push_private", "allow_pickle")
-# fields `--apply-changes` can apply for real from the resumed step on (the optimizer's settings)
-APPLICABLE = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.max_grad_norm")
+# fields `--apply-changes` can apply for real from the resumed step on (the optimizer's settings; the run's
+# length, over which the learning-rate schedule is then laid from the resumed step on)
+APPLICABLE = ("optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.max_grad_norm", "train.max_steps")
 
 
 class OutputLock:
@@ -99,7 +100,15 @@ def check_output_dir(output: Path, *, resume: bool, overwrite: bool) -> None:
 def recipe_changes(saved: dict, current: dict) -> list[str]:
     """Recipe fields that differ between a checkpoint's recipe and this run's, except those free to change."""
     a, b = flatten(saved), flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE))
+    if _length_free(a) and _length_free(b):  # a constant lr without warmup: the length changes nothing before it
+        changed = [k for k in changed if k != "train.max_steps"]
+    return changed
+
+
+def _length_free(flat: dict) -> bool:
+    """Whether the learning-rate schedule is the same whatever the run's length (constant, no warmup)."""
+    return flat.get("optim.schedule") == "constant" and not flat.get("optim.warmup_ratio")
 
 
 def check_resume(saved: dict | None, current: dict, *, apply_changes: bool) -> list[str]:

@@ -24,7 +24,7 @@ from ..atomic import check_output_path
 from ..errors import ConfigError
 from ..generation import context_length
 from ..methods import get_method
-from ..moe.balance import update_router_biases
+from ..moe.balance import is_balance_bias, update_router_biases
 from ..moe.compiled import compile_moe_blocks, compile_note
 from ..report import trainable_by_part
 from .batches import BatchPlan, StreamBatches
@@ -281,13 +281,23 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
                               f"{plan.global_micro_batch}; lower train.batch_size")
         total_steps = plan.total_steps(recipe.train.epochs, recipe.train.max_steps)
     scheduler = _scheduler(recipe, optimizer, total_steps)
+    # the selection biases of loss-free balancing move by rule after each step: checkpointed beside the weights
+    # (one process / DDP, where every rank holds them whole; a sharded engine's checkpoint does not keep them yet)
+    by_rule = {name: p for name, p in built.inner.named_parameters() if is_balance_bias(name)}
+    if engine is not None and by_rule and main:
+        print(f"note: under {engine} the balancing biases are not checkpointed; a resumed run restarts them")
+        by_rule = {}
     start, state = 0, {"tokens": 0, "seconds": 0.0}
     metrics = MetricsLog(output, enabled=main, tensorboard=recipe.logging.tensorboard)
     if last is not None:
         state = load_checkpoint(last, params, optimizer, scheduler, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes, engine=engine,
-                                engine_load=partial(load_engine_state, engine, model, optimizer) if engine else None)
+                                engine_load=partial(load_engine_state, engine, model, optimizer) if engine else None,
+                                by_rule=by_rule)
         start = state["step"]
+        if start >= total_steps:
+            raise ConfigError(f"max_steps {total_steps} is not past the checkpoint's step {start}: nothing to train; "
+                              "raise train.max_steps (with --apply-changes) or start a new output_dir")
         if changes:
             apply_optimizer_settings(optimizer, scheduler, recipe.optim)
             if main:
@@ -324,6 +334,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         # the norm is always taken (an infinite max only measures it): a NaN or inf step is skipped, not applied
         max_norm = recipe.optim.max_grad_norm if recipe.optim.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), max_norm))
+        lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps to the next one below)
         if guard.step_is_finite(stats.lm_loss, grad_norm, step + 1):
             optimizer.step()
             scheduler.step()
@@ -338,7 +349,7 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         last_stats = stats
         done = step + 1
         epoch = {"epoch": round(plan.epoch_of(done), 4)} if plan is not None else {}  # a stream has no epochs
-        record = {"step": done, **epoch, "loss": stats.lm_loss, "lr": scheduler.get_last_lr()[0],
+        record = {"step": done, **epoch, "loss": stats.lm_loss, "lr": lr,
                   "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": stats.tokens / dt if dt > 0 else None}
         if stats.aux_loss is not None:
             record.update(aux_loss=stats.aux_loss, z_loss=stats.z_loss, load_imbalance=load_imbalance(stats.counts),
@@ -359,7 +370,8 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
             save_checkpoint(output, done, params, optimizer, scheduler, progress,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             barrier=accelerator.wait_for_everyone, keep=recipe.checkpoint.keep,
-                            engine_save=partial(save_engine_state, engine, model, optimizer) if engine else None)
+                            engine_save=partial(save_engine_state, engine, model, optimizer) if engine else None,
+                            by_rule=by_rule)
     bar.close()
     final_eval = evaluate(model, prepared.eval, eval_collator, recipe.train.batch_size, accelerator,
                           recipe.train.eval_batches)
