@@ -35,6 +35,7 @@ from ..config import CraftConfig
 from ..errors import CheckpointError, ConfigError
 from ..methods import get_method, method_of
 from ..moe.model import set_saver
+from ..nf4 import round_trip_nf4
 from ..sources import PICKLE_HELP, BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
 from ..surgery import craft_config_of, is_added_name, text_config
 from .card import write_model_card
@@ -269,10 +270,12 @@ def load_crafted(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
+    as_trained: bool = True,
     **from_pretrained_kwargs,
 ):
     """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model; pickled base or LoRA
-    weights only with `allow_pickle`."""
+    weights only with `allow_pickle`. `as_trained`: a model trained over an NF4 base gets the base weights it
+    was trained and evaluated with, NF4-rounded (`nf4.round_trip_nf4`), unless the base is loaded quantised."""
     path = Path(path)
     config = read_config(path)
     try:
@@ -294,14 +297,26 @@ def load_crafted(
     if config.get("shared"):
         # before crafting: these are base weights under the base's own keys (an upcycled FFN's keys go away)
         model._sparsecraft_shared = load_shared_weights(model, path / config["shared"])
+    rounding = as_trained and trained_over_nf4(config) and "quantization_config" not in from_pretrained_kwargs
+    # the training quantised a GGUF base, or a base whose FFN copies train, after crafting (train/setup.py)
+    after_crafting = bool(source.gguf_file) or method.experts_full_precision
+    if rounding and not after_crafting:
+        round_trip_nf4(model)
     if method.builds_moe:
         method.restore(model, craft_cfg, config.get("crafted_layers") or craft_cfg.layers)
         load_new_weights(model, path / (config.get("weights") or WEIGHTS_NAME))
+    if rounding and after_crafting:
+        round_trip_nf4(model)
     if config.get("lora"):
         model = _merge_lora(model, path / config["lora"], allow_pickle)
     model._sparsecraft_base = source
     model._sparsecraft_path = str(path)
     return model.eval()
+
+
+def trained_over_nf4(config: dict) -> bool:
+    """Whether a saved model's training recipe put its base in NF4."""
+    return ((config.get("recipe") or {}).get("quantization") or "none") == "nf4"
 
 
 def _merge_lora(model, lora_dir: Path, allow_pickle: bool = False):

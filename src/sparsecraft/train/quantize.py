@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-SKIP_MODULES = ("lm_head",)
+from ..nf4 import SKIP_MODULES, nf4_targets
 
 
 def bnb_config(compute_dtype: torch.dtype, *, sharded: bool = False):
@@ -58,11 +58,7 @@ def quantize_linears_nf4(model: nn.Module, compute_dtype: torch.dtype, skip: tup
     double-quantised `Linear4bit` holding the same weights. Returns how many layers were replaced."""
     import bitsandbytes as bnb
 
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and name.split(".")[-1] not in skip and ".moe." not in f".{name}."
-    ]
+    targets = nf4_targets(model, skip)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
