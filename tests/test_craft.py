@@ -566,3 +566,46 @@ def test_aux_loss_value_is_switch_formula_on_recorded_logits():
         f = torch.bincount(idx, minlength=4).float() / idx.numel()
         per_layer.append(4 * (f * logits.softmax(-1).mean(0)).sum())
     assert math.isclose(out.aux_loss.item(), torch.stack(per_layer).mean().item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["loop", "dense", "grouped"])
+def test_per_slot_combine_rounds_as_the_published_code_in_bf16(path):
+    # the reference: per expert, index_add of g * (F + s A_e(F)) into zeros, all in bf16
+    from sparsecraft.moe.layers import RouterSite
+
+    h, E, k, r, N = 64, 8, 2, 16, 512
+    cfg = CraftConfig(num_experts=E, top_k=k, adapter_dim=r, scaling=0.25, dropout=0.0, router_dtype="model",
+                      combine="per_slot", dispatch=path)
+    torch.manual_seed(0)
+    moe = PescMoE(RouterSite(h, cfg, router_dtype=torch.bfloat16), torch.bfloat16).eval()
+    with torch.no_grad():
+        moe.experts.up.normal_(0, 0.3)
+    x, f = torch.randn(N, h).bfloat16(), (torch.randn(N, h) * 2).bfloat16()
+    down, up = moe.experts.down, moe.experts.up
+    with torch.no_grad():
+        got = moe(x, f)
+        top, idx = F.linear(x, moe.router.weight).topk(k, -1)
+        g = top.softmax(-1)
+        want = torch.zeros_like(f)
+        for e in range(E):
+            token, slot = torch.where(idx == e)
+            y = f[token] + 0.25 * F.linear(F.gelu(F.linear(f[token], down[e])), up[e])
+            want.index_add_(0, token, y * g[token, slot, None])
+        moe.config.combine = "residual"
+        residual = moe(x, f)
+    assert torch.equal(got, want)
+    assert not torch.equal(residual, want)  # the two forms differ in bf16: the gates do not sum to exactly 1
+
+
+def test_top1_gate_is_constant_unless_switch_style():
+    # top-1 renormalised over the one kept expert: gate 1, no router gradient from the task loss
+    assert CraftConfig(top_k=1).constant_gate and CraftConfig(top_k=1, routing="softmax_topk").constant_gate
+    switch = CraftConfig(top_k=1, routing="softmax_topk", normalize_topk=False)
+    assert not switch.constant_gate and not CraftConfig(top_k=2).constant_gate
+    model = tiny_model("llama")
+    craft(model, switch)
+    perturb_up(model)  # W_up starts at zero: no adapter output, no gate gradient at all
+    ids = torch.randint(0, 100, (2, 6))
+    model(ids).logits.float().pow(2).mean().backward()
+    router = next(m for m in model.modules() if isinstance(m, PescMoE)).router.weight
+    assert float(router.grad.abs().sum()) > 0  # the kept probability carries the task loss's gradient

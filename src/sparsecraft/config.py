@@ -96,6 +96,12 @@ class CraftConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def constant_gate(self) -> bool:
+        """Whether every token's gate is exactly 1 (top-1 with the gate renormalised over the one kept expert):
+        the language-model loss then gives the router no gradient, only the balance losses train it."""
+        return self.top_k == 1 and (self.routing == "topk_softmax" or self.normalize_topk)
+
     def validate(self) -> None:
         """Raise `ConfigError` with a one-line message for the first bad field."""
         for name in ("num_experts", "top_k", "adapter_dim"):

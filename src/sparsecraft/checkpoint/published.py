@@ -17,7 +17,8 @@ Sparsetral uses `experts.{e}.` (a ModuleList) instead of `experts.expert_{e}.`; 
 Routing and combine chosen on import (from the reference code, as summarised in the PESC spec):
 - Camelidae / Qwen2idae: top-k of the logits, softmax over the k kept (`topk_softmax`), router run in the
   model's dtype (`router_dtype="model"`; the `moe_dtype` field is ignored, as the reference ignores it), combine
-  `sum_j g_j (F + A_j(F))` (`combine="per_slot"`), so bf16 outputs follow the reference.
+  `sum_j g_j (F + A_j(F))` (`combine="per_slot"`: each slot's term in the model dtype, added in expert order),
+  so bf16 outputs equal the spec's reference form bit for bit (tests/test_craft.py).
 - Sparsetral: softmax over all E in fp32, top-k, renormalised (`softmax_topk`, `router_dtype="float32"`). The
   spec names only the router as different; its experts are the same Camelidae-derived modules summed per slot,
   so `combine="per_slot"` is kept as well (identical to `residual` in fp32 either way).

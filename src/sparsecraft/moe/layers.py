@@ -152,14 +152,32 @@ def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.T
                                    router_compute_dtype(cfg, x_flat), router_bias)
     dtype = expert_compute_dtype(f_flat, down.dtype)
     adapter_in = F.dropout(f_flat.to(dtype), dropout, training)
-    delta = dispatch(adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg.activation, cfg.scaling,
-                     cfg.dispatch).to(f_flat.dtype)
-    if cfg.combine == "per_slot":
-        # sum_j g_j (F + A_j) = (sum_j g_j) F + sum_j g_j A_j, with the gate sum rounded in the model dtype
-        out = f_flat * gates.to(f_flat.dtype).sum(-1, keepdim=True) + delta
-    else:
+    if cfg.combine == "per_slot" and f_flat.dtype != torch.float32:
+        out = _per_slot_combine(f_flat, adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg)
+    else:  # in fp32 sum_j g_j (F + A_j) and F + sum_j g_j A_j agree to rounding: one dispatch for all slots
+        delta = dispatch(adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg.activation, cfg.scaling,
+                         cfg.dispatch).to(f_flat.dtype)
         out = f_flat + delta
     return out, gates, indices, logits
+
+
+def _per_slot_combine(f_flat: torch.Tensor, adapter_in: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor,
+                      down: torch.Tensor, up: torch.Tensor, cfg: CraftConfig) -> torch.Tensor:
+    """`sum_j g_j (F + A_j(F))` rounded as the published code computes it in bf16/fp16: each slot's term
+    `g_j * (F + s A_j)` in the model dtype, accumulated from zero in expert order (its per-expert `index_add`).
+    In bf16 the gates of a token rarely sum to exactly 1, so this differs from `F + sum_j g_j A_j` by up to an ulp
+    (tests/test_craft.py). One dispatch per slot: only imports of published models use it.
+
+    Shapes: f_flat, adapter_in `[N, h]`; gates, indices `[N, k]`; returns `[N, h]` in f_flat's dtype."""
+    order = indices.argsort(dim=-1)  # each token's slots by expert index: the reference adds experts in order
+    ones = torch.ones_like(gates[:, :1])
+    out = torch.zeros_like(f_flat)
+    for j in range(indices.shape[-1]):
+        slot = order[:, j:j + 1]
+        adapter = dispatch(adapter_in, ones, indices.gather(1, slot), down, up, cfg.activation, cfg.scaling,
+                           cfg.dispatch).to(f_flat.dtype)
+        out = out + gates.gather(1, slot).to(f_flat.dtype) * (f_flat + adapter)
+    return out
 
 
 @functools.cache

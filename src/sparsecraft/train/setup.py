@@ -93,6 +93,10 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
         p.requires_grad_(False)
     adapter_dtype = torch.float32 if recipe.adapter_dtype == "float32" else torch.bfloat16
     if method.builds_moe:
+        if recipe.craft_config().constant_gate:
+            print("note: top_k=1 with this routing gives every token a gate of exactly 1, so the router learns only "
+                  "from the balance loss; for a Switch-style gate set craft.routing=softmax_topk "
+                  "craft.normalize_topk=false")
         options = getattr(recipe, method.options_field) if method.options_field else None
         method.build(model, recipe.craft_config(), seed=recipe.train.seed, adapter_dtype=adapter_dtype,
                      options=options, explicit=tuple(recipe.craft))

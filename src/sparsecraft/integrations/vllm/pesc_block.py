@@ -82,7 +82,7 @@ class PescBlock(nn.Module):
         mask = (gates * self.scaling).to(dtype)
         h = (h.view(-1, num, rank) * mask.unsqueeze(-1)).reshape(-1, num * rank)
         delta = (h @ self.experts.up.transpose(1, 2).reshape(num * rank, hidden)).to(ffn_out.dtype)
-        if self.per_slot:
+        if self.per_slot:  # the gate sum in the model dtype: within an ulp of the exact per-slot form (moe/layers.py)
             out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta
         else:
             out = f_flat + delta
