@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from conftest import tiny_run_files
-from safetensors.torch import load_file
+from test_run_guards import QUICKSTART, weights
+from test_run_guards import args_for as guard_args
 
 from sparsecraft.errors import ConfigError
 from sparsecraft.train.batches import BatchPlan
 from sparsecraft.train.loop import run
 from sparsecraft.train.recipe import load_recipe
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +24,7 @@ def workdir(tmp_path_factory):
 
 
 def args_for(workdir, out, *extra):
-    return [f"model={workdir / 'base'}", f"output_dir={out}", f"data={workdir / 'data.jsonl'}", "quantization=none",
-            "max_steps=4", "batch_size=4", "lora.r=4", "craft.num_experts=4", "craft.adapter_dim=8",
-            "craft.dropout=0.0", "lora.dropout=0.0", "data.max_length=32", "logging.progress=false",
-            "logging.tensorboard=false", "checkpoint.every=2", "checkpoint.keep=5", "craft.dispatch=rule", *extra]
-
-
-def weights(out: Path) -> dict:
-    tensors = load_file(str(out / "model" / "sparsecraft.safetensors"))
-    tensors.update(load_file(str(out / "model" / "lora" / "adapter_model.safetensors")))
-    return tensors
+    return guard_args(workdir, out, "logging.tensorboard=false", "checkpoint.keep=5", "craft.dispatch=rule", *extra)
 
 
 def resumed_from_step_2(workdir, tmp_path, *extra) -> tuple[dict, dict]:
