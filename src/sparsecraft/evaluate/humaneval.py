@@ -10,11 +10,13 @@ on a machine you can afford to lose work on.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import gzip
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -102,25 +104,27 @@ try:
 except ImportError:
     pass
 sys.argv = [sys.argv[1]]
-runpy.run_path(sys.argv[0], run_name="__main__")
+runpy.run_path(sys.argv[0], run_name="__humaneval__")  # not __main__: an answer's own test runner stays off
 """
 
 
 def run_program(program: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResult:
-    """Run `program` in a separate Python process; passed iff it exits 0 within `timeout` seconds.
+    """Run `program` in a separate Python process; passed iff it runs to its end (a random token written after
+    its last line shows it did: `sys.exit(0)` midway is no pass) and exits 0 within `timeout` seconds.
 
     Does not check permission: callers go through `check_completion`.
     """
+    token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="sparsecraft-exec-") as tmp:
         path = Path(tmp) / "program.py"
-        path.write_text(program, encoding="utf-8")
+        path.write_text(f"{program}\n__import__('os').write(1, b'{token}')\n", encoding="utf-8")
         launcher = _LAUNCHER.format(cpu=int(timeout) + 1, memory=MEMORY_LIMIT, fsize=FILE_SIZE_LIMIT)
         posix = os.name == "posix"
         # stderr goes to a file, not a pipe: the file-size limit then bounds it, and nothing buffers it here
-        with open(Path(tmp) / "stderr.txt", "wb") as err_file:
+        with open(Path(tmp) / "stderr.txt", "wb") as err_file, open(Path(tmp) / "stdout.txt", "wb") as out_file:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-B", "-c", launcher, str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err_file, env={"PATH": os.defpath, "HOME": tmp},
+                stdout=out_file, stderr=err_file, env={"PATH": os.defpath, "HOME": tmp},
                 start_new_session=posix,
             )
             try:
@@ -132,8 +136,13 @@ def run_program(program: str, timeout: float = DEFAULT_TIMEOUT) -> ExecutionResu
         if timed_out:
             return ExecutionResult(False, "timed out")
         err = (Path(tmp) / "stderr.txt").read_bytes()[-2000:]
+        # anywhere in the output: the program's own buffered prints may be flushed after it at exit
+        finished = token.encode() in (Path(tmp) / "stdout.txt").read_bytes()
     tail = err.decode("utf-8", "replace").strip()[-500:]
-    return ExecutionResult(proc.returncode == 0, "passed" if proc.returncode == 0 else "failed", tail)
+    passed = proc.returncode == 0 and finished
+    if proc.returncode == 0 and not finished:
+        tail = (tail + "\nexited before its last line (the tests did not run to the end)").strip()
+    return ExecutionResult(passed, "passed" if passed else "failed", tail)
 
 
 def _kill(proc: subprocess.Popen, posix: bool) -> None:
@@ -184,27 +193,47 @@ def process_sampled_results(doc: dict, results: list) -> dict[str, float]:
     return _pass_at_k_of(doc, _sampled_completions(results))
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_FENCE_LINE = re.compile(r"^[ \t]*```[^\n]*$", re.MULTILINE)  # a whole fence line, any language tag or none
+_CODE_START = re.compile(r"^(?:from\s+\S+\s+import\b|import\s|def\s|class\s|async\s+def\s|@)")
 
 
 def completion_as_code(problem: dict, completion: str) -> str:
     """What to append to the prompt, whichever way the model answered.
 
-    A chat model answers a stub with the whole function, usually in a ```python block: that code (with its
-    imports) is appended after the prompt, whose stub it then redefines. A plain completion model continues the
-    body: the continuation is kept up to the first line back at column 0 (where HumanEval's stop sequences
-    would have cut it).
+    A chat model answers a stub with the whole function, in a fenced block or not, often with prose and usage
+    examples around it: the answer is cut at its fence lines (any language tag; the text before the first fence
+    counts too), the first piece that defines the entry point is taken from its first import/def/class line, and
+    trailing prose is dropped (the longest run of lines that parses). It is appended after the prompt, whose stub
+    it redefines. A plain completion model (or a fenced bare body) continues the body: kept up to the first line
+    back at column 0, where HumanEval's stop sequences would have cut it.
     """
-    fenced = _FENCE.search(completion)
-    code = fenced.group(1) if fenced else completion
-    code = "\n".join(line for line in code.split("\n") if not line.lstrip().startswith("```"))  # a stray fence
-    if re.search(rf"^def {re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
-        return "\n" + code
-    lines = completion.split("\n")
+    pieces = _FENCE_LINE.split(completion)
+    entry = re.compile(rf"^def {re.escape(problem['entry_point'])}\s*\(", re.MULTILINE)
+    for piece in pieces:
+        if entry.search(piece):
+            return "\n" + _parsable_code(piece)
+    body = pieces[1] if len(pieces) > 1 else completion  # a fenced body: the first fenced piece
+    lines = body.split("\n")
     for i, line in enumerate(lines[1:], start=1):
         if line.strip() and not line[0].isspace():
             return "\n".join(lines[:i]) + "\n"
-    return completion
+    return body
+
+
+def _parsable_code(piece: str) -> str:
+    """`piece` from its first line that starts code, cut to the longest prefix that parses (prose after the
+    code goes); the whole remainder when no prefix parses (it then fails as written)."""
+    lines = piece.split("\n")
+    start = next((i for i, line in enumerate(lines) if _CODE_START.match(line)), 0)
+    lines = lines[start:]
+    for end in range(len(lines), 0, -1):
+        text = "\n".join(lines[:end]) + "\n"
+        try:
+            ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        return text
+    return "\n".join(lines) + "\n"
 
 
 def process_any_completion(doc: dict, results: list[str]) -> dict[str, float]:
