@@ -270,12 +270,14 @@ def load_crafted(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
-    as_trained: bool = True,
+    as_trained: bool = False,
     **from_pretrained_kwargs,
 ):
     """Load a sparsecraft directory as a ready (eval-mode) crafted transformers model; pickled base or LoRA
-    weights only with `allow_pickle`. `as_trained`: a model trained over an NF4 base gets the base weights it
-    was trained and evaluated with, NF4-rounded (`nf4.round_trip_nf4`), unless the base is loaded quantised."""
+    weights only with `allow_pickle`. A model trained over an NF4 base has its LoRA merged into the
+    full-precision base by default (the usual QLoRA deployment, and the better model in docs/results.md);
+    `as_trained=True` NF4-rounds the layers the run quantised first (`nf4.round_trip_nf4`), giving exactly the model
+    that was trained and whose held-out loss the run reported (unless the base is loaded quantised)."""
     path = Path(path)
     config = read_config(path)
     try:
