@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sparsecraft"
 # Bottom to top: a unit (top-level module or package) may import units of a lower rank, and itself.
 RANKS = {
     "errors": 0, "version": 0,
-    "atomic": 1, "config": 1, "yaml_settings": 1, "hub": 1, "hardware": 1, "sources": 2,
+    "atomic": 1, "config": 1, "yaml_settings": 1, "hub": 1, "hardware": 1, "nf4": 1, "sources": 2,
     "data": 2,
     "moe": 3, "generation": 3,
     "surgery": 4,
