@@ -95,3 +95,16 @@ def tiny_run_files(root, records: int = 48):
         for i in range(records):
             f.write(json.dumps({"query": f"{i % 7}+{i % 5}?", "response": f"{i % 7 + i % 5}"}) + "\n")
     return root
+
+
+def load_script(name: str):
+    """A module of the repository's `scripts/` folder (not a package), imported by file name: `load_script("x")`
+    runs `scripts/x.py` as a module and returns it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,16 @@
 """scripts/humaneval_paired.py: per-model pass@k and paired differences from kept lm-eval samples."""
 import gzip
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "humaneval_paired.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def paired():
-    spec = importlib.util.spec_from_file_location("humaneval_paired", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("humaneval_paired")
 
 
 def write_run(root: Path, run: str, pass1: list[float], upit: bool = False) -> None:

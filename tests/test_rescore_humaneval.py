@@ -1,22 +1,16 @@
 """scripts/rescore_humaneval.py: kept answers scored again with today's extraction; samples and means rewritten."""
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from sparsecraft.evaluate import humaneval
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rescore_humaneval.py"
 
 
 @pytest.fixture(scope="module")
 def rescore():
-    spec = importlib.util.spec_from_file_location("rescore_humaneval", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("rescore_humaneval")
 
 
 def test_sampled_answers_are_scored_again_and_the_old_means_kept(tmp_path, rescore):
