@@ -17,14 +17,20 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 
 import sparsecraft
+from sparsecraft.moe.balance import selection_biases, update_router_biases
 
 STEPS, LR = 3, 1e-2
 IDS = torch.randint(5, 120, (4, 12), generator=torch.Generator().manual_seed(0))  # 4 rows, no padding
 
 
-def crafted():
+BIAS_RATE = 0.05  # large, so that the biases change which experts are chosen within the few steps
+
+
+def crafted(bias: bool = False):
+    """`bias`: auxiliary-loss-free balancing, its selection biases moved by rule after every step."""
     model = sparsecraft.craft(tiny_model("llama"), sparsecraft.CraftConfig(num_experts=4, top_k=2, adapter_dim=8,
-                                                                           dropout=0.0), seed=0)
+                                                                           dropout=0.0, bias_balance=bias,
+                                                                           bias_update_rate=BIAS_RATE), seed=0)
     for name, p in model.named_parameters():
         p.requires_grad_(".moe." in f".{name}")
     with torch.no_grad():  # non-zero up-projections, so the adapters' gradients are not trivially zero
@@ -33,27 +39,39 @@ def crafted():
     return model.train()
 
 
-def reference(steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = crafted()
+def reference(steps: int = STEPS, bias: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = crafted(bias)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses = []
     for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        if bias:
+            update_router_biases(model, out.expert_counts, BIAS_RATE)
+        losses.append(float(out.loss))
     return losses, {k: v.detach().clone() for k, v in sparsecraft.new_parameters(model).items()}
 
 
-def _engine(engine: str, world: int):
-    """A crafted model under `engine` and its step / gather functions."""
+def _engine(engine: str, world: int, bias: bool = False):
+    """A crafted model under `engine`, the unwrapped model, and its step / gather functions. With `bias`, each
+    step moves the selection biases by the global batch's expert counts, as the training loop does."""
+    import torch.distributed as dist
+
     from sparsecraft.train import sharding
 
-    model = crafted()
+    model = crafted(bias)
     model._sparsecraft_recorder.sync_across_processes = True  # router statistics over the global batch
     assert sharding.one_dispatch_path(model, tokens_per_batch=24) == "dense"  # as the training loop does
     params = [p for p in model.parameters() if p.requires_grad]
+
+    def move_biases(out):
+        if bias:
+            counts = out.expert_counts.detach().clone()
+            dist.all_reduce(counts)
+            update_router_biases(model, counts, BIAS_RATE)
+
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -61,13 +79,14 @@ def _engine(engine: str, world: int):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
         def step(rows):
-            loss = model(input_ids=rows, labels=rows).loss
-            loss.backward()
+            out = model(input_ids=rows, labels=rows)
+            out.loss.backward()
             opt.step()
             opt.zero_grad()
-            return float(loss)
+            move_biases(out)
+            return float(out.loss)
 
-        return model, opt, step, lambda: sharding.full_trainable_state(model)
+        return model, model, opt, step, lambda: sharding.full_trainable_state(model)  # biases included
     import deepspeed
 
     stage = int(engine[-1])
@@ -79,17 +98,18 @@ def _engine(engine: str, world: int):
                                          dist_init_required=False)
 
     def step(rows):
-        loss = ds(input_ids=rows, labels=rows).loss
-        ds.backward(loss)
+        out = ds(input_ids=rows, labels=rows)
+        ds.backward(out.loss)
         ds.step()
-        return float(loss)
+        move_biases(out)
+        return float(out.loss)
 
     def gather():
         named = sparsecraft.new_parameters(ds.module)
         with deepspeed.zero.GatheredParameters(list(named.values()), enabled=stage == 3):
-            return {k: v.detach().clone() for k, v in named.items()}
+            return {k: v.detach().clone() for k, v in named.items()}  # biases included
 
-    return ds, opt, step, gather
+    return ds, ds.module, opt, step, gather
 
 
 class _Schedule:
@@ -102,7 +122,7 @@ class _Schedule:
         assert state == {"last_epoch": 1}
 
 
-def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: int) -> None:
+def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: int, bias: bool) -> None:
     """Train STEPS steps under `engine`; with `stop_at`, save a sharded checkpoint after that step, build the model
     and optimizer again from scratch, load the checkpoint and train the rest."""
     import torch.distributed as dist
@@ -121,7 +141,7 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: in
     kind = "fsdp" if engine == "fsdp2" else "deepspeed"
     run_dir = Path(out).parent / "run"
     rows = IDS[rank * 2:(rank + 1) * 2]
-    model, opt, step, gather = _engine(engine, world)
+    model, inner, opt, step, gather = _engine(engine, world, bias)
     shard_rows = None
     if engine == "fsdp2":  # the stacked experts split along the expert dimension
         shard_rows = next(mlp.moe.experts.down for _, mlp in sparsecraft.crafted_layers(model)).to_local().shape[0]
@@ -129,11 +149,12 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str, stop_at: in
     for i in range(STEPS):
         if i == stop_at:  # the training loop's own atomic checkpoint, with each rank's shard inside
             path = save_checkpoint(run_dir, i, {}, opt, _Schedule(), {}, rank=rank, world_size=world,
-                                   barrier=dist.barrier, engine_save=partial(save_engine_state, kind, model, opt))
+                                   barrier=dist.barrier, engine_save=partial(save_engine_state, kind, model, opt),
+                                   by_rule=selection_biases(inner))
             torch.manual_seed(123)  # the rebuilt model must get everything from the checkpoint
-            model, opt, step, gather = _engine(engine, world)
+            model, inner, opt, step, gather = _engine(engine, world, bias)
             load_checkpoint(path, {}, opt, _Schedule(), rank=rank, world_size=world, engine=kind,
-                            engine_load=partial(load_engine_state, kind, model, opt))
+                            engine_load=partial(load_engine_state, kind, model, opt), by_rule=selection_biases(inner))
         losses.append(step(rows))
     state = gather()
     mean = torch.tensor(losses)
@@ -159,11 +180,11 @@ def single():
     return reference()
 
 
-def _launch(engine: str, tmp_path: Path, stop_at: int = -1) -> dict:
+def _launch(engine: str, tmp_path: Path, stop_at: int = -1, bias: bool = False) -> dict:
     if engine != "fsdp2":
         pytest.importorskip("deepspeed")
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), engine, str(out), stop_at), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), engine, str(out), stop_at, bias), nprocs=2, start_method="spawn")
     return torch.load(out, weights_only=False)
 
 
@@ -296,3 +317,23 @@ def test_one_dispatch_path_names_the_rules_choice_unless_a_path_is_named():
     assert one_dispatch_path(model, tokens_per_batch=4096) is None  # a named path is the user's choice
     assert sparsecraft.surgery.craft_config_of(model).dispatch == "sorted"
     assert one_dispatch_path(tiny_model("llama"), tokens_per_batch=4096) is None  # nothing crafted
+
+
+@pytest.fixture(scope="module")
+def single_biased():
+    return reference(bias=True)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_balancing_biases_move_and_resume_under_sharding(engine, single_biased, tmp_path):
+    """Auxiliary-loss-free balancing under a sharded engine: each rank moves the selection biases by the global
+    counts, the checkpoint after step 1 keeps them (a rebuilt model starts them at zero), and the remaining steps
+    give the single-process run's losses, weights and biases."""
+    got = _launch(engine, tmp_path, stop_at=1, bias=True)
+    want_losses, want_state = single_biased
+    biases = [k for k in want_state if k.endswith("router_bias")]
+    assert biases and all(want_state[k].ne(0).any() for k in biases)
+    assert set(got["state"]) == set(want_state)
+    assert got["losses"] == pytest.approx(want_losses, rel=1e-4, abs=1e-5)
+    for key, value in want_state.items():
+        torch.testing.assert_close(got["state"][key].float(), value, rtol=1e-4, atol=1e-5)

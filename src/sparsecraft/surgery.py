@@ -148,9 +148,11 @@ def is_added_name(name: str) -> bool:
     return MOE_KEY in f".{name}"
 
 
-def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Router and expert parameters added by crafting, by state-dict name."""
-    return {n: p for n, p in model.named_parameters() if is_added_name(n)}
+def new_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router and expert parameters added by crafting, by state-dict name, and the blocks' saved buffers (the
+    selection biases of loss-free balancing): what a crafted checkpoint stores."""
+    return {**{n: p for n, p in model.named_parameters() if is_added_name(n)},
+            **{n: b for n, b in model.named_buffers() if is_added_name(n)}}
 
 
 @dataclass

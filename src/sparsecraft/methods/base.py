@@ -104,8 +104,9 @@ class Method:
 
     # ------------------------------------------------------------------ files and counts
 
-    def new_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The parameters this method added, by state-dict name (what `sparsecraft.safetensors` holds)."""
+    def new_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters (and saved buffers) this method added, by state-dict name (what
+        `sparsecraft.safetensors` holds)."""
         return new_parameters(model)
 
     def standalone_base_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

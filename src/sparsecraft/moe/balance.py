@@ -17,6 +17,12 @@ def is_balance_bias(name: str) -> bool:
     return name == BIAS_NAME or name.endswith("." + BIAS_NAME)
 
 
+def selection_biases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every block's selection bias, by state-dict name: `[E]` tensors a step changes by rule (checkpointed
+    beside the optimizer's state)."""
+    return {name: b for name, b in model.named_buffers() if is_balance_bias(name)}
+
+
 @torch.no_grad()
 def update_router_biases(model: nn.Module, counts: torch.Tensor, rate: float) -> int:
     """Apply one step's update to every block that has a selection bias.

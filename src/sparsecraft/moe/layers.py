@@ -106,9 +106,10 @@ class RoutedBlock(nn.Module):
                                 dtype=site.router_dtype)
         self.recorder: RoutingRecorder | None = None
         if site.config.bias_balance:
-            # not trained by gradients (see `moe.balance`), but saved and loaded with the model's weights
-            self.router_bias = nn.Parameter(torch.zeros(site.config.num_experts, device=site.device,
-                                                        dtype=torch.float32), requires_grad=False)
+            # moved by rule, not by gradients (see `moe.balance`); a buffer, so that sharded engines (FSDP,
+            # DeepSpeed ZeRO) keep it whole on every rank, and saved and loaded with the model's weights
+            self.register_buffer("router_bias", torch.zeros(site.config.num_experts, device=site.device,
+                                                            dtype=torch.float32))
 
     def route_tokens(self, x_flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Route `x_flat: [N, h]` and record the routing; returns gates `[N, k]` and expert indices `[N, k]`."""

@@ -24,7 +24,7 @@ from ..atomic import check_output_path
 from ..errors import ConfigError
 from ..generation import context_length
 from ..methods import get_method
-from ..moe.balance import is_balance_bias, update_router_biases
+from ..moe.balance import selection_biases, update_router_biases
 from ..moe.compiled import compile_moe_blocks, compile_note
 from ..report import trainable_by_part
 from .batches import BatchPlan, StreamBatches
@@ -282,11 +282,8 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         total_steps = plan.total_steps(recipe.train.epochs, recipe.train.max_steps)
     scheduler = _scheduler(recipe, optimizer, total_steps)
     # the selection biases of loss-free balancing move by rule after each step: checkpointed beside the weights
-    # (one process / DDP, where every rank holds them whole; a sharded engine's checkpoint does not keep them yet)
-    by_rule = {name: p for name, p in built.inner.named_parameters() if is_balance_bias(name)}
-    if engine is not None and by_rule and main:
-        print(f"note: under {engine} the balancing biases are not checkpointed; a resumed run restarts them")
-        by_rule = {}
+    # (buffers, whole on every rank under any engine)
+    by_rule = selection_biases(built.inner)
     start, state = 0, {"tokens": 0, "seconds": 0.0}
     metrics = MetricsLog(output, enabled=main, tensorboard=recipe.logging.tensorboard)
     if last is not None:
