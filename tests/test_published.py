@@ -299,3 +299,25 @@ def test_camelidae_rope_theta_warning(tmp_path):
     with pytest.warns(UserWarning, match="rope_theta"):
         model = load_published(path)
     assert model.config.rope_parameters["rope_theta"] == 5_000_000.0
+
+
+@pytest.mark.parametrize("method", ["upcycle", "mixlora"])
+def test_export_refuses_methods_the_layout_cannot_hold(tmp_path, method):
+    model = craft(tiny_model("llama"), method=method)
+    with pytest.raises(CheckpointError, match=f"PESC.*{method}"):
+        export_published(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_balancing_biases(tmp_path):
+    """Zero selection biases change nothing and are left out; moved ones the layout cannot express are refused."""
+    from sparsecraft import CraftConfig, crafted_layers
+
+    model = craft(tiny_model("llama"), CraftConfig(bias_balance=True)).eval()
+    out = export_published(model, tmp_path / "zero", layout="camelidae")
+    assert not [k for k in load_file(str(out / "model.safetensors")) if "router_bias" in k]
+    assert torch.equal(logits_of(model), logits_of(load_published(out)))
+    with torch.no_grad():
+        crafted_layers(model)[0][1].moe.router_bias[0] = 0.5
+    with pytest.raises(CheckpointError, match="selection bias"):
+        export_published(model, tmp_path / "moved", layout="camelidae")

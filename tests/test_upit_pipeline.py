@@ -416,3 +416,26 @@ def test_full_checkpoints_as_ffn_experts(base, tmp_path):
     # an MoE of the two: both experts chosen with equal gates would average them; top-1 routes to one
     model = build_moe(tf.AutoModelForCausalLM.from_pretrained(base), es, CraftConfig(num_experts=2, top_k=1))
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, es.shared[q])
+
+
+@pytest.mark.parametrize("pattern", [None, {"up_proj": 32}, {"model.layers.0.mlp.up_proj": 32},
+                                     {r"^model.layers.1.mlp.down_proj": 32}])
+def test_peft_adapters_as_experts_keep_each_modules_scaling(base, tmp_path, pattern):
+    """One PEFT adapter as the only expert gives the adapter merged by PEFT itself, with `alpha_pattern` keys
+    matched as PEFT matches them (a module's last name, its full name, or a regular expression)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    tuned = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj",
+                                                                         "q_proj"], alpha_pattern=pattern or {}))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    tuned.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = _logits(tuned.merge_and_unload(), ids)
+    es = experts_from_paths([tmp_path / "adapter"], str(base), "lora", "average")
+    moe = build_moe(tf.AutoModelForCausalLM.from_pretrained(base), es, CraftConfig(num_experts=1, top_k=1))
+    torch.testing.assert_close(_logits(moe.eval(), ids), want, rtol=1e-4, atol=1e-4)

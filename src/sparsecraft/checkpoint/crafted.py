@@ -89,6 +89,10 @@ def save_crafted(
     source = resolve_base(base) if isinstance(base, (str, os.PathLike)) else (base or base_source_of(model))
     if source is None and not standalone:
         raise CheckpointError("this model does not know its base: pass base=PATH or standalone=True")
+    changed = getattr(model, "_sparsecraft_base_changed", None)
+    if changed and not standalone:
+        raise CheckpointError(f"this model's base weights differ from its base's files ({changed}): a directory "
+                              "referring to the base would lose that; save it with standalone=True")
     cfg = craft_config_of(model) if method.builds_moe else None
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
@@ -312,6 +316,9 @@ def load_crafted(
     if config.get("lora"):
         model = _merge_lora(model, path / config["lora"], allow_pickle)
     model._sparsecraft_base = source
+    changes = (["its LoRA merged in"] if config.get("lora") else []) + (["NF4-rounded"] if rounding else [])
+    # its base weights are not the base's on disk any more: a save that refers to that base would lose them
+    model._sparsecraft_base_changed = ", ".join(changes) or None
     model._sparsecraft_path = str(path)
     return model.eval()
 

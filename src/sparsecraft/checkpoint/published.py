@@ -43,6 +43,8 @@ from ..atomic import atomic_directory
 from ..config import CraftConfig
 from ..craft import craft
 from ..errors import CheckpointError, ConfigError
+from ..methods import method_of
+from ..moe.balance import is_balance_bias, selection_biases
 from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
 from .crafted import read_config
 
@@ -318,6 +320,10 @@ def export_published(
         raise CheckpointError(f"layout must be 'camelidae' or 'sparsetral', got {layout!r}")
     if not is_crafted(model):
         raise CheckpointError("export_published needs a crafted model")
+    method = method_of(model).name
+    if method != "pesc":
+        raise CheckpointError(f"the {layout} layout holds PESC's adapters on the FFN output; this model is crafted "
+                              f"with {method} (sparsecraft export --to mixtral|qwen3_moe writes other methods)")
     cfg = craft_config_of(model)
     tcfg = text_config(model)
     if len(crafted_layers(model)) != tcfg.num_hidden_layers:
@@ -327,6 +333,9 @@ def export_published(
         raise CheckpointError(f"the {layout} layout uses exact GELU adapters; this model uses {cfg.activation}")
     if cfg.routing == "softmax_topk" and not cfg.normalize_topk:
         raise CheckpointError(f"the {layout} layout renormalises the top-k gates; this model does not")
+    if any(bool(b.ne(0).any()) for b in selection_biases(model).values()):
+        raise CheckpointError(f"the {layout} layout has no selection bias (loss-free balancing); this model's "
+                              "biases are not zero")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty; remove it, choose another path or pass overwrite=True")
@@ -350,6 +359,8 @@ def _export_tensors(model: nn.Module, layout: str, num_experts: int) -> dict[str
     state = model.state_dict()
     groups, seen, out = _alias_groups(state), set(), {}
     for key, tensor in state.items():
+        if is_balance_bias(key):
+            continue  # all zero (export_published checked): choosing with them is choosing without
         match = _TARGET.match(key)
         if match is None:
             if groups[key] in seen:

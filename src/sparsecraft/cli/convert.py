@@ -33,8 +33,10 @@ def run(args) -> int:
 
         if os.path.exists(args.out) and not args.overwrite:
             raise CheckpointError(f"{args.out} exists; pass --overwrite to replace it")
-        # a published checkpoint carries its base inside, so the converted model is standalone
-        standalone = getattr(model, "_sparsecraft_base", None) is None
+        # a published checkpoint carries its base inside, and a merged LoRA changed the base's weights: then the
+        # converted model is standalone
+        standalone = (getattr(model, "_sparsecraft_base", None) is None
+                      or bool(getattr(model, "_sparsecraft_base_changed", None)))
         out = save_crafted(model, args.out, standalone=standalone)
     else:
         from pathlib import Path

@@ -62,7 +62,12 @@ def _read_peft(path: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Te
 
 
 def _lora_scaling(config: dict, module: str, r: int) -> float:
-    alpha = config.get("alpha_pattern", {}).get(module.split(".")[-1], config.get("lora_alpha", r))
+    """The adapter's scaling of `module` (its full name): `alpha_pattern` keys matched as PEFT matches them (the
+    module's last names, or a regular expression), else `lora_alpha`."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = patterns.get(get_pattern_key(list(patterns), module), config.get("lora_alpha", r))
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
