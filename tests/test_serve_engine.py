@@ -179,7 +179,36 @@ def test_text_stream_holds_back_stop_prefixes_and_split_characters():
 
     stream = TextStream(Bytes())
     deltas = [stream.push(b)[0] for b in "né€".encode()]
-    assert "".join(deltas) + stream.finish() == "né€" and "\ufffd" not in "".join(deltas)
+    assert "".join(deltas) + stream.finish()[0] == "né€" and "\ufffd" not in "".join(deltas)
+
+
+def test_a_stop_string_in_the_text_released_at_the_end_is_cut():
+    """Text held back for a split character is searched for stop strings when generation ends there too."""
+
+    class ByteBPE:  # a token may end with the lead byte of a two-byte character, as in GPT-2's byte-level BPE
+        vocab = {0: b"Hi", 1: b" \xc3"}  # the stop string "Hi " ends inside the second token
+
+        def decode(self, ids, **kw):
+            return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(ByteBPE(), stop=["Hi "])
+    assert [stream.push(0), stream.push(1)] == [("", False), ("", False)]  # "Hi" could start the stop string
+    assert stream.finish() == ("", True)  # all before the stop string "Hi "
+
+
+def test_a_request_that_cannot_start_fails_alone(engine_for):
+    """A request whose seed the generator refuses ends with an error; the requests running beside it go on."""
+    model, tok = crafted("dense"), tiny_tokenizer()
+    engine = engine_for(model, tok, max_batch_size=4)
+    good, good_sink = request(tok, "hello there", 40)
+    engine.submit(good)
+    while not good_sink.pieces:
+        time.sleep(0.001)
+    bad, bad_sink = request(tok, "x", 5, temperature=1.0, seed=2**70)
+    engine.submit(bad)
+    assert bad_sink.done.wait(30) and bad_sink.final.kind == "error"
+    assert good_sink.done.wait(30) and good_sink.final.kind == "done"
+    assert good_sink.text == solo_generate(model, tok, "hello there", 40)
 
 
 def test_requests_being_prefilled_count_as_running(monkeypatch):

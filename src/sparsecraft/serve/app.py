@@ -73,14 +73,20 @@ def create_app(engine: Engine, *, model_name: str, context: int, max_body_bytes:
 
     async def collect(channel: RequestChannel, gen: GenerationRequest, request: Request, kind: str, rid: str):
         pieces = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     event = await channel.get(DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                # by the clock, not only when no event came: tokens arrive every step while the client may be gone
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         engine.cancel(gen)
                         return {}
+                if event is None:
                     continue
                 if event.kind == "text":
                     pieces.append(event.text)

@@ -147,8 +147,9 @@ class Engine:
                 self._decode()
         except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, never the server
             log.exception("generation step failed")
-            for slot in filter(None, self._slots):
-                self._finish_error(slot.request, f"generation failed: {type(exc).__name__}: {exc}")
+            # the running rows, and those being admitted that have no row yet: every one gets its final event
+            for request in [s.request for s in self._slots if s] + list(new):
+                self._finish_error(request, f"generation failed: {type(exc).__name__}: {exc}")
             self._slots, self._batch = [], None
         finally:
             self._admitting = []
@@ -191,8 +192,17 @@ class Engine:
         repeats of one prompt arrive one slot at a time), then give every request its own row: the cache rows of a
         repeated prompt are copies, their samples are their own."""
         prompts: dict[tuple[int, ...], int] = {}
+        slots = []
+        for r in requests:
+            try:
+                slots.append(RunningRequest(r, self.tokenizer))
+            except Exception as exc:  # noqa: BLE001 - e.g. a seed the generator refuses: this request alone fails
+                log.exception("request could not start")
+                self._finish_error(r, f"request could not start: {type(exc).__name__}: {exc}")
+        requests = [slot.request for slot in slots]
+        if not requests:
+            return
         row_of = [prompts.setdefault(tuple(r.prompt_ids), len(prompts)) for r in requests]
-        slots = [RunningRequest(r, self.tokenizer) for r in requests]
         try:
             group, rows, logits = self._prompt_rows(list(prompts))
             logits = logits[torch.tensor(row_of, device=logits.device)]
@@ -337,9 +347,10 @@ class Engine:
         return going
 
     def _finish(self, slot: RunningRequest, reason: str) -> None:
-        tail = slot.stream.finish()
+        tail, stopped = slot.stream.finish()
         if tail:
             slot.request.sink(Event("text", tail))
+        reason = "stop" if stopped else reason
         slot.request.finished = True
         slot.request.sink(Event("done", finish_reason=reason, prompt_tokens=len(slot.request.prompt_ids),
                                 completion_tokens=slot.generated))

@@ -43,13 +43,19 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what a torch generator takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     ignore_eos: bool = False
+
+    @field_validator("temperature", "top_p", "n", "stream", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """OpenAI's API takes null for these optional fields: the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stop")
     @classmethod
@@ -78,3 +84,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, value):
+        return False if value is None else value

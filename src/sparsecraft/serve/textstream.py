@@ -70,16 +70,19 @@ class TextStream:
                     break
         return hold
 
-    def finish(self) -> str:
-        """The text still held back when generation ends without a stop sequence (also a trailing partial
-        character, as the tokenizer decodes it)."""
+    def finish(self) -> tuple[str, bool]:
+        """The text still held back when generation ends (also a trailing partial character, as the tokenizer
+        decodes it) and whether a stop sequence is in it: then the text is cut before it, as in `push`."""
         if self.stopped:
-            return ""
+            return "", True
         tail = self._decode(self.ids[self._prefix:])
         before = self._decode(self.ids[self._prefix:self._read])
         if len(tail) > len(before):
             self.text += tail[len(before):]
             self._prefix = self._read = len(self.ids)
-        delta = self.text[self.sent:]
-        self.sent = len(self.text)
-        return delta
+        cut = self._earliest_stop()
+        self.stopped = cut is not None
+        end = len(self.text) if cut is None else cut
+        delta = self.text[self.sent:end]
+        self.text, self.sent = self.text[:end], end
+        return delta, self.stopped
