@@ -56,6 +56,20 @@ def test_block_computes_the_pesc_block(settings):
         torch.testing.assert_close(block(x, f), mlp.moe(x, f), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("combine", ["residual", "per_slot"])
+def test_block_is_bit_equal_in_bf16(combine):
+    """In bf16 the two combine forms round differently (the gates rarely sum to exactly 1): the block rounds each
+    as sparsecraft's PESC block does, to the bit."""
+    model = pesc(tiny_model("llama"), combine=combine).to(torch.bfloat16)
+    (_, mlp), *_ = sparsecraft.crafted_layers(model)
+    block = PescBlock(32, model._sparsecraft_config.to_dict(), dtype=torch.bfloat16)
+    block.load_state_dict(mlp.moe.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(0)
+    x, f = (torch.randn(4, 64, 32, generator=g).bfloat16() for _ in range(2))
+    with torch.no_grad():
+        assert torch.equal(block(x, f), mlp.moe(x, f))
+
+
 def test_blocks_attached_to_a_dense_copy_reproduce_the_crafted_model():
     dense = tiny_model("qwen2")
     model = pesc(copy.deepcopy(dense))

@@ -1,7 +1,7 @@
 """PESC's MoE block in plain torch for inference engines: `y = F + s * sum_j g_j W_up_j act(W_down_j F)`.
 
 The masked-dense form: every adapter runs on every token as two wide matmuls (`[h, E*r]`, `[E*r, h]`) with
-the gates as a per-token mask in between. No gather, no data-dependent shapes (so CUDA graphs and torch.compile
+the gates as a per-token mask in between (the per-slot combine form: one masked pass per slot). No gather, no data-dependent shapes (so CUDA graphs and torch.compile
 take it as it is) and no custom kernels (so it runs on any device vLLM runs on). Its extra FLOPs are E/k times
 the routed adapters', small beside the FFN for PESC's adapter widths. Computes what sparsecraft's `PescMoE` does
 in eval mode (same routing orders, router dtype, activations and combine forms; the parity test checks it).
@@ -54,38 +54,50 @@ class PescBlock(nn.Module):
         else:
             self.router_bias = None
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense gate matrix `[N, E]` (zero for experts a token does not use) from the FFN input `x: [N, h]`."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen experts `[N, k]` and their gates `[N, k]` (router dtype) for the FFN input `x: [N, h]`."""
         dtype = torch.float32 if self.router_fp32 else x.dtype
         logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
         bias = None if self.router_bias is None else self.router_bias.to(logits.dtype)
         if self.routing == "topk_softmax":
             index = torch.topk(logits if bias is None else logits + bias, self.top_k, dim=-1).indices
-            weights = torch.softmax(logits.gather(-1, index), dim=-1)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-            index = torch.topk(probs if bias is None else probs + bias, self.top_k, dim=-1).indices
-            weights = probs.gather(-1, index)
-            if self.normalize_topk:
-                weights = weights / weights.sum(-1, keepdim=True)
-        return torch.zeros_like(logits).scatter(1, index, weights)
+            return index, torch.softmax(logits.gather(-1, index), dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        index = torch.topk(probs if bias is None else probs + bias, self.top_k, dim=-1).indices
+        weights = probs.gather(-1, index)
+        return index, weights / weights.sum(-1, keepdim=True) if self.normalize_topk else weights
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense gate matrix `[N, E]` (zero for experts a token does not use) from the FFN input `x: [N, h]`."""
+        index, weights = self.route(x)
+        return torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device).scatter(1, index,
+                                                                                                         weights)
+
+    def _adapters(self, hidden_act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`sum_e mask[:, e] * W_up_e h_e`: `hidden_act [N, E*r]` (the activated bottlenecks), `mask [N, E]`."""
+        num, hidden, rank = self.experts.up.shape
+        h = (hidden_act.view(-1, num, rank) * mask.to(hidden_act.dtype).unsqueeze(-1)).reshape(-1, num * rank)
+        return h @ self.experts.up.transpose(1, 2).reshape(num * rank, hidden)
 
     def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         """`x, ffn_out: [..., h]` -> `[..., h]`."""
         shape = ffn_out.shape
         x_flat, f_flat = x.reshape(-1, shape[-1]), ffn_out.reshape(-1, shape[-1])
-        gates = self.gates(x_flat)
-        dtype = self.experts.down.dtype
+        index, weights = self.route(x_flat)
         num, rank, hidden = self.experts.down.shape
-        f_in = f_flat.to(dtype)
-        h = self.act(F.linear(f_in, self.experts.down.reshape(num * rank, hidden)))
-        mask = (gates * self.scaling).to(dtype)
-        h = (h.view(-1, num, rank) * mask.unsqueeze(-1)).reshape(-1, num * rank)
-        delta = (h @ self.experts.up.transpose(1, 2).reshape(num * rank, hidden)).to(ffn_out.dtype)
-        if self.per_slot:  # the gate sum in the model dtype: within an ulp of the exact per-slot form (moe/layers.py)
-            out = f_flat * gates.to(ffn_out.dtype).sum(-1, keepdim=True) + delta
-        else:
-            out = f_flat + delta
+        h = self.act(F.linear(f_flat.to(self.experts.down.dtype), self.experts.down.reshape(num * rank, hidden)))
+        if not self.per_slot:
+            gates = torch.zeros(f_flat.shape[0], num, dtype=weights.dtype, device=x.device).scatter(1, index, weights)
+            return (f_flat + self._adapters(h, gates * self.scaling).to(ffn_out.dtype)).view(shape)
+        # sum_j g_j (F + A_j(F)) as sparsecraft's per-slot form rounds it (moe/layers.py): each slot's term in the
+        # model dtype, added from zero in expert order; in bf16 the gates rarely sum to exactly 1
+        order = index.argsort(dim=-1)
+        out = torch.zeros_like(f_flat)
+        for j in range(self.top_k):
+            expert = index.gather(1, order[:, j:j + 1])
+            one = torch.zeros(f_flat.shape[0], num, dtype=h.dtype, device=x.device).scatter(1, expert, self.scaling)
+            adapter = self._adapters(h, one).to(ffn_out.dtype)
+            out = out + weights.gather(1, order[:, j:j + 1]).to(ffn_out.dtype) * (f_flat + adapter)
         return out.view(shape)
 
 
