@@ -1,8 +1,8 @@
 """PESC's MoE block in plain torch for inference engines: `y = F + s * sum_j g_j W_up_j act(W_down_j F)`.
 
 The masked-dense form: every adapter runs on every token as two wide matmuls (`[h, E*r]`, `[E*r, h]`) with
-the gates as a per-token mask in between (the per-slot combine form: one masked pass per slot). No gather, no data-dependent shapes (so CUDA graphs and torch.compile
-take it as it is) and no custom kernels (so it runs on any device vLLM runs on). Its extra FLOPs are E/k times
+the gates as a per-token mask in between (the per-slot combine form: one masked pass per slot). No gather, no
+data-dependent shapes (so CUDA graphs and torch.compile take it as it is) and no custom kernels (so it runs on any device vLLM runs on). Its extra FLOPs are E/k times
 the routed adapters', small beside the FFN for PESC's adapter widths. Computes what sparsecraft's `PescMoE` does
 in eval mode (same routing orders, router dtype, activations and combine forms; the parity test checks it).
 Parameter names match sparsecraft's checkpoint keys below the MLP: `moe.router.weight [E, h]`,
