@@ -2,8 +2,9 @@
 
 The masked-dense form: every adapter runs on every token as two wide matmuls (`[h, E*r]`, `[E*r, h]`) with
 the gates as a per-token mask in between (the per-slot combine form: one masked pass per slot). No gather, no
-data-dependent shapes (so CUDA graphs and torch.compile take it as it is) and no custom kernels (so it runs on any device vLLM runs on). Its extra FLOPs are E/k times
-the routed adapters', small beside the FFN for PESC's adapter widths. Computes what sparsecraft's `PescMoE` does
+data-dependent shapes (so CUDA graphs and torch.compile take it as it is) and no custom kernels (so it runs on
+any device vLLM runs on). Its extra FLOPs are E/k times the routed adapters', small beside the FFN for PESC's
+adapter widths. Computes what sparsecraft's `PescMoE` does
 in eval mode (same routing orders, router dtype, activations and combine forms; the parity test checks it).
 Parameter names match sparsecraft's checkpoint keys below the MLP: `moe.router.weight [E, h]`,
 `moe.experts.down [E, r, h]`, `moe.experts.up [E, h, r]` and, with `bias_balance`, `moe.router_bias [E]`.
