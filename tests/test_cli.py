@@ -94,6 +94,23 @@ def test_craft_bad_settings(capsys, base_dir, tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_craft_never_replaces_a_directory_that_holds_something(capsys, base_dir, tmp_path):
+    """A training run (or the base itself) named as OUT by mistake is kept; --overwrite replaces other folders,
+    never the base."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    code, _, err = run_cli(capsys, "craft", base_dir, run, "--experts", "4", "--adapter-dim", "8")
+    assert_one_line_error(code, err, "--overwrite")
+    assert (run / "summary.json").is_file() and (run / "checkpoints").is_dir()
+    code, _, err = run_cli(capsys, "craft", base_dir, base_dir, "--experts", "4", "--overwrite")
+    assert_one_line_error(code, err, "base")
+    assert (base_dir / "config.json").is_file() and list(base_dir.glob("*.safetensors"))
+    code, _, err = run_cli(capsys, "craft", base_dir, run, "--experts", "4", "--adapter-dim", "8", "--overwrite")
+    assert code == 0, err
+    assert not (run / "summary.json").exists() and (run / "config.json").is_file()
+
+
 def test_craft_missing_path(capsys, tmp_path):
     code, _, err = run_cli(capsys, "craft", tmp_path / "nope", tmp_path / "out")
     assert_one_line_error(code, err, "model path not found")

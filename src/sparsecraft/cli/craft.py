@@ -4,6 +4,7 @@ sizes it from the config."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ..config import ATTENTION_LORA_TARGETS, FFN_LORA_TARGETS
 from ..errors import CheckpointError
@@ -21,6 +22,7 @@ def add_parser(sub) -> None:
                    help=f"registered method that crafts from the base alone: {', '.join(crafting)} (default pesc)")
     add_craft_options(p.add_argument_group("crafting settings (CraftConfig)"))
     p.add_argument("--standalone", action="store_true", help="copy the base weights into OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds something")
     p.add_argument("--dtype", default=None, help="dtype to load the base in (float32, bfloat16, float16)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new weights' initialisation")
     p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (they can run code)")
@@ -57,7 +59,12 @@ def run(args) -> int:
         raise CheckpointError("craft needs an output directory (or --dry-run)")
     from ..atomic import check_output_path
 
-    check_output_path(args.out)  # before loading the base
+    target = check_output_path(args.out)  # before loading the base
+    base = Path(args.base).expanduser().resolve()
+    if base.exists() and (target.resolve() == base or target.resolve() in base.parents):
+        raise CheckpointError(f"{args.out} holds the base model {args.base}; write the crafted model elsewhere")
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
+        raise CheckpointError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
     from ..checkpoint.crafted import save_crafted
     from ..loading import craft_from
     from ..report import parameter_report
