@@ -109,15 +109,19 @@ def test_a_crafted_directory_on_the_hub_loads_by_id(tmp_path):
     ids = torch.tensor([[9, 10, 11]])
     want = model(ids).logits
     cache = tmp_path / "cache"
-    put_in_cache(cache, "me/pesc", lambda f: sparsecraft.save(model, f, standalone=True, tokenizer=tiny_tokenizer()))
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "TRAINED {{ messages[0]['content'] }}"  # the repo's own, not the base's
+    put_in_cache(cache, "me/pesc", lambda f: sparsecraft.save(model, f, standalone=True, tokenizer=tokenizer))
     torch.save(want, tmp_path / "want.pt")
     code = f"""
 import torch, sparsecraft
 from transformers import AutoModelForCausalLM
+from sparsecraft.generation import load_tokenizer_for
 want = torch.load({str(tmp_path / 'want.pt')!r})
 ids = torch.tensor([[9, 10, 11]])
 for model in (sparsecraft.load("me/pesc"), AutoModelForCausalLM.from_pretrained("me/pesc", revision="{COMMIT}")):
     assert sparsecraft.is_crafted(model) and torch.equal(model(ids).logits, want)
+    assert load_tokenizer_for("me/pesc", model).chat_template.startswith("TRAINED")  # what generate/eval/serve use
 print("ok")
 """
     done = run_offline(cache, code, tmp_path)

@@ -12,14 +12,15 @@ from .errors import CheckpointError
 
 
 def load_tokenizer_for(path: str | os.PathLike, model=None):
-    """The tokenizer saved in a model directory, else the one of the base it refers to."""
+    """The tokenizer saved in a model directory (for a hub ID, in the downloaded folder the model was loaded
+    from), else the one of the base it refers to."""
     from transformers import AutoTokenizer
 
     from .sources import load_tokenizer, resolve_base
 
-    directory = Path(str(path))
-    if directory.is_dir() and (directory / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(directory))
+    for folder in (Path(str(path)), getattr(model, "_sparsecraft_path", None)):
+        if folder is not None and (Path(folder) / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(folder))
     source = getattr(model, "_sparsecraft_base", None)
     if source is None:
         source = resolve_base(path)
