@@ -211,3 +211,16 @@ def test_convert_keeps_a_merged_lora(lora_tuned, capsys, tmp_path):
     assert code == 0, capsys.readouterr().err
     converted = sparsecraft.load(tmp_path / "converted")
     torch.testing.assert_close(_logits(converted), _logits(lora_tuned), rtol=1e-5, atol=1e-5)
+
+
+def test_a_base_named_by_a_relative_path_is_found_where_it_was(tmp_path, monkeypatch):
+    """Crafted from `base` in one folder, loaded from another folder that has a different model at `base`: the
+    recorded base is loaded, not whatever the relative name finds in the current directory."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    tiny_model("llama", seed=0).save_pretrained(first / "base")
+    tiny_model("llama", seed=1).save_pretrained(second / "base")
+    monkeypatch.chdir(first)
+    model = sparsecraft.craft_from("base", sparsecraft.CraftConfig(num_experts=4, top_k=2, adapter_dim=8), seed=0)
+    out = sparsecraft.save(model, tmp_path / "crafted")
+    monkeypatch.chdir(second)
+    assert torch.equal(_logits(sparsecraft.load(out)), _logits(model.eval()))

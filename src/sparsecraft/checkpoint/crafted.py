@@ -36,7 +36,15 @@ from ..errors import CheckpointError, ConfigError
 from ..methods import get_method, method_of
 from ..moe.model import set_saver
 from ..nf4 import round_trip_nf4
-from ..sources import PICKLE_HELP, BaseSource, load_base_config, load_base_model, load_tokenizer, resolve_base
+from ..sources import (
+    BUILTIN_MODELS,
+    PICKLE_HELP,
+    BaseSource,
+    load_base_config,
+    load_base_model,
+    load_tokenizer,
+    resolve_base,
+)
 from ..surgery import craft_config_of, is_added_name, text_config
 from .card import write_model_card
 
@@ -255,13 +263,17 @@ def resolve_saved_base(path: Path, entry: dict) -> BaseSource:
     spec = entry.get("spec")
     if entry.get("revision"):  # a hub base, pinned to its commit; its errors (offline, gated, ...) say it best
         return resolve_base(spec, entry["revision"])
+    directory, gguf = entry.get("directory"), entry.get("gguf_file")
+    recorded = os.path.join(directory, gguf) if directory and gguf else directory
+    # the folder recorded at save time first: a relative name would find whatever the current directory holds
+    # (a built-in name is looked up again: its package may live elsewhere on this machine)
+    if spec not in BUILTIN_MODELS and recorded and os.path.exists(recorded):
+        return resolve_base(recorded)
     try:
         return resolve_base(spec)
     except CheckpointError:
-        directory, gguf = entry.get("directory"), entry.get("gguf_file")
-        candidate = os.path.join(directory, gguf) if directory and gguf else directory
-        if candidate and os.path.exists(candidate):
-            return resolve_base(candidate)
+        if recorded and os.path.exists(recorded):
+            return resolve_base(recorded)
         raise CheckpointError(
             f"crafted model at {path} refers to base '{spec}', which is missing; restore it, or re-save with "
             "--standalone"
