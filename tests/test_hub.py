@@ -177,3 +177,22 @@ def test_the_package_never_sets_a_hub_variable():
             if f'environ.setdefault("{var}"' in text or f'environ["{var}"] =' in text:
                 offenders.append(f"{path.name}: {var}")
     assert offenders == []
+
+
+def test_a_base_in_a_cache_dir_of_its_own_is_found_again(cache, tmp_path):
+    """`cache_dir=` (and `token=`) given to craft and load reach every read of the base: its tokenizer is saved
+    with the crafted model and the crafted model loads again from that cache."""
+    code = f"""
+import os, torch, sparsecraft
+ids = torch.tensor([[5, 6, 7, 8]])
+own = {str(cache)!r}  # HF_HUB_CACHE is an empty folder: only the cache_dir argument says where the base is
+model = sparsecraft.craft_from("org/tiny", sparsecraft.CraftConfig(num_experts=4, top_k=2, adapter_dim=8),
+                               cache_dir=own)
+sparsecraft.save(model, "crafted")
+assert os.path.isfile("crafted/tokenizer_config.json")
+back = sparsecraft.load("crafted", cache_dir=own)
+assert torch.equal(back(ids).logits, model(ids).logits)
+print("ok")
+"""
+    done = run_offline(tmp_path / "empty-cache", code, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

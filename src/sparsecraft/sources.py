@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ class BaseSource:
     directory: str
     gguf_file: str | None = None
     revision: str | None = None  # hub repos: the resolved commit hash (`directory` is then the repo ID)
+    # hub repos: `token` / `cache_dir` the caller gave, for every later read of the repo (never saved)
+    hub_options: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_hub(self) -> bool:
@@ -48,7 +50,7 @@ class BaseSource:
         out = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         if self.revision:
             out["revision"] = self.revision
-        return out
+        return {**out, **self.hub_options}
 
 
 def resolve_base(spec: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
@@ -100,7 +102,8 @@ def resolve_hub_base(text: str, revision: str | None = None, *, token: str | boo
                       cache_dir=cache_dir)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"hub repo {repo_id} has no config.json: not a transformers model")
-    return BaseSource(repo_id, repo_id, None, folder.name)
+    options = {k: v for k, v in (("token", token), ("cache_dir", cache_dir)) if v is not None}
+    return BaseSource(repo_id, repo_id, None, folder.name, hub_options=options)
 
 
 def load_base_config(source: BaseSource):
@@ -141,7 +144,7 @@ def load_base_model(
     if device is not None and "device_map" not in kwargs:
         kwargs["device_map"] = device
     try:
-        return AutoModelForCausalLM.from_pretrained(source.directory, **source.kwargs, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source.directory, **{**source.kwargs, **kwargs})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         if kwargs.get("use_safetensors") and _has_only_pickles(source):
             raise CheckpointError(f"{source.spec} holds only pickled weights: {PICKLE_HELP}") from None
@@ -154,7 +157,8 @@ def _has_only_pickles(source: BaseSource) -> bool:
         try:
             from huggingface_hub import list_repo_files
 
-            names = list_repo_files(source.directory, revision=source.revision)
+            names = list_repo_files(source.directory, revision=source.revision,
+                                    token=source.hub_options.get("token"))
         except Exception:  # noqa: BLE001 - offline or unreachable: the cached snapshot is all we can tell from
             return False
     else:

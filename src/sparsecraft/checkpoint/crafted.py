@@ -253,8 +253,9 @@ def is_crafted_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def resolve_saved_base(path: Path, entry: dict) -> BaseSource:
-    """Where a crafted directory's base is; a one-line error when it has gone missing."""
+def resolve_saved_base(path: Path, entry: dict, **hub) -> BaseSource:
+    """Where a crafted directory's base is; a one-line error when it has gone missing. `hub`: `token`,
+    `cache_dir` for a hub base."""
     if entry.get("relative"):
         base_dir = path / entry["spec"]
         if not base_dir.is_dir():
@@ -262,7 +263,7 @@ def resolve_saved_base(path: Path, entry: dict) -> BaseSource:
         return resolve_base(base_dir)
     spec = entry.get("spec")
     if entry.get("revision"):  # a hub base, pinned to its commit; its errors (offline, gated, ...) say it best
-        return resolve_base(spec, entry["revision"])
+        return resolve_base(spec, entry["revision"], **hub)
     directory, gguf = entry.get("directory"), entry.get("gguf_file")
     recorded = os.path.join(directory, gguf) if directory and gguf else directory
     # the folder recorded at save time first: a relative name would find whatever the current directory holds
@@ -309,7 +310,8 @@ def load_crafted(
             craft_cfg = CraftConfig.from_dict(config["craft"])
         except (ConfigError, TypeError) as exc:
             raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
-    source = resolve_saved_base(path, config["base"])
+    hub = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
+    source = resolve_saved_base(path, config["base"], **hub)
     _check_base_shapes(path, source, config["base_config"])
     model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     if config.get("shared"):
