@@ -11,12 +11,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from sparsecraft import craft, is_crafted
-from sparsecraft.checkpoint.published import (
-    detect_published_layout,
-    export_published,
-    load_published,
-    published_craft_config,
-)
+from sparsecraft.checkpoint.published import detect_published_layout, load_published, published_craft_config
+from sparsecraft.checkpoint.published_export import export_published
 from sparsecraft.errors import CheckpointError
 
 E, K, R = 4, 2, 8

@@ -56,3 +56,22 @@ def test_the_papers_recipes_dry_run_as_written(tmp_path):
     assert f"LoRA {lora:,}" in pesc and f"{lora:,} trainable" in camel and "6,738,415,616 total" in camel
     for text in (pesc, camel):
         assert "8x80 GB" in text and "zero3" in text and "fsdp" in text
+
+
+def test_the_dry_run_sizes_the_sequences_training_will_use(tmp_path):
+    """`data.max_length` as training reads it: its default when the recipe leaves it out, capped to the model's
+    context as training caps it."""
+    from conftest import save_tiny_base
+
+    from sparsecraft.data.config import DataConfig
+    from sparsecraft.scale import plan_training
+    from sparsecraft.train.recipe import load_recipe
+
+    save_tiny_base(tmp_path / "base", hidden=32, max_positions=256)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path / 'base'}\nquantization: none\ndata:\n  sources: [d.jsonl]\n")
+    assert plan_training(load_recipe(recipe)).estimate.seq_len == min(DataConfig.max_length, 256)
+    long = plan_training(load_recipe(recipe, ["data.max_length=4096"]))
+    assert long.estimate.seq_len == 256
+    short = plan_training(load_recipe(recipe, ["data.max_length=64"]))
+    assert short.estimate.seq_len == 64

@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .data.config import DataConfig
+from .generation import context_length
 from .memory import MemoryEstimate, estimate_training_memory
 from .report import ParameterReport, meta_model, parameter_report
 
@@ -106,8 +108,11 @@ def plan_training(recipe) -> TrainPlan:
     targets = tuple(recipe.lora.targets) + (tuple(recipe.lora.ffn_targets) if recipe.lora.ffn else ())
     quantization = "nf4" if recipe.quantization == "nf4" else "bf16"
     rank = recipe.lora.r if recipe.lora.enabled else 0
-    estimate = estimate_training_memory(model, batch_size=recipe.train.batch_size,
-                                        seq_len=int(recipe.data.get("max_length", 2048)), lora_rank=rank,
+    # the sequence length training uses: the data config's (its default when unset), capped to the context
+    seq_len = DataConfig.from_dict(recipe.data).max_length
+    context = context_length(model)
+    seq_len = min(seq_len, context) if context else seq_len
+    estimate = estimate_training_memory(model, batch_size=recipe.train.batch_size, seq_len=seq_len, lora_rank=rank,
                                         lora_targets=targets if rank else (), quantization=quantization)
     trainable = estimate.components["trainable state"] // 16
     _, layers = find_decoder_layers(model)

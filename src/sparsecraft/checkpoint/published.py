@@ -1,4 +1,5 @@
-"""Import and export of the published PESC checkpoints (Camelidae, Qwen2idae, Sparsetral), never running their code.
+"""Import of the published PESC checkpoints (Camelidae, Qwen2idae, Sparsetral), never running their code (export:
+`published_export`).
 
 The published directories declare a plain `model_type` (llama / qwen2 / mistral) and point at their own classes
 through `auto_map`, so plain transformers would build a dense model and silently drop every adapter. Here the
@@ -39,13 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_directory
 from ..config import CraftConfig
 from ..craft import craft
 from ..errors import CheckpointError, ConfigError
-from ..methods import method_of
-from ..moe.balance import is_balance_bias, selection_biases
-from ..surgery import craft_config_of, crafted_layers, is_crafted, text_config
+from ..surgery import craft_config_of, text_config
 from .crafted import read_config
 
 LAYOUTS = ("camelidae", "qwen2idae", "sparsetral")
@@ -56,7 +54,7 @@ _MOE_FIELDS = ("num_experts", "topk", "adapter_dim", "moe_scaling", "moe_dtype",
 _EXPERT_PART = {"camelidae": r"expert_(\d+)", "qwen2idae": r"expert_(\d+)", "sparsetral": r"(\d+)"}
 # `model_type`s the published configuration classes declare -> the transformers family their base is
 _BASE_FAMILY = {"sparsetral": "mistral", "camelidae": "llama", "qwen2idae": "qwen2"}
-_TARGET = re.compile(r"^(.+)\.moe\.(router\.weight|experts\.down|experts\.up)$")
+MOE_TENSOR = re.compile(r"^(.+)\.moe\.(router\.weight|experts\.down|experts\.up)$")
 _PICKLE_HELP = ("unpickling can run arbitrary code, so it is refused by default; pass allow_pickle=True "
                 "(CLI: --allow-pickle) once, then export_published() it to safetensors")
 
@@ -116,7 +114,7 @@ def _published_names(prefix: str, layout: str, num_experts: int) -> dict[str, tu
     return names
 
 
-def _alias_groups(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+def alias_groups(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Key -> storage identity; tied weights (lm_head / embed_tokens) share one."""
     return {k: (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) for k, t in state.items()}
 
@@ -253,21 +251,21 @@ def _load_tensors(model: nn.Module, files: list[Path], layout: str, cfg: CraftCo
     hidden = text_config(model).hidden_size
     moe = {}
     for key in state:
-        match = _TARGET.match(key)
+        match = MOE_TENSOR.match(key)
         if match and match.group(2) == "router.weight":
             moe.update(_published_names(match.group(1), layout, cfg.num_experts))
     expected_moe = {"router.weight": (cfg.num_experts, hidden), "experts.down": (cfg.adapter_dim, hidden),
                     "experts.up": (hidden, cfg.adapter_dim)}
     shapes = {}
     for key, (target, _) in moe.items():
-        shapes[key] = expected_moe[_TARGET.match(target).group(2)]
+        shapes[key] = expected_moe[MOE_TENSOR.match(target).group(2)]
     filled: set[tuple[str, int | None]] = set()
     for key, tensor in _iter_tensors(files):
         if key in moe:
             target, expert = moe[key]
             dest = state[target] if expert is None else state[target][expert]
             expected = shapes[key]
-        elif key in state and not _TARGET.match(key):
+        elif key in state and not MOE_TENSOR.match(key):
             target, expert, dest = key, None, state[key]
             expected = tuple(dest.shape)
         elif key.endswith("rotary_emb.inv_freq"):
@@ -283,10 +281,10 @@ def _load_tensors(model: nn.Module, files: list[Path], layout: str, cfg: CraftCo
         dest.copy_(tensor)
         filled.add((target, expert))
     # a key is satisfied if it or a weight tied to it (same storage) was loaded
-    groups = _alias_groups(state)
+    groups = alias_groups(state)
     done = {groups[t] for t, e in filled if e is None}
     for key in state:
-        if not _TARGET.match(key) and (key, None) not in filled and groups[key] not in done:
+        if not MOE_TENSOR.match(key) and (key, None) not in filled and groups[key] not in done:
             raise CheckpointError(f"{root}: {key} is missing from the checkpoint")
     for key, (target, expert) in moe.items():
         if (target, expert) not in filled:
@@ -294,114 +292,3 @@ def _load_tensors(model: nn.Module, files: list[Path], layout: str, cfg: CraftCo
 
 
 # ----------------------------------------------------------------------------------------------------- export
-
-def export_published(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    layout: str = "camelidae",
-    *,
-    shard_size: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a crafted model as a published PESC checkpoint (config.json + safetensors), atomically.
-
-    Args:
-        model: a model crafted in every decoder layer with GELU adapters and a routing the layout can express
-            (`topk_softmax`, or `softmax_topk` renormalised: the same function).
-        layout: `"camelidae"` (`experts.expert_{e}.`; Qwen2idae for a qwen2 base) or `"sparsetral"` (`experts.{e}.`).
-        shard_size: bytes per safetensors shard (with `model.safetensors.index.json`); None writes one file.
-        overwrite: replace an existing non-empty `out_dir`.
-
-    Returns:
-        `out_dir` as a Path. `load_published(out_dir)` gives the same logits. No `auto_map` is written (there is
-        no remote code to point at); the layout is recognised by its MoE fields.
-    """
-    if layout not in ("camelidae", "sparsetral"):
-        raise CheckpointError(f"layout must be 'camelidae' or 'sparsetral', got {layout!r}")
-    if not is_crafted(model):
-        raise CheckpointError("export_published needs a crafted model")
-    method = method_of(model).name
-    if method != "pesc":
-        raise CheckpointError(f"the {layout} layout holds PESC's adapters on the FFN output; this model is crafted "
-                              f"with {method} (sparsecraft export --to mixtral|qwen3_moe writes other methods)")
-    cfg = craft_config_of(model)
-    tcfg = text_config(model)
-    if len(crafted_layers(model)) != tcfg.num_hidden_layers:
-        raise CheckpointError(f"the {layout} layout has adapters in every decoder layer; this model has them in "
-                              f"{len(crafted_layers(model))} of {tcfg.num_hidden_layers}")
-    if cfg.activation != "gelu":
-        raise CheckpointError(f"the {layout} layout uses exact GELU adapters; this model uses {cfg.activation}")
-    if cfg.routing == "softmax_topk" and not cfg.normalize_topk:
-        raise CheckpointError(f"the {layout} layout renormalises the top-k gates; this model does not")
-    if any(bool(b.ne(0).any()) for b in selection_biases(model).values()):
-        raise CheckpointError(f"the {layout} layout has no selection bias (loss-free balancing); this model's "
-                              "biases are not zero")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; remove it, choose another path or pass overwrite=True")
-
-    tensors = _export_tensors(model, layout, cfg.num_experts)
-    base_cls = getattr(type(model), "_sparsecraft_base_class", type(model))
-    config = model.config.to_dict()
-    config.update(architectures=[base_cls.__name__], model_type=model.config.model_type,
-                  num_experts=cfg.num_experts, topk=cfg.top_k, adapter_dim=cfg.adapter_dim,
-                  moe_scaling=cfg.scaling, output_router_logits=False,
-                  moe_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""))
-    if layout == "sparsetral":
-        config.update(adapter_dropout=cfg.dropout, router_aux_loss_coef=cfg.aux_loss_coef)
-    _write_atomic(out, config, tensors, shard_size)
-    return out
-
-
-def _export_tensors(model: nn.Module, layout: str, num_experts: int) -> dict[str, torch.Tensor]:
-    """Published key -> CPU tensor; tied aliases written once, stacked experts split per expert."""
-    expert = "expert_{}" if layout == "camelidae" else "{}"
-    state = model.state_dict()
-    groups, seen, out = _alias_groups(state), set(), {}
-    for key, tensor in state.items():
-        if is_balance_bias(key):
-            continue  # all zero (export_published checked): choosing with them is choosing without
-        match = _TARGET.match(key)
-        if match is None:
-            if groups[key] in seen:
-                continue
-            seen.add(groups[key])
-            out[key] = tensor.detach().to("cpu").contiguous()
-            continue
-        prefix, part = match.groups()
-        if part == "router.weight":
-            out[f"{prefix}.moe_adapter.router.weight"] = tensor.detach().to("cpu").contiguous()
-            continue
-        proj = part.split(".")[1]
-        for e in range(num_experts):
-            # clone: safetensors refuses tensors that share storage
-            name = f"{prefix}.moe_adapter.experts.{expert.format(e)}.adapter_{proj}.weight"
-            out[name] = tensor[e].detach().to("cpu").clone()
-    return out
-
-
-def _write_atomic(out: Path, config: dict, tensors: dict[str, torch.Tensor], shard_size: int | None) -> None:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard_size is not None and shards[-1] and size + nbytes > shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    with atomic_directory(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if shard_size is None:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

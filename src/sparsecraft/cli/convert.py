@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..atomic import check_output_path
     from ..checkpoint.crafted import save_crafted
-    from ..checkpoint.published import export_published
+    from ..checkpoint.published_export import export_published
     from ..errors import CheckpointError
     from ..loading import load
     from ..surgery import is_crafted
