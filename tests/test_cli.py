@@ -111,6 +111,14 @@ def test_craft_never_replaces_a_directory_that_holds_something(capsys, base_dir,
     assert not (run / "summary.json").exists() and (run / "config.json").is_file()
 
 
+@pytest.mark.parametrize("command", [["craft", "{base}", "{out}"], ["generate", "{base}", "--prompt", "hi"],
+                                     ["export", "{base}", "{out}"]])
+def test_a_dtype_that_is_not_one_is_a_one_line_error(capsys, base_dir, tmp_path, command):
+    argv = [a.format(base=base_dir, out=tmp_path / "out") for a in command] + ["--dtype", "bogus"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "bogus")
+
+
 def test_craft_missing_path(capsys, tmp_path):
     code, _, err = run_cli(capsys, "craft", tmp_path / "nope", tmp_path / "out")
     assert_one_line_error(code, err, "model path not found")

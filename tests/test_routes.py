@@ -360,6 +360,13 @@ def test_cli_routes_bad_input_exits_2(main, saved_model, tmp_path, capsys, extra
     assert rc == 2 and message in capsys.readouterr().err
 
 
+def test_cli_routes_output_that_is_a_file_exits_2_before_the_work(main, saved_model, tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert main(["routes", str(saved_model / "model"), str(saved_model / "math.jsonl"), "--out",
+                 str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "mine"
+
+
 def test_cli_routes_missing_inputs_exit_2(main, saved_model, tmp_path, capsys):
     assert main(["routes", str(tmp_path / "nope"), "x.jsonl", "--out", str(tmp_path / "o")]) == 2
     assert "model not found" in capsys.readouterr().err

@@ -61,6 +61,11 @@ def test_merge_shorthands_and_expansions_apply_at_the_top_only():
     assert merge({}, {"lr": 1}) == {"lr": 1}  # no shorthands given: none apply
 
 
+def test_a_shorthand_into_a_section_that_is_not_a_mapping_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="optim is 5, not a mapping"):
+        merge({"optim": 5}, {"lr": 1}, shorthands={"lr": ("optim", "lr")})
+
+
 def test_build_dataclass_builds_nested_and_coerces():
     built = build_dataclass(Outer, {"name": "x", "ratio": 1, "inner": {"lr": 2, "steps": 3}, "extra": {"k": 1}})
     assert built == Outer("x", 1.0, Inner(2.0, 3), {"k": 1})

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from .data.config import DataConfig
+from .errors import ConfigError
 from .generation import context_length
 from .memory import MemoryEstimate, estimate_training_memory
 from .report import ParameterReport, meta_model, parameter_report
@@ -102,7 +103,8 @@ def plan_training(recipe) -> TrainPlan:
     model = meta_model(load_base_config(resolve_base(recipe.model)))
     if method.builds_moe:
         if not method.crafts_from_base:
-            raise ValueError(f"a dry run builds from the base alone; method {method.name} cannot")
+            raise ConfigError(f"a dry run builds from the base alone; method {method.name} cannot (it needs its "
+                              "experts' checkpoints)")
         method.craft(model, recipe.craft_config())
     params = parameter_report(model)
     targets = tuple(recipe.lora.targets) + (tuple(recipe.lora.ffn_targets) if recipe.lora.ffn else ())

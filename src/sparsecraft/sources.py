@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .hub import looks_like_repo_id, snapshot, split_revision
 
 # name -> (python package holding the file, file name, how to install the package, the model's hub ID)
@@ -135,6 +135,8 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(from_pretrained_kwargs)
+    if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"dtype must be a torch dtype name (float32, bfloat16, float16) or auto, got {dtype!r}")
     if not allow_pickle and not source.gguf_file:
         kwargs["use_safetensors"] = True
     if dtype is not None:

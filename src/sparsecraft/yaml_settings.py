@@ -78,7 +78,10 @@ def merge(base: dict, extra: dict, shorthands: Mapping[str, tuple[str, ...]] | N
             first, *rest = shorthands[key]
             for part in reversed(rest):
                 value = {part: value}
-            out[first] = merge(out.get(first) or {}, value)
+            section = out.get(first) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{first} is {section!r}, not a mapping: {key}={extra[key]!r} cannot go into it")
+            out[first] = merge(section, value)
         elif key in expand and not isinstance(value, dict):
             out[key] = expand[key](value, out.get(key))
         elif isinstance(value, dict) and isinstance(out.get(key), dict):

@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..atomic import check_output_path
     from ..data import DataConfig
     from ..evaluate.route_data import data_sources, routing_stats, saved_method, saved_recipe_data
     from ..evaluate.routes import format_summary, write_routes
@@ -49,6 +50,7 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not model_dir.exists():
         raise ConfigError(f"model not found: {args.model}")
+    check_output_path(args.out)  # before the work
     method_name = saved_method(model_dir)
     if method_name is not None and not get_method(method_name).builds_moe:  # refuse before loading the weights
         raise ConfigError(f"{args.model} is a dense (method: {method_name}) model: routing needs a model with "
