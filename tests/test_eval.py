@@ -506,6 +506,26 @@ def test_quick_eval_matches_hand_computation(tmp_path):
     assert result["loss"] == pytest.approx(grand[0] / grand[1], abs=1e-5)
 
 
+def test_quick_eval_limit_takes_the_first_records_of_each_source(tmp_path):
+    """`--limit` as lm-eval reads it (a count per source, or a fraction of each below 1): the first records."""
+    from sparsecraft.data import DataSource
+    from sparsecraft.evaluate.quick import QuickSettings, quick_eval
+
+    rows = read_jsonl(REPO / "data" / "quickstart" / "heldout" / "math.jsonl")[:6]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "first2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "first3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    model, tok = tiny_llama(seed=1), char_tokenizer()
+
+    def run(path, limit=None):
+        settings = QuickSettings([DataSource(str(tmp_path / path), name="math")], max_length=4096)
+        return quick_eval(model, tok, settings, batch_size=2, limit=limit)
+
+    assert run("m.jsonl", limit=2) == run("first2.jsonl")
+    assert run("m.jsonl", limit=0.5) == run("first3.jsonl")
+    assert run("m.jsonl", limit=2)["samples"] == 2
+
+
 def test_quick_data_from_files_recipes_and_trained_models(tmp_path):
     from sparsecraft.evaluate.quick import default_settings, parse_data_args
 

@@ -117,9 +117,10 @@ def run(args) -> int:
         from ..evaluate.quick import quick_eval
         from ..evaluate.results import QUICK_JSON, format_quick_table, write_quick
 
-        quick = quick_eval(model, tokenizer, quick_settings, batch_size=batch_size if isinstance(batch_size, int)
-                           else 4)
-        data = {"model": args.model, **quick, "settings": {**settings, **quick_settings.to_dict()}}
+        quick_batch = batch_size if isinstance(batch_size, int) else 4  # no auto search for a loss pass
+        quick = quick_eval(model, tokenizer, quick_settings, batch_size=quick_batch, limit=limit)
+        data = {"model": args.model, **quick,
+                "settings": {**settings, "batch_size": quick_batch, **quick_settings.to_dict()}}
         write_quick(out, args.model, quick, data["settings"])
         print(format_quick_table(data))
         print(f"wrote {out / QUICK_JSON}")

@@ -155,9 +155,11 @@ def _model_device(model) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
-def quick_eval(model, tokenizer, settings: QuickSettings | None = None, *, batch_size: int = 4) -> dict[str, Any]:
+def quick_eval(model, tokenizer, settings: QuickSettings | None = None, *, batch_size: int = 4,
+               limit: int | float | None = None) -> dict[str, Any]:
     """Held-out loss per source: `{"sources": {name: {"loss", "perplexity", "tokens", "samples"}}, "loss",
-    "perplexity", "tokens", "samples", "dropped"}`; losses are token means over the answer tokens."""
+    "perplexity", "tokens", "samples", "dropped"}`; losses are token means over the answer tokens. `limit`: the
+    first records of each source, a count, or a fraction of each below 1 (as lm-eval's `--limit`)."""
     from datasets import Dataset
 
     from ..train.loop import evaluate
@@ -168,6 +170,8 @@ def quick_eval(model, tokenizer, settings: QuickSettings | None = None, *, batch
     records = []
     for source in settings.sources:
         rows, _ = load_source(source, split="eval")
+        if limit is not None:
+            rows = rows[:int(limit) if limit >= 1 else math.ceil(len(rows) * limit)]
         records += rows
     dataset, dropped = tokenize_records(Dataset.from_list(records), tokenizer, settings.template,
                                         settings.max_length, settings.truncation)
