@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from sparsecraft.bench import run_bench
 from sparsecraft.bench.flops import ModelDims, MoEDims, block_flops, model_flops
 from sparsecraft.bench.reference import LoopPescBlock
 from sparsecraft.bench.settings import METHODS, BenchSettings
@@ -52,6 +53,9 @@ def test_block_level_cli_writes_every_record(tmp_path, capsys):
     # the dense path runs all E adapters: more executed FLOPs than its floor
     assert records["pesc-dense"]["flop_executed_ratio"] > records["pesc-dense"]["flop_floor_ratio"]
     assert records["loop"]["flop_floor_ratio"] == records["pesc"]["flop_floor_ratio"]
+    for rec in records.values():  # executed FLOPs follow the path each variant ran
+        if rec["path"].split(":")[-1] == "dense":
+            assert rec["flop_executed_ratio"] == records["pesc-dense"]["flop_executed_ratio"], rec["method"]
     table = capsys.readouterr().out
     assert "x dense" in table and "pesc-sorted" in table
 
@@ -142,7 +146,13 @@ def test_block_flop_floors_by_hand():
     assert block_flops("dense", n, dims) == 2 * 2304
     assert block_flops("pesc", n, dims) == 2 * (dense + router + adapters) == 2 * 3168
     assert block_flops("loop", n, dims) == block_flops("pesc-sorted", n, dims) == block_flops("pesc", n, dims)
-    assert block_flops("pesc-dense", n, dims, executed=True) == 2 * (dense + router + 2 * adapters)  # E = 2k
+    runs_all = 2 * (dense + router + 2 * adapters)  # E = 2k adapters as the masked-dense path runs them
+    assert block_flops("pesc-dense", n, dims, path="dense") == runs_all
+    # the path that ran decides, whatever the variant's name: auto or the rule may pick dense, compile traces it
+    for label in ("auto:dense", "rule:dense", "compiled:dense"):
+        assert block_flops("pesc", n, dims, path=label) == runs_all, label
+    for label in ("auto:grouped", "grouped->sorted", "sorted", "loop"):
+        assert block_flops("pesc", n, dims, path=label) == block_flops("pesc", n, dims), label
     assert block_flops("upcycle", n, dims) == 2 * (3 * 2 * 1152 + router) == 2 * 7200
     assert block_flops("pesc", n, dims) / block_flops("dense", n, dims) == pytest.approx(1.375)
 
@@ -165,6 +175,14 @@ def test_model_flop_floors_by_hand():
     assert model_flops("dense", 1, 3, dims, lora_rank=2) == 2 * (layer0 + layer1 + lm_head) == 2 * 9312
     moe_extra = 2 * (3 * 3 * 8 * 4 + 3 * 2 * (2 * 3 * 8 * 2))  # router + adapters, both layers
     assert model_flops("pesc", 1, 3, dims, lora_rank=2) == 2 * (9312 + moe_extra)
+
+
+def test_the_loop_reference_counts_its_trained_adapters_at_model_level():
+    """The loop reference swaps PESC's blocks for its own: its floor is PESC's (same trainable adapters)."""
+    settings = BenchSettings(shape="tiny", levels=["model"], methods=["dense", "pesc", "loop"], seq_len=8,
+                             batch_size=1, repeats=1, warmup=0, memory=False, threads=1, decode_tokens=0)
+    records = {r["method"]: r for r in run_bench(settings, progress=False, log=lambda m: None)["records"]}
+    assert records["loop"]["flop_floor_ratio"] == records["pesc"]["flop_floor_ratio"]
 
 
 def test_round_robin_interleaves_after_warmup():

@@ -23,7 +23,7 @@ class Variant:
     path: str  # the dispatch path actually run ("-" for dense)
     tokens: int  # tokens per step
     flops: int  # matmul FLOP floor of one step
-    flops_executed: int  # matmul FLOPs as the path runs them
+    flops_for_path: Callable[[str], int]  # matmul FLOPs as the path of a label runs them
     step: Callable[[], object]
     reset: Callable[[], None]
     model: nn.Module | None = None  # model level: what decodes

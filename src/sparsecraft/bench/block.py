@@ -77,7 +77,7 @@ def _block_variant(name: str, ffn: nn.Module, x0: torch.Tensor, grad_out: torch.
 
     return Variant(
         level="block", method=name, path=path, tokens=tokens,
-        flops=block_flops(name, tokens, dims), flops_executed=block_flops(name, tokens, dims, executed=True),
+        flops=block_flops(name, tokens, dims), flops_for_path=lambda label: block_flops(name, tokens, dims, label),
         step=step, reset=reset, extra={"module": module, "input": x},
         relabel=None if module is None else lambda: dispatch_label(module, dispatch, tokens, settings, hidden, device),
     )

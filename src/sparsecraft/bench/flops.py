@@ -21,7 +21,8 @@ gated FFN):
 
 In general: the shared FFN (when the method keeps it) + the router + k experts of `Method.expert_macs` each.
 
-`executed` FLOPs count what a path really multiplies: `pesc-dense` runs all E adapters (E instead of k above).
+Executed FLOPs count what the path that ran multiplies: the masked-dense path (`pesc-dense`, or `auto`/`rule`
+when they pick it, or a compiled block that traces it) runs all E adapters (E instead of k above).
 
 Model level (`L` layers, batch `B`, sequence `T`, `N = B*T`, query width `q = heads*head_dim`, key/value width
 `v = kv_heads*head_dim`, vocab `V`, LoRA rank `R` on q, k, v, o; every method has the same LoRA):
@@ -70,10 +71,16 @@ class ModelDims:
     moe: MoEDims
 
 
-def _moe_block_macs(variant: str, n: int, d: MoEDims, executed: bool) -> int:
+def ran_path(label: str) -> str:
+    """The dispatch path a bench label says ran: `auto:dense` -> `dense`, `grouped->sorted` -> `sorted`."""
+    return label.split(":")[-1].split("->")[-1]
+
+
+def _moe_block_macs(variant: str, n: int, d: MoEDims, path: str | None) -> int:
     """Multiply-adds of one block of a bench variant (`pesc`, `pesc-dense`, `upcycle`, ...) for `n` tokens whose
-    input needs a gradient (see the module docstring)."""
-    method, dispatch = parse_variant(variant)
+    input needs a gradient (see the module docstring); `path`: the label of the path that ran (None: the
+    floor, k experts per token)."""
+    method, _ = parse_variant(variant)
     ffn = n * d.ffn_macs
     if not method.builds_moe:
         return 2 * ffn
@@ -82,16 +89,18 @@ def _moe_block_macs(variant: str, n: int, d: MoEDims, executed: bool) -> int:
     passes = 3 if d.experts_train else 2  # weight grads only for trainable experts
     if not method.shares_ffn:
         return passes * d.top_k * expert + router  # each token through k FFN copies
-    experts_run = d.experts if (executed and dispatch == "dense" and method.dense_path_runs_all) else d.top_k
+    runs_all = path is not None and ran_path(path) == "dense" and method.dense_path_runs_all
+    experts_run = d.experts if runs_all else d.top_k
     return 2 * ffn + router + passes * experts_run * expert
 
 
-def block_flops(variant: str, tokens: int, dims: MoEDims, executed: bool = False) -> int:
-    """Matmul FLOPs of one forward+backward of the MoE block alone (`executed`: as the path runs it)."""
-    return 2 * _moe_block_macs(variant, tokens, dims, executed)
+def block_flops(variant: str, tokens: int, dims: MoEDims, path: str | None = None) -> int:
+    """Matmul FLOPs of one forward+backward of the MoE block alone (`path`: as the path of that label runs it;
+    None: the floor)."""
+    return 2 * _moe_block_macs(variant, tokens, dims, path)
 
 
-def model_flops(variant: str, batch: int, seq: int, dims: ModelDims, lora_rank: int, executed: bool = False) -> int:
+def model_flops(variant: str, batch: int, seq: int, dims: ModelDims, lora_rank: int, path: str | None = None) -> int:
     """Matmul FLOPs of one forward+backward of the whole LoRA-tuned model (see the module docstring)."""
     n, h, q, v, r = batch * seq, dims.hidden, dims.q_dim, dims.kv_dim, lora_rank
     # (in, out, reads the layer input) of the LoRA'd projections q, k, v, o
@@ -104,7 +113,7 @@ def model_flops(variant: str, batch: int, seq: int, dims: ModelDims, lora_rank: 
             total += n * fin * r * (2 + igrad)  # LoRA A: fwd + weight grad (+ input grad)
             total += n * r * fout * 3  # LoRA B: fwd + weight grad + input grad (A trains)
         total += 3 * n * seq * q  # attention core: causal QK^T + PV forward, twice that backward
-        total += _moe_block_macs(variant, n, dims.moe, executed)
+        total += _moe_block_macs(variant, n, dims.moe, path)
     total += 2 * n * h * dims.vocab  # lm_head
     return 2 * total
 

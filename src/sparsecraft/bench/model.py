@@ -95,8 +95,9 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
             p.requires_grad_(True)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    if method.builds_moe and not any(p.requires_grad for _, mlp in crafted_layers(model)
-                                     for p in mlp.moe.experts.parameters()):  # NF4 copies: only the router trains
+    blocks = [m for n, m in model.named_modules() if n.endswith(".moe")]  # PESC's, or the loop reference's
+    if method.builds_moe and not any(p.requires_grad for b in blocks for p in b.experts.parameters()):
+        # NF4 copies: only the router trains
         dims = dataclasses.replace(dims, moe=dataclasses.replace(dims.moe, experts_train=False))
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -115,8 +116,8 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
     return Variant(
         level="model", method=name, path=path, tokens=tokens,
         flops=model_flops(name, settings.batch_size, settings.seq_len, dims, settings.lora_rank),
-        flops_executed=model_flops(name, settings.batch_size, settings.seq_len, dims, settings.lora_rank,
-                                   executed=True),
+        flops_for_path=lambda label: model_flops(name, settings.batch_size, settings.seq_len, dims,
+                                                 settings.lora_rank, label),
         step=step, reset=reset, model=peft_model,
         extra={"trainable_params": sum(p.numel() for p in trainable), "vocab": dims.vocab}, relabel=relabel,
     )

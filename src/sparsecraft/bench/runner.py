@@ -137,11 +137,12 @@ def _decode(settings: BenchSettings, variants: list[Variant], device: torch.devi
 
 def _record(v: Variant, t: Timed, decode: dict | None) -> dict:
     s = summary_ms(t.times_s)
+    path = v.path_run()  # after timing: `auto` is decided by the first call
     rec = {
-        "level": v.level, "method": v.method, "path": v.path_run(), "tokens_per_step": v.tokens,
+        "level": v.level, "method": v.method, "path": path, "tokens_per_step": v.tokens,
         "median_ms": s["median_ms"], "p10_ms": s["p10_ms"], "p90_ms": s["p90_ms"], "times_ms": s["times_ms"],
         "tokens_per_s": None if not s["median_ms"] else v.tokens / (s["median_ms"] / 1e3),
-        "flops": v.flops, "flops_executed": v.flops_executed,
+        "flops": v.flops, "flops_executed": v.flops_for_path(path),
         "peak_mem_bytes": None, "peak_rss_bytes": None, "mem_baseline_bytes": None,
         "peak_mem_over_baseline_bytes": None, "mem_error": None,
     }
