@@ -81,6 +81,16 @@ def test_auto_equals_every_fixed_path(n, grad):
         assert x.grad is None and down.grad is None
 
 
+def test_each_activation_is_probed_on_its_own():
+    """The candidates (and their speeds) depend on the activation: a choice for GELU is not reused for SiLU."""
+    x, gates, idx, down, up = make_call(300)
+    dispatch(x, gates, idx, down, up, path="auto", activation="gelu")
+    assert probed_choice(300, 8, 2, 16, 64, torch.float32, "cpu", False, "silu") is None
+    dispatch(x, gates, idx, down, up, path="auto", activation="silu")
+    assert probed_choice(300, 8, 2, 16, 64, torch.float32, "cpu", False, "silu") is not None
+    assert len(PROBE.results()) == 2
+
+
 def test_probe_leaves_the_global_random_stream_alone():
     x, gates, idx, down, up = make_call(200)
     torch.manual_seed(123)
@@ -159,6 +169,6 @@ def test_bench_labels_auto_with_the_probed_path():
     settings = BenchSettings(experts=8, top_k=2, adapter_dim=64, tokens=2048)
     cpu = torch.device("cpu")
     assert pesc_path("auto", 2048, settings, 576, cpu) == "auto:grouped"  # before any run: the rule's pick
-    PROBE.restore([{"key": [2048, 8, 2, 64, 576, "float32", "cpu", True], "path": "dense"}])
+    PROBE.restore([{"key": [2048, 8, 2, 64, 576, "float32", "cpu", True, "gelu"], "path": "dense"}])
     assert pesc_path("auto", 2048, settings, 576, cpu) == "auto:dense"
     assert pesc_path("rule", 2048, settings, 576, cpu) == "rule:grouped"

@@ -154,9 +154,12 @@ def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: i
 
 
 def _probe_key(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int, dtype: torch.dtype,
-               device: torch.device | str, training: bool) -> tuple:
+               device: torch.device | str, training: bool, activation: str) -> tuple:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # a tensor's device is always indexed (`cuda:0`)
+        device = torch.device("cuda", torch.cuda.current_device())
     return (token_bucket(num_tokens), num_experts, top_k, adapter_dim, hidden, str(dtype).removeprefix("torch."),
-            str(device), training)
+            str(device), training, activation)
 
 
 def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
@@ -170,7 +173,7 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
     if num_tokens == 0 or torch.compiler.is_compiling():
         return choose_path(num_tokens, num_experts, top_k, adapter_dim)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, down, up))
-    key = _probe_key(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device, training)
+    key = _probe_key(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device, training, activation)
     known = PROBE.cached(key)  # every call after the first of its shape ends here
     if known is not None:
         return known
@@ -202,9 +205,11 @@ def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, 
 
 
 def probed_choice(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int,
-                  dtype: torch.dtype, device: torch.device | str, training: bool) -> str | None:
+                  dtype: torch.dtype, device: torch.device | str, training: bool,
+                  activation: str = "gelu") -> str | None:
     """What a probe chose for this shape so far in this process (None when none has run)."""
-    return PROBE.cached(_probe_key(num_tokens, num_experts, top_k, adapter_dim, hidden, dtype, device, training))
+    return PROBE.cached(_probe_key(num_tokens, num_experts, top_k, adapter_dim, hidden, dtype, device, training,
+                                   activation))
 
 
 def dispatch(
