@@ -205,3 +205,14 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="allocator"):
         BenchSettings(memory_allocator="jemalloc").validate()
     assert not math.isnan(BenchSettings().craft_config("grouped").scaling)
+
+
+def test_labels_name_the_path_that_runs():
+    """Upcycling runs its sorted slices for both `sorted` and `loop`; MixLoRA's experts fall back to them where
+    `torch._grouped_mm` cannot take their LoRA pairs (an adapter width of 6 fp32 values is not 16-byte aligned)."""
+    settings = BenchSettings(shape="tiny", levels=["block"], methods=["dense", "upcycle-sorted", "upcycle-loop",
+                                                                      "mixlora"],
+                             tokens=64, adapter_dim=6, repeats=1, warmup=0, memory=False, threads=1)
+    records = {r["method"]: r for r in run_bench(settings, progress=False, log=lambda m: None)["records"]}
+    assert records["upcycle-sorted"]["path"] == records["upcycle-loop"]["path"] == "sorted"
+    assert records["mixlora"]["path"] == "grouped->sorted"

@@ -137,8 +137,10 @@ def dispatch_label(block: nn.Module, dispatch: str, tokens: int, settings: Bench
     if isinstance(block, PescMoE):
         return pesc_path(dispatch, tokens, settings, hidden, device)
     if isinstance(block, LoraExpertsMoE):
-        return dispatch if dispatch in ("loop", "sorted") else "grouped"
-    return upcycle_path(block.experts, tokens, settings, hidden, device)
+        if dispatch in ("loop", "sorted"):
+            return dispatch
+        return lora_experts_path(block, tokens, settings, hidden, device)
+    return upcycle_path(block.experts, dispatch, tokens, settings, hidden, device)
 
 
 def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, device: torch.device) -> str:
@@ -165,14 +167,29 @@ def pesc_path(dispatch: str, tokens: int, settings: BenchSettings, hidden: int, 
     return f"{dispatch}:{path}" if dispatch in ("auto", "rule") else path
 
 
-def upcycle_path(experts: nn.Module, tokens: int, settings: BenchSettings, hidden: int,
+def upcycle_path(experts: nn.Module, dispatch: str, tokens: int, settings: BenchSettings, hidden: int,
                  device: torch.device) -> str:
-    """`grouped` / `sorted` for stacked copies of a gated FFN, `loop` for the deep-copy fallback."""
+    """`grouped` / `sorted` for stacked copies of a gated FFN (`sorted` and `loop` settings both run `sorted`, as
+    `UpcycledMoE` does), `loop` for the deep-copy fallback."""
     from ..moe.experts import grouped_mm_available
     from ..moe.upcycle import GatedExperts
 
     if not isinstance(experts, GatedExperts):
         return "loop"
+    if dispatch in ("sorted", "loop"):
+        return "sorted"
     probe = torch.empty(0, hidden, dtype=experts.dtype, device=device)
     ok = grouped_mm_available(probe, tokens * settings.top_k, experts.down_proj.shape[-1])
-    return "grouped" if ok else "sorted"
+    return "grouped" if ok else "grouped->sorted"
+
+
+def lora_experts_path(block: nn.Module, tokens: int, settings: BenchSettings, hidden: int,
+                      device: torch.device) -> str:
+    """MixLoRA-style experts: `grouped` where `torch._grouped_mm` takes their LoRA pairs, else `grouped->sorted`."""
+    from ..moe.experts import grouped_mm_available
+
+    probe = torch.empty(0, hidden, dtype=settings.torch_dtype, device=device)
+    pairs = tokens * settings.top_k
+    ok = all(grouped_mm_available(probe, pairs, a.shape[1]) and (b.shape[1] * probe.element_size()) % 16 == 0
+             for a, b in zip(block.experts.A.values(), block.experts.B.values(), strict=True))  # as `_lora_terms`
+    return "grouped" if ok else "grouped->sorted"
