@@ -118,7 +118,7 @@ def format_table(result: dict) -> str:
         "x dense: median step time / dense's at the same level (block: fwd+bwd; model: fwd+bwd+AdamW). "
         "FLOP floor: matmul FLOPs / dense's; exec: as the path runs them. peak MiB: RSS high-water mark "
         "(CUDA: max allocated) of a process running only that variant; +MiB: above the same process after "
-        "imports. path: the dispatch of the training step (auto may pick another for decode). dec tok/s: new "
+        "imports (CUDA: above the built variant's allocation). path: the dispatch of the training step (auto may pick another for decode). dec tok/s: new "
         "tokens / time of generate (a short prompt's prefill included). "
         f"{s['repeats']} interleaved rounds after {s['warmup']} warm-up steps; {m['cpu']}, {m['threads']} threads, "
         f"{m.get('cpu_capability', '?')}, native bf16: {m.get('cpu_bf16') or 'no'}, torch {m['torch']}."

@@ -163,7 +163,8 @@ def _memory(settings: BenchSettings, level: str, records: list[dict], device: to
             rec["mem_error"] = got["error"]
             log(f"  {rec['method']}: {got['error']}")
             continue
-        rec["mem_allocator"] = settings.memory_allocator
+        trim_off = settings.memory_allocator == "trim" and not got.get("heap_trims")
+        rec["mem_allocator"] = "default (no layers to trim between)" if trim_off else settings.memory_allocator
         rec["malloc_mmap_threshold"] = got.get("malloc_mmap_threshold")
         rec["peak_mem_bytes"] = got.get("cuda_peak_bytes") if device.type == "cuda" else got["peak_rss_bytes"]
         rec["mem_baseline_bytes"] = got["baseline_rss_bytes"]
@@ -171,8 +172,12 @@ def _memory(settings: BenchSettings, level: str, records: list[dict], device: to
         rec["build_peak_rss_bytes"] = got.get("build_peak_rss_bytes")
         rec["mem_hwm_reset"] = got.get("hwm_reset")
         rec["vmhwm_bytes"] = got.get("vmhwm_bytes")
-        # what the variant added on top of the imported libraries (RSS high-water mark minus the one after imports)
-        rec["peak_mem_over_baseline_bytes"] = got["peak_rss_bytes"] - got["baseline_rss_bytes"]
+        # what the variant's steps added: on CUDA over the built variant's GPU memory; on the CPU, the RSS high-water
+        # mark minus the one after imports
+        if device.type == "cuda":
+            rec["peak_mem_over_baseline_bytes"] = got["cuda_peak_bytes"] - got["cuda_baseline_bytes"]
+        else:
+            rec["peak_mem_over_baseline_bytes"] = got["peak_rss_bytes"] - got["baseline_rss_bytes"]
 
 
 def _load_average() -> list | None:

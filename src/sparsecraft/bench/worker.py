@@ -68,24 +68,28 @@ def measure_in_this_process(settings_dict: dict, level: str, method: str) -> dic
         [variant] = build_block_variants(settings, [method], device)
     else:
         [variant] = build_model_variants(settings, [method], device, share_base=False)
+    trims = False  # trims go between decoder layers: a model's, not a lone block's
     if settings.memory_allocator == "trim" and variant.model is not None:
         from ..train.heap import install_heap_trims
 
-        install_heap_trims(variant.model)
+        trims = bool(install_heap_trims(variant.model))
     build_peak = max_rss_bytes()
     hwm_reset = reset_high_water_mark()
+    cuda_baseline = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        cuda_baseline = int(torch.cuda.memory_allocated(device))  # the built variant's own tensors
     for _ in range(settings.memory_steps):
         variant.reset()
         variant.step()
     result = {"level": level, "method": method, "peak_rss_bytes": max_rss_bytes(), "baseline_rss_bytes": baseline,
               "build_peak_rss_bytes": build_peak, "hwm_reset": hwm_reset, "vmhwm_bytes": vmhwm_bytes(),
-              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "heap_trims": trims}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        result["cuda_baseline_bytes"] = cuda_baseline
     return result
 
 
