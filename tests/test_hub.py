@@ -196,3 +196,22 @@ print("ok")
 """
     done = run_offline(tmp_path / "empty-cache", code, tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_offline_a_cached_hub_base_with_only_pickled_weights_names_allow_pickle(tmp_path):
+    """Offline the repo's file list cannot be fetched: the cached snapshot tells that its weights are pickled."""
+    cache = tmp_path / "cache"
+
+    def write_pickled(folder: Path) -> None:  # transformers 5 writes safetensors only: the old format by hand
+        model = tiny_model("llama")
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+    put_in_cache(cache, "org/pickled", write_pickled)
+    code = """
+from sparsecraft.cli import main
+raise SystemExit(main(["craft", "org/pickled", "out", "--experts", "2", "--adapter-dim", "4"]))
+"""
+    done = run_offline(cache, code, tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--allow-pickle" in done.stderr.strip().splitlines()[-1]

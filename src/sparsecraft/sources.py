@@ -162,7 +162,12 @@ def _has_only_pickles(source: BaseSource) -> bool:
             names = list_repo_files(source.directory, revision=source.revision,
                                     token=source.hub_options.get("token"))
         except Exception:  # noqa: BLE001 - offline or unreachable: the cached snapshot is all we can tell from
-            return False
+            try:
+                folder = snapshot(source.directory, revision=source.revision,
+                                  allow_patterns=["*.bin", "*.safetensors"], **source.hub_options)
+            except CheckpointError:
+                return False
+            names = [p.name for p in folder.iterdir()]
     else:
         names = [p.name for p in Path(source.directory).iterdir()]
     return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
