@@ -9,7 +9,7 @@ import torch
 from .config import CraftConfig
 from .craft import craft
 from .hub import looks_like_repo_id, snapshot, split_revision
-from .sources import BUILTIN_MODELS, load_base_model, resolve_base
+from .sources import BUILTIN_MODELS, hub_options, load_base_model, resolve_base
 
 
 def load(
@@ -32,7 +32,7 @@ def load(
     from .checkpoint.crafted import is_crafted_dir, load_crafted, read_config
 
     text = str(path)
-    hub = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
+    hub = hub_options(from_pretrained_kwargs)
     if not os.path.exists(text) and looks_like_repo_id(text) and text not in BUILTIN_MODELS:
         text = _hub_folder_if_sparsecraft(text, revision, hub) or text
     if os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json")):
@@ -77,7 +77,7 @@ def craft_from(
 ):
     """Load a dense base (directory, GGUF file, built-in name or hub ID) and craft it with a registered `method`
     (`pesc`, `upcycle`, `mixlora`, ...). Returns the crafted model."""
-    hub = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
+    hub = hub_options(from_pretrained_kwargs)
     source = resolve_base(base, revision, **hub)
     model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     craft(model, config or CraftConfig(), seed=seed, method=method)

@@ -53,6 +53,11 @@ class BaseSource:
         return {**out, **self.hub_options}
 
 
+def hub_options(kwargs: dict) -> dict:
+    """The `token` / `cache_dir` among a caller's `from_pretrained` keyword arguments (for the hub reads)."""
+    return {k: kwargs[k] for k in ("token", "cache_dir") if k in kwargs}
+
+
 def resolve_base(spec: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
                  cache_dir: str | os.PathLike | None = None) -> BaseSource:
     """Resolve a built-in name, a directory with `config.json`, a `.gguf` file, a directory holding one GGUF, or a

@@ -40,6 +40,7 @@ from ..sources import (
     BUILTIN_MODELS,
     PICKLE_HELP,
     BaseSource,
+    hub_options,
     load_base_config,
     load_base_model,
     load_tokenizer,
@@ -310,7 +311,7 @@ def load_crafted(
             craft_cfg = CraftConfig.from_dict(config["craft"])
         except (ConfigError, TypeError) as exc:
             raise CheckpointError(f"{path}/config.json has invalid crafting settings: {exc}") from exc
-    hub = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
+    hub = hub_options(from_pretrained_kwargs)
     source = resolve_saved_base(path, config["base"], **hub)
     _check_base_shapes(path, source, config["base_config"])
     model = load_base_model(source, dtype=dtype, device=device, allow_pickle=allow_pickle, **from_pretrained_kwargs)

@@ -68,11 +68,10 @@ class PescBlock(nn.Module):
         weights = probs.gather(-1, index)
         return index, weights / weights.sum(-1, keepdim=True) if self.normalize_topk else weights
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense gate matrix `[N, E]` (zero for experts a token does not use) from the FFN input `x: [N, h]`."""
-        index, weights = self.route(x)
-        return torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device).scatter(1, index,
-                                                                                                         weights)
+    def _dense(self, index: torch.Tensor, values: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+        """`[N, E]` in `like`'s dtype: `values` at the chosen experts `index [N, j]`, zero elsewhere."""
+        out = torch.zeros(index.shape[0], self.num_experts, dtype=like.dtype, device=like.device)
+        return out.scatter(1, index, values)
 
     def _adapters(self, hidden_act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`sum_e mask[:, e] * W_up_e h_e`: `hidden_act [N, E*r]` (the activated bottlenecks), `mask [N, E]`."""
@@ -88,7 +87,7 @@ class PescBlock(nn.Module):
         num, rank, hidden = self.experts.down.shape
         h = self.act(F.linear(f_flat.to(self.experts.down.dtype), self.experts.down.reshape(num * rank, hidden)))
         if not self.per_slot:
-            gates = torch.zeros(f_flat.shape[0], num, dtype=weights.dtype, device=x.device).scatter(1, index, weights)
+            gates = self._dense(index, weights, weights)
             return (f_flat + self._adapters(h, gates * self.scaling).to(ffn_out.dtype)).view(shape)
         # sum_j g_j (F + A_j(F)) as sparsecraft's per-slot form rounds it (moe/layers.py): each slot's term in the
         # model dtype, added from zero in expert order; in bf16 the gates rarely sum to exactly 1
@@ -96,8 +95,7 @@ class PescBlock(nn.Module):
         out = torch.zeros_like(f_flat)
         for j in range(self.top_k):
             expert = index.gather(1, order[:, j:j + 1])
-            one = torch.zeros(f_flat.shape[0], num, dtype=h.dtype, device=x.device).scatter(1, expert, self.scaling)
-            adapter = self._adapters(h, one).to(ffn_out.dtype)
+            adapter = self._adapters(h, self._dense(expert, self.scaling, h)).to(ffn_out.dtype)
             out = out + weights.gather(1, order[:, j:j + 1]).to(ffn_out.dtype) * (f_flat + adapter)
         return out.view(shape)
 
