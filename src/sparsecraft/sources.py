@@ -53,6 +53,14 @@ class BaseSource:
         return {**out, **self.hub_options}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a name gives (`float32`, `bfloat16`, ...); a one-line ConfigError for anything else."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype must be a torch dtype name (float32, bfloat16, float16), got {name!r}")
+    return dtype
+
+
 def hub_options(kwargs: dict) -> dict:
     """The `token` / `cache_dir` among a caller's `from_pretrained` keyword arguments (for the hub reads)."""
     return {k: kwargs[k] for k in ("token", "cache_dir") if k in kwargs}
@@ -140,8 +148,8 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(from_pretrained_kwargs)
-    if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ConfigError(f"dtype must be a torch dtype name (float32, bfloat16, float16) or auto, got {dtype!r}")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = torch_dtype(dtype)
     if not allow_pickle and not source.gguf_file:
         kwargs["use_safetensors"] = True
     if dtype is not None:

@@ -42,16 +42,9 @@ def run(args) -> int:
 
 
 def _dtype(name):
-    import torch
+    from ..sources import torch_dtype
 
-    from ..errors import ConfigError
-
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"--dtype must be a torch dtype name (float32, bfloat16, float16), got {name!r}")
-    return dtype
+    return None if name is None else torch_dtype(name)
 
 
 def _tokenizer(path, model):
