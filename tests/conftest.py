@@ -44,6 +44,17 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32):
     return model.eval()
 
 
+def greedy_continuation(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The `n` greedy next tokens after `ids` `[1, T]` -> `[n]`, end-of-sequence tokens kept as ordinary tokens (what
+    the engine's `ignore_eos` does; `generate(min_new_tokens=n)` masks EOS instead, a different continuation).
+    Each step re-reads the whole sequence, no cache: a reference independent of any cache implementation."""
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, ids.shape[1] - n:]
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import greedy_continuation, tiny_model, tiny_tokenizer
 
 import sparsecraft
 from sparsecraft.config import CraftConfig
@@ -34,10 +34,7 @@ def crafted(method: str, family: str = "llama"):
 
 def solo_generate(model, tokenizer, prompt: str, n: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(greedy_continuation(model, ids, n), skip_special_tokens=True)
 
 
 class Collector:
