@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 import sparsecraft
-from sparsecraft.cli import main
+from sparsecraft.cli import build_parser, main
 from sparsecraft.errors import CheckpointError
 
 
@@ -68,8 +68,6 @@ def test_training_and_upit_take_the_opt_in(pickled, tmp_path, capsys):
             "craft.adapter_dim=8", "data.max_length=24", "logging.progress=false", "checkpoint.every=0"]
     one_line_pickle_error(capsys, *args)
     assert main(args + ["--allow-pickle"]) == 0
-    from sparsecraft.cli import build_parser
-
     parsed = build_parser().parse_args(["upit", "x.yaml", "--allow-pickle"])
     assert parsed.allow_pickle is True
 
@@ -93,3 +91,12 @@ def test_a_pickled_lora_adapter_is_refused(tmp_path, capsys):
         sparsecraft.load(tmp_path / "dense")
     assert sparsecraft.load(tmp_path / "dense", allow_pickle=True) is not None
     shutil.rmtree(tmp_path / "dense")
+
+
+def test_bench_takes_the_opt_in(pickled, capsys):
+    args = ["bench", str(pickled / "base"), "--level", "model", "--methods", "dense", "--repeats", "1", "--warmup",
+            "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--batch-size", "1", "--seq-len", "8"]
+    args[1:2] = ["--model", args[1]]
+    one_line_pickle_error(capsys, *args)
+    assert main(args + ["--allow-pickle"]) == 0
+    assert build_parser().parse_args(["bench", "--serve", "m", "--allow-pickle"]).allow_pickle is True

@@ -70,7 +70,7 @@ def load_dense_base(settings: BenchSettings, device: torch.device) -> nn.Module:
         from ..loading import load
         from ..surgery import is_crafted
 
-        model = load(settings.model, dtype=dtype)
+        model = load(settings.model, dtype=dtype, allow_pickle=settings.allow_pickle)
         if is_crafted(model):
             raise ConfigError(f"--model {settings.model} is a crafted model; the bench needs its dense base")
         cut_layers(model, settings.layers)

@@ -60,6 +60,7 @@ class BenchSettings:
     methods: list = field(default_factory=lambda: list(METHODS))
     shape: str = "smollm2-135m"
     model: str | None = None  # a real dense base (directory, .gguf, built-in name) instead of `shape`
+    allow_pickle: bool = False  # `model` may be read from pickled .bin weights (they can run code)
     layers: int | None = None  # cut the model to its first N decoder layers
     experts: int = 8
     top_k: int = 2

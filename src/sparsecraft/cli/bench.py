@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)} (default all)")
     p.add_argument("--shape", default=d.shape, help=f"model shape with random weights: {', '.join(SHAPES)}")
     p.add_argument("--model", default=None, help="a real dense base instead of --shape (directory, .gguf, built-in)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled .bin weights of --model / --serve models (they can run code)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     add_craft_options(p, only=BENCH_CRAFT_FIELDS)  # --experts, --top-k, --adapter-dim
     p.add_argument("--tokens", type=int, default=d.tokens, help="block level: tokens per step")
@@ -66,7 +68,8 @@ def settings_from_args(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return BenchSettings(
         levels=list(LEVELS) if args.level == "both" else [args.level], methods=methods, shape=args.shape,
-        model=args.model, layers=args.layers, experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
+        model=args.model, allow_pickle=args.allow_pickle, layers=args.layers, experts=args.experts,
+        top_k=args.top_k, adapter_dim=args.adapter_dim,
         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
         four_bit=args.four_bit, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats, lora_rank=args.lora_rank,
@@ -118,7 +121,8 @@ def run_serve(args) -> int:
 
     def start(model: str):
         settings = ServeSettings(model=model, port=0, max_batch_size=batch, max_queue=max(64, args.clients),
-                                 threads=args.threads, log_level="warning", dtype=args.dtype)
+                                 threads=args.threads, log_level="warning", dtype=args.dtype,
+                                 allow_pickle=args.allow_pickle)
         return start_server_process(settings.validate())
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
