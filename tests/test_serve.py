@@ -175,6 +175,13 @@ BAD = [
     ("image content", chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
      "messages[0].content[0]"),
     ("missing messages", {"model": NAME}, 422, "messages"),
+    ("JSON mode asked for", chat_body(response_format={"type": "json_object"}), 400, "response_format"),
+    ("a JSON schema asked for", chat_body(response_format={"type": "json_schema", "json_schema": {}}), 400,
+     "response_format"),
+    ("legacy functions", chat_body(functions=[{"name": "f", "parameters": {}}]), 400, "functions"),
+    ("legacy function_call", chat_body(function_call="auto"), 400, "function_call"),
+    ("content of a wrong type", chat_body(messages=[{"role": "user", "content": 7}]), 422, "messages[0].content"),
+    ("a stop list with a number", chat_body(stop=["a", 3]), 422, "stop[1]"),
 ]
 
 
@@ -185,6 +192,41 @@ def test_bad_requests_get_openai_errors(live, what, body, status, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+
+
+BAD_TEXT = [
+    ("logprobs 0 (the sampled tokens' log-probabilities)", {"model": NAME, "prompt": "x", "logprobs": 0}, 400,
+     "logprobs"),
+    ("a prompt of a wrong type", {"model": NAME, "prompt": 5}, 422, "prompt"),
+]
+
+
+@pytest.mark.parametrize("what, body, status, param", BAD_TEXT, ids=[b[0] for b in BAD_TEXT])
+def test_bad_text_completions_get_openai_errors(live, what, body, status, param):
+    response = raw(live, body, "/v1/completions")
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_plain_text_response_format_is_served(live):
+    assert raw(live, chat_body(max_tokens=2, response_format={"type": "text"})).status_code == 200
+
+
+def test_unknown_model_error_has_openai_type_and_code(live):
+    error = raw(live, chat_body(model="gpt-4")).json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
+
+
+def test_streamed_chunks_carry_null_usage_until_the_last_when_asked(live):
+    body = chat_body(max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert all("usage" in c for c in chunks) and all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    body.pop("stream_options")
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30) as response:
+        assert not any('"usage"' in line for line in response.iter_lines())
 
 
 def test_bad_requests_through_the_client_and_the_server_still_answers(live):

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("sparsecraft.serve")
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
           413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "server_error"}
 
@@ -48,9 +48,16 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def _is_type_tag(part) -> bool:
+    """Whether a location part is pydantic's name of a union member it tried (`str`, `list[int]`,
+    `function-after[...]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+
+
 def _param_of(location: tuple) -> str | None:
-    """`("body", "messages", 0, "role")` -> `messages[0].role`."""
-    parts = [p for p in location if p != "body"]
+    """`("body", "messages", 0, "role")` -> `messages[0].role`; union members' type tags are left out
+    (`("body", "stop", "list[str]", 1)` -> `stop[1]`)."""
+    parts = [p for p in location if p != "body" and not _is_type_tag(p)]
     text = ""
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
@@ -62,9 +69,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid" or (first.get("loc") == ("body",) and first.get("type") == "missing"):
         return error_response(400, "the request body is not valid JSON", None, "invalid_json")
-    param = _param_of(tuple(first.get("loc", ())))
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return error_response(422, message, param, "invalid_value")
+    # a value no member of a union accepts gives one error per member: name the deepest place (a list's bad
+    # element rather than the list) and every member's complaint there
+    located = [(_param_of(tuple(e.get("loc", ()))), e) for e in errors] or [(None, first)]
+    param = max(located, key=lambda pe: len(pe[1].get("loc", ())) - sum(map(_is_type_tag, pe[1].get("loc", ()))))[0]
+    reasons = list(dict.fromkeys(str(e.get("msg")) for p, e in located if p == param))
+    message = "; ".join(reasons)
+    return error_response(422, f"{param}: {message}" if param else message, param, "invalid_value")
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:

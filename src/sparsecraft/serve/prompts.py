@@ -26,9 +26,26 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
-def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
+def check_chat_fields(request: ChatCompletionRequest) -> None:
+    """Refuse what would be answered wrongly if ignored: tools and the older function calling, and any response
+    format but plain text (the server cannot constrain output to JSON)."""
+    extra = request.model_extra or {}
     if request.tools:
         raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+    for name in ("functions", "function_call"):
+        if extra.get(name) is not None:
+            raise APIError(400, f"{name} (function calling) is not supported by this server", param=name,
+                           code="unsupported_parameter")
+    response_format = extra.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+        if kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported by this server (only 'text')",
+                           param="response_format", code="unsupported_parameter")
+
+
+def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
+    check_chat_fields(request)
     messages = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(request.messages)]
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -62,7 +79,7 @@ def completion_prompt_ids(tokenizer, request: CompletionRequest) -> list[int]:
 def check_sampling(request: SamplingFields) -> None:
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-    if request.logprobs:
+    if request.logprobs is not None and request.logprobs is not False:  # completions' logprobs=0 asks too
         raise APIError(400, "logprobs are not supported by this server", param="logprobs",
                        code="unsupported_parameter")
 

@@ -70,7 +70,10 @@ class ChunkWriter:
     def _chunk(self, choices: list, **extra) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                "system_fingerprint": None, **extra}
+                "system_fingerprint": None}
+        if self.include_usage:  # OpenAI: every chunk then has `usage`, null except on the last
+            body["usage"] = None
+        body.update(extra)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict:
