@@ -94,9 +94,9 @@ def test_a_pickled_lora_adapter_is_refused(tmp_path, capsys):
 
 
 def test_bench_takes_the_opt_in(pickled, capsys):
-    args = ["bench", str(pickled / "base"), "--level", "model", "--methods", "dense", "--repeats", "1", "--warmup",
-            "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--batch-size", "1", "--seq-len", "8"]
-    args[1:2] = ["--model", args[1]]
+    args = ["bench", "--model", str(pickled / "base"), "--level", "model", "--methods", "dense", "--repeats", "1",
+            "--warmup", "0", "--decode-tokens", "0", "--no-memory", "--no-progress", "--batch-size", "1",
+            "--seq-len", "8"]
     one_line_pickle_error(capsys, *args)
     assert main(args + ["--allow-pickle"]) == 0
     assert build_parser().parse_args(["bench", "--serve", "m", "--allow-pickle"]).allow_pickle is True

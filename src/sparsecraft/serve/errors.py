@@ -54,12 +54,15 @@ def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
 
 
-def _param_of(location: tuple) -> str | None:
-    """`("body", "messages", 0, "role")` -> `messages[0].role`; union members' type tags are left out
-    (`("body", "stop", "list[str]", 1)` -> `stop[1]`)."""
-    parts = [p for p in location if p != "body" and not _is_type_tag(p)]
+def _field_path(location: tuple) -> list:
+    """The field's part of an error location: `("body", "stop", "list[str]", 1)` -> `["stop", 1]`."""
+    return [p for p in location if p != "body" and not _is_type_tag(p)]
+
+
+def _param_of(path: list) -> str | None:
+    """`["messages", 0, "role"]` -> `messages[0].role`."""
     text = ""
-    for p in parts:
+    for p in path:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or None
 
@@ -71,10 +74,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(400, "the request body is not valid JSON", None, "invalid_json")
     # a value no member of a union accepts gives one error per member: name the deepest place (a list's bad
     # element rather than the list) and every member's complaint there
-    located = [(_param_of(tuple(e.get("loc", ()))), e) for e in errors] or [(None, first)]
-    param = max(located, key=lambda pe: len(pe[1].get("loc", ())) - sum(map(_is_type_tag, pe[1].get("loc", ()))))[0]
-    reasons = list(dict.fromkeys(str(e.get("msg")) for p, e in located if p == param))
-    message = "; ".join(reasons)
+    paths = [_field_path(tuple(e.get("loc", ()))) for e in errors or [first]]
+    param = _param_of(max(paths, key=len))
+    message = "; ".join(dict.fromkeys(str(e.get("msg")) for e, path in zip(errors or [first], paths)
+                                      if _param_of(path) == param))
     return error_response(422, f"{param}: {message}" if param else message, param, "invalid_value")
 
 

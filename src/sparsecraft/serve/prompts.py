@@ -26,22 +26,25 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
+def unsupported(param: str, what: str) -> APIError:
+    """The 400 for a request field this server cannot honour (`what ... is not supported by this server`)."""
+    return APIError(400, f"{what} not supported by this server", param=param, code="unsupported_parameter")
+
+
 def check_chat_fields(request: ChatCompletionRequest) -> None:
     """Refuse what would be answered wrongly if ignored: tools and the older function calling, and any response
     format but plain text (the server cannot constrain output to JSON)."""
     extra = request.model_extra or {}
     if request.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+        raise unsupported("tools", "tools are")
     for name in ("functions", "function_call"):
         if extra.get(name) is not None:
-            raise APIError(400, f"{name} (function calling) is not supported by this server", param=name,
-                           code="unsupported_parameter")
+            raise unsupported(name, f"{name} (function calling) is")
     response_format = extra.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else response_format
         if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported by this server (only 'text')",
-                           param="response_format", code="unsupported_parameter")
+            raise unsupported("response_format", f"response_format {kind!r} (only 'text') is")
 
 
 def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
@@ -62,7 +65,7 @@ def completion_prompt_ids(tokenizer, request: CompletionRequest) -> list[int]:
     prompt = request.prompt
     if request.echo or request.suffix:
         name = "echo" if request.echo else "suffix"
-        raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        raise unsupported(name, f"{name} is")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -78,10 +81,9 @@ def completion_prompt_ids(tokenizer, request: CompletionRequest) -> list[int]:
 
 def check_sampling(request: SamplingFields) -> None:
     if request.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        raise unsupported("n", "n other than 1 is")
     if request.logprobs is not None and request.logprobs is not False:  # completions' logprobs=0 asks too
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs",
-                       code="unsupported_parameter")
+        raise unsupported("logprobs", "logprobs are")
 
 
 def completion_budget(prompt_len: int, request: SamplingFields, context: int, prompt_param: str = "messages") -> int:
