@@ -26,21 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import ACTIVATIONS, activation_fn
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
 from .probe import PROBE, token_bucket
+from .stacked import cached_stacked_up, stack_up
 from .triton_adapters import triton_adapters, triton_available
-
-_ACTIVATIONS = {
-    "gelu": lambda t: F.gelu(t),
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "relu": F.relu,
-}
-
-
-def activation_fn(name: str):
-    return _ACTIVATIONS[name]
-
 
 class AdapterExperts(nn.Module):
     """E bottleneck adapters as two stacked parameters: `down: [E, r, h]`, `up: [E, h, r]`.
@@ -200,7 +190,9 @@ def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, 
     scores, idx = torch.randn(n, e, generator=gen).topk(k, dim=-1)
     gates = scores.softmax(-1).to(device, dtype)
     d = (torch.randn(e, r, h, generator=gen) * 0.02).to(device, dtype).requires_grad_(training)
-    u = (torch.randn(e, h, r, generator=gen) * 0.02).to(device, dtype).requires_grad_(training)
+    u = (torch.randn(e, h, r, generator=gen) * 0.02).to(device, dtype)
+    # parameters, as the real call's are: without a gradient the dense path then times its cached `up` layout
+    u = nn.Parameter(u, requires_grad=training)
     return x, gates, idx.to(device), d, u
 
 
@@ -283,15 +275,16 @@ def _dense(x, gates, indices, down, up, act):
     gate_mask = gate_mask.scatter_add(1, indices, gates)
     h = act(F.linear(x, down.reshape(num_experts * adapter_dim, hidden)))
     h = h.view(num_tokens, num_experts, adapter_dim) * gate_mask.unsqueeze(-1)
-    if num_tokens < _DENSE_BMM_TOKENS:
-        # few tokens (decoding): one batched matmul per expert on the weights as stored, no [E*r, h] copy
+    stacked = cached_stacked_up(up)  # inference: `up` laid out [E*r, h] once, not per call
+    if stacked is None and num_tokens < _DENSE_BMM_TOKENS:
+        # few tokens with a gradient (or no cache): one batched matmul per expert on `up` as stored, no copy
         return torch.bmm(h.transpose(0, 1), up.transpose(1, 2)).sum(0)
     h = h.view(num_tokens, num_experts * adapter_dim)  # explicit width: also valid for zero tokens
-    # up[e, :, j] is row e*r+j of the stacked up-projection (a copy of `up`, amortised over many tokens)
-    return h @ up.transpose(1, 2).reshape(num_experts * adapter_dim, hidden)
+    return h @ (stack_up(up) if stacked is None else stacked)
 
 
-# Below this many tokens the dense path skips re-laying-out `up` (257 us vs 55 us per call at SmolLM2 shapes).
+# Below this many tokens, without a cached stacked `up`, the dense path skips re-laying-out `up` (257 us vs 55 us
+# per call at SmolLM2 shapes).
 _DENSE_BMM_TOKENS = 64
 
 
@@ -380,7 +373,7 @@ def _sorted(x, gates, indices, down, up, act):
 def _triton(x, gates, indices, down, up, act):
     """The Triton kernel (`triton_adapters.py`) where it can run (exact GELU, CUDA or Triton's interpreter);
     otherwise the grouped path."""
-    if act is not _ACTIVATIONS["gelu"] or not triton_available(x, "gelu"):
+    if act is not ACTIVATIONS["gelu"] or not triton_available(x, "gelu"):
         return _grouped(x, gates, indices, down, up, act)
     if torch.compiler.is_compiling():
         return _triton_eager(x, gates, indices, down, up)

@@ -57,9 +57,14 @@ def _sync(device: torch.device) -> None:
 class DispatchProbe:
     """Times candidate paths once per key and remembers the fastest."""
 
-    def __init__(self, repeats: int = 3, timer: Timer = time.perf_counter):
+    def __init__(self, repeats: int = 3, timer: Timer = time.perf_counter, min_seconds: float = 2e-3,
+                 max_repeats: int = 25):
+        """`repeats` timed calls per candidate at least; calls so short that these take under `min_seconds` in
+        all are repeated further, up to `max_repeats` (a decoding step's ~100 us calls: 3 samples are noise)."""
         self.repeats = repeats
         self.timer = timer
+        self.min_seconds = min_seconds
+        self.max_repeats = max_repeats
         self._results: dict[ProbeKey, ProbeResult] = {}
         self._lock = threading.Lock()
 
@@ -113,8 +118,8 @@ class DispatchProbe:
     def _time(self, run: Callable[[str], None], path: str, device: torch.device) -> float:
         run(path)
         _sync(device)
-        samples = []
-        for _ in range(self.repeats):
+        samples: list[float] = []
+        while len(samples) < self.repeats or (sum(samples) < self.min_seconds and len(samples) < self.max_repeats):
             start = self.timer()
             run(path)
             _sync(device)

@@ -1,0 +1,106 @@
+"""What inference calls of few tokens do differently: exact GELU without oneDNN's per-call cost, the experts'
+up-projections kept in the stacked layout while the weights do not change, and a dispatch probe that repeats
+calls too short to time in three samples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsecraft.moe.activations import NATIVE_GELU_MAX, gelu_exact
+from sparsecraft.moe.experts import dispatch
+from sparsecraft.moe.probe import DispatchProbe
+from sparsecraft.moe.stacked import MAX_CACHED_BYTES, cached_stacked_up, stack_up
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (8, 512), (4096, 64)])
+def test_gelu_exact_is_the_erf_gelu_and_leaves_onednn_on(shape):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
+    erf_gelu = 0.5 * t * (1.0 + torch.erf(t / math.sqrt(2.0)))
+    torch.testing.assert_close(gelu_exact(t), erf_gelu, rtol=1e-5, atol=1e-5)  # oneDNN's: 1e-6 off
+    assert torch.backends.mkldnn.enabled
+    assert (t.numel() <= NATIVE_GELU_MAX) == (shape != (4096, 64))  # both kernels are covered
+
+
+def test_gelu_exact_keeps_its_gradient():
+    t = torch.randn(3, 5, requires_grad=True)
+    gelu_exact(t).sum().backward()
+    ref = t.detach().clone().requires_grad_(True)
+    F.gelu(ref).sum().backward()
+    torch.testing.assert_close(t.grad, ref.grad)
+
+
+def up_parameter(e=4, h=8, r=2, seed=0) -> nn.Parameter:
+    return nn.Parameter(torch.randn(e, h, r, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_stacked_up_layout():
+    up = up_parameter()
+    stacked = stack_up(up)
+    for e in range(4):
+        for j in range(2):
+            assert torch.equal(stacked[e * 2 + j], up[e, :, j])
+
+
+def test_stacked_up_is_cached_without_grad_and_follows_every_change():
+    up = up_parameter()
+    with torch.no_grad():
+        first = cached_stacked_up(up)
+        assert first is not None and cached_stacked_up(up) is first  # made once
+        up.add_(1.0)  # an optimizer step's in-place update
+        second = cached_stacked_up(up)
+    assert second is not first and torch.equal(second, stack_up(up.detach()))
+    up.data = up.data * 2  # swapped storage (a move, a reload)
+    with torch.inference_mode():
+        assert torch.equal(cached_stacked_up(up), stack_up(up.detach()))
+
+
+def test_stacked_up_is_not_cached_where_it_must_not_be():
+    up = up_parameter()
+    assert cached_stacked_up(up) is None  # a gradient is being taken
+    with torch.no_grad():
+        assert cached_stacked_up(up.detach().clone()) is None  # a temporary, e.g. a dtype cast
+        e = MAX_CACHED_BYTES // (4 * 64 * 64) + 1
+        assert cached_stacked_up(nn.Parameter(torch.zeros(e, 64, 64))) is None  # too large to hold twice
+
+
+def test_dense_decoding_after_an_update_uses_the_new_weights():
+    """A stale cached layout would decode with the old experts after training or loading weights."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, generator=g)
+    idx = torch.tensor([[0, 2], [1, 3], [2, 0]])
+    gates = torch.softmax(torch.randn(3, 2, generator=g), -1)
+    down = nn.Parameter(torch.randn(4, 2, 8, generator=g))
+    up = up_parameter(seed=2)
+    with torch.no_grad():
+        before = dispatch(x, gates, idx, down, up, path="dense")
+        torch.testing.assert_close(before, dispatch(x, gates, idx, down, up, path="loop"))
+        up.mul_(-0.5)
+        after = dispatch(x, gates, idx, down, up, path="dense")
+    torch.testing.assert_close(after, -0.5 * before)
+    torch.testing.assert_close(after, dispatch(x, gates, idx, down, up.detach(), path="loop"))
+
+
+class StepClock:
+    def __init__(self, seconds: dict[str, float]):
+        self.now, self.seconds, self.calls = 0.0, seconds, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, path: str) -> None:
+        self.calls.append(path)
+        self.now += self.seconds[path]
+
+
+@pytest.mark.parametrize("seconds, timed", [(1.0, 3), (5e-4, 4), (1e-4, 20), (1e-6, 25)])
+def test_short_calls_are_timed_more_often(seconds, timed):
+    clock = StepClock({"dense": seconds, "gathered": 2 * seconds})
+    probe = DispatchProbe(repeats=3, timer=clock, min_seconds=2e-3, max_repeats=25)
+    assert probe.choose(("k",), ["dense", "gathered"], clock.run, torch.device("cpu")) == "dense"
+    # one warm-up each, then until 2 ms are timed (at least 3, at most 25)
+    assert clock.calls.count("dense") == 1 + timed
