@@ -32,6 +32,7 @@ from .probe import PROBE, token_bucket
 from .stacked import cached_stacked_up, stack_up
 from .triton_adapters import triton_adapters, triton_available
 
+
 class AdapterExperts(nn.Module):
     """E bottleneck adapters as two stacked parameters: `down: [E, r, h]`, `up: [E, h, r]`.
 
