@@ -104,3 +104,28 @@ def test_short_calls_are_timed_more_often(seconds, timed):
     assert probe.choose(("k",), ["dense", "gathered"], clock.run, torch.device("cpu")) == "dense"
     # one warm-up each, then until 2 ms are timed (at least 3, at most 25)
     assert clock.calls.count("dense") == 1 + timed
+
+
+def test_bf16_adapter_compute_on_fp32_activations():
+    """`compute_dtype=bf16`: the adapters run in bf16 on an fp32 FFN output, the block returns fp32, and the fp32
+    weights get fp32 gradients through the cast."""
+    from sparsecraft.config import CraftConfig
+    from sparsecraft.moe.layers import PescMoE, RouterSite, set_adapter_compute_dtype
+    from sparsecraft.moe.router import route
+
+    torch.manual_seed(0)
+    block = PescMoE(RouterSite(16, CraftConfig(num_experts=4, top_k=2, adapter_dim=8, dropout=0.0)))
+    nn.init.normal_(block.experts.up, std=0.5)
+    assert set_adapter_compute_dtype(nn.Sequential(block), torch.bfloat16) == 1
+    x, f = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    out = block(x, f)
+    assert out.dtype == torch.float32
+    gates, idx, _ = route(x.view(-1, 16), block.router.weight, 2)
+    bf16 = torch.bfloat16
+    delta = dispatch(f.view(-1, 16).to(bf16), gates, idx, block.experts.down.to(bf16), block.experts.up.to(bf16),
+                     path="loop")
+    torch.testing.assert_close(out.view(-1, 16), f.view(-1, 16) + delta.float(), rtol=2e-2, atol=2e-2)
+    fp32_delta = dispatch(f.view(-1, 16), gates, idx, block.experts.down, block.experts.up, path="loop")
+    assert float((out.view(-1, 16) - f.view(-1, 16) - fp32_delta).abs().max()) > 1e-4  # bf16 rounding is there
+    out.sum().backward()
+    assert block.experts.up.grad.dtype == torch.float32 and block.experts.up.grad.abs().sum() > 0

@@ -144,6 +144,16 @@ def test_nf4_qlora_pesc_trains_on_cpu(workdir, tmp_path):
     assert summary["final_loss"] < summary["first_loss"] - 0.2
 
 
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_adapters_compute_in_the_base_precision(workdir, tmp_path, precision, expected):
+    """An NF4 base hands its output back in fp32 on the CPU; the adapters follow `train.precision` instead."""
+    recipe = load_recipe(None, recipe_args(workdir, tmp_path / "p", "quantization=nf4", f"train.precision={precision}"))
+    built = build_model(recipe)
+    blocks = [layer.mlp.moe for layer in built.inner.model.layers]
+    assert blocks and all(b.compute_dtype == expected for b in blocks)
+    assert all(b.experts.up.dtype == torch.float32 for b in blocks)  # the weights themselves stay fp32
+
+
 def test_nf4_gradients_unchanged_by_an_eval_forward(workdir, tmp_path):
     """bitsandbytes repacks NF4 weights for its CPU inference kernel on the first eval forward (on AVX512-BF16
     machines), after which training gradients go through a kernel without autograd; held-out evaluation during

@@ -139,19 +139,20 @@ def router_compute_dtype(cfg: CraftConfig, x: torch.Tensor) -> torch.dtype:
 
 def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.Tensor,
               router_bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor, cfg: CraftConfig,
-              dropout: float, training: bool) -> tuple[torch.Tensor, ...]:
+              dropout: float, training: bool, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """One PESC block call as a pure function (what `compile_moe_blocks` compiles, once for every layer).
 
     Args:
         x_flat: FFN input `[N, h]`; f_flat: FFN output `[N, h]`; router_weight `[E, h]`; router_bias `[E]`;
-            down `[E, r, h]`, up `[E, h, r]` (storage dtype).
+            down `[E, r, h]`, up `[E, h, r]` (storage dtype); compute_dtype: the adapters' (None: as
+            `expert_compute_dtype` decides from the activations and weights).
 
     Returns:
         out `[N, h]` (f_flat's dtype), gates `[N, k]`, indices `[N, k]`, router logits `[N, E]` fp32.
     """
     gates, indices, logits = route(x_flat, router_weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
                                    router_compute_dtype(cfg, x_flat), router_bias)
-    dtype = expert_compute_dtype(f_flat, down.dtype)
+    dtype = compute_dtype or expert_compute_dtype(f_flat, down.dtype)
     adapter_in = F.dropout(f_flat.to(dtype), dropout, training)
     if cfg.combine == "per_slot" and f_flat.dtype != torch.float32:
         out = _per_slot_combine(f_flat, adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg)
@@ -201,6 +202,9 @@ class PescMoE(RoutedBlock):
         self.experts = AdapterExperts(cfg.num_experts, site.hidden_size, cfg.adapter_dim, site.device, dtype)
         self.dropout = nn.Dropout(cfg.dropout)
         self.compiled = False  # run `pesc_math` compiled (`moe.compiled.compile_moe_blocks`)
+        # set for training whose base computes in bf16 (`set_adapter_compute_dtype`): an NF4 base hands its output
+        # back in fp32 on the CPU, so the activations alone do not say it
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor, ffn_out: torch.Tensor) -> torch.Tensor:
         shape = ffn_out.shape
@@ -208,9 +212,18 @@ class PescMoE(RoutedBlock):
         math = compiled_pesc_math() if self.compiled else pesc_math
         out, gates, indices, logits = math(x_flat, ffn_out.reshape(-1, shape[-1]), self.router.weight,
                                            getattr(self, "router_bias", None), self.experts.down, self.experts.up,
-                                           self.config, self.dropout.p, self.training)
+                                           self.config, self.dropout.p, self.training, self.compute_dtype)
         self.record_routing(x_flat, shape, gates, indices, logits)
         return out.view(shape)
+
+
+def set_adapter_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Let every PESC block's adapters compute in `dtype` (their fp32 weights cast differentiably per call, the
+    result added to the FFN output in its own dtype); None restores the default. Returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, PescMoE)]
+    for block in blocks:
+        block.compute_dtype = dtype
+    return len(blocks)
 
 
 def is_moe_mlp(module: nn.Module) -> bool:
