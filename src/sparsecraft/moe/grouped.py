@@ -33,8 +33,15 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 
 def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
-    """`[N*k, d]` rows in expert order -> `[N, d]` sums over each token's k slots."""
-    return sorted_rows.index_select(0, inverse).view(num_tokens, k, -1).sum(1)
+    """`[N*k, d]` rows in expert order -> `[N, d]` sums over each token's k slots.
+
+    One gather per slot added in place, rather than one `[N*k, d]` gather and `sum(1)`: torch's reduction over a
+    dimension of 2 is slow on the CPU (at N=1024, d=576: 720 vs 188 us in bf16, 460 vs 274 us in fp32)."""
+    slots = inverse.view(num_tokens, k)
+    out = sorted_rows.index_select(0, slots[:, 0])
+    for j in range(1, k):
+        out.add_(sorted_rows.index_select(0, slots[:, j]))
+    return out
 
 
 def cuda_grouped_mm_runs(t: torch.Tensor) -> bool:
