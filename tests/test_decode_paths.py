@@ -46,9 +46,9 @@ def test_stacked_up_layout():
             assert torch.equal(stacked[e * 2 + j], up[e, :, j])
 
 
-def test_stacked_up_is_cached_without_grad_and_follows_every_change():
+def test_stacked_up_is_cached_in_inference_mode_and_follows_every_change():
     up = up_parameter()
-    with torch.no_grad():
+    with torch.inference_mode():
         first = cached_stacked_up(up)
         assert first is not None and cached_stacked_up(up) is first  # made once
         up.add_(1.0)  # an optimizer step's in-place update
@@ -63,6 +63,8 @@ def test_stacked_up_is_not_cached_where_it_must_not_be():
     up = up_parameter()
     assert cached_stacked_up(up) is None  # a gradient is being taken
     with torch.no_grad():
+        assert cached_stacked_up(up) is None  # e.g. evaluation inside training, where shards move between steps
+    with torch.inference_mode():
         assert cached_stacked_up(up.detach().clone()) is None  # a temporary, e.g. a dtype cast
         e = MAX_CACHED_BYTES // (4 * 64 * 64) + 1
         assert cached_stacked_up(nn.Parameter(torch.zeros(e, 64, 64))) is None  # too large to hold twice
@@ -76,13 +78,28 @@ def test_dense_decoding_after_an_update_uses_the_new_weights():
     gates = torch.softmax(torch.randn(3, 2, generator=g), -1)
     down = nn.Parameter(torch.randn(4, 2, 8, generator=g))
     up = up_parameter(seed=2)
-    with torch.no_grad():
+    with torch.inference_mode():
         before = dispatch(x, gates, idx, down, up, path="dense")
         torch.testing.assert_close(before, dispatch(x, gates, idx, down, up, path="loop"))
         up.mul_(-0.5)
         after = dispatch(x, gates, idx, down, up, path="dense")
     torch.testing.assert_close(after, -0.5 * before)
-    torch.testing.assert_close(after, dispatch(x, gates, idx, down, up.detach(), path="loop"))
+    with torch.no_grad():
+        torch.testing.assert_close(after, dispatch(x, gates, idx, down, up.detach(), path="loop"))
+
+
+def test_switching_to_training_drops_the_kept_layout():
+    """A sharded engine may swap a parameter's storage in place (same address, same version) between steps:
+    training mode forgets the layout so that the next inference lays it out again."""
+    from sparsecraft.moe.experts import AdapterExperts
+
+    experts = AdapterExperts(4, 8, 2).eval()
+    with torch.inference_mode():
+        first = cached_stacked_up(experts.up)
+        assert first is not None and cached_stacked_up(experts.up) is first
+    experts.train().eval()
+    with torch.inference_mode():
+        assert cached_stacked_up(experts.up) is not first
 
 
 class StepClock:

@@ -88,6 +88,30 @@ def test_paged_optimizers_need_a_gpu():
                       torch.optim.AdamW)
 
 
+def test_adamw_is_fused_on_the_cpu_and_steps_as_the_loop_does():
+    from types import SimpleNamespace
+
+    from sparsecraft.train.optim import make_optimizer
+
+    optim = SimpleNamespace(name="adamw", lr=1e-2, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(3)]
+    results = []
+    for build in (lambda ps: make_optimizer(optim, ps, torch.device("cpu")),
+                  lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False)):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build(params)
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            opt.step()
+        results.append(params)
+    assert make_optimizer(optim, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu")).defaults["fused"]
+    for fused, loop in zip(*results):
+        torch.testing.assert_close(fused, loop)
+
+
 def test_bench_json_path_is_checked_before_the_benchmark(tmp_path, capsys):
     assert main(["bench", "--shape", "tiny", "--json", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

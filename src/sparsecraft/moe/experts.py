@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .activations import ACTIVATIONS, activation_fn
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
 from .probe import PROBE, token_bucket
-from .stacked import cached_stacked_up, stack_up
+from .stacked import cached_stacked_up, forget_stacked_up, stack_up
 from .triton_adapters import triton_adapters, triton_available
 
 
@@ -61,6 +61,12 @@ class AdapterExperts(nn.Module):
             for w in self.down.unbind(0):
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             self.up.zero_()
+
+    def train(self, mode: bool = True) -> AdapterExperts:
+        """As `nn.Module.train`; training drops the up-projections' layout kept for inference (`moe/stacked.py`)."""
+        if mode:
+            forget_stacked_up(self.up)
+        return super().train(mode)
 
     @property
     def num_experts(self) -> int:
@@ -170,13 +176,14 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
         return known
     candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim, activation)
     inputs: list[tuple] = []
+    inference = torch.is_inference_mode_enabled()  # per thread: the probe's thread takes the caller's
 
     def run(path: str) -> None:
         if not inputs:  # built once per probe, from a private generator (the global RNG is not touched)
             inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
                                           training))
         xs, gates, idx, d, u = inputs[0]
-        with autocast_off(xs), torch.set_grad_enabled(training):
+        with autocast_off(xs), torch.set_grad_enabled(training), torch.inference_mode(inference):
             out = _PATHS[path](xs, gates, idx, d, u, activation_fn(activation))
             if training:
                 torch.autograd.grad(out.float().sum(), (xs, d, u))
