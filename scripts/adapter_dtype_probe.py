@@ -5,9 +5,9 @@
 Builds the recipe three times: `method=dense`, `method=pesc` with the adapters computing in the base's compute
 dtype (what `sparsecraft train` does: bf16 under `precision: auto` on bf16 CPUs) and `method=pesc` with the
 adapters forced back to fp32. The experts' up-projections get small random values (they start at zero, which
-would hide nothing but is not a trained model's state). Each round times forward + backward + AdamW on one fixed
-batch `[batch_size, seq_len]` for every variant, in an order that alternates each round; the first round is
-warm-up. Prints median seconds per step and each variant's ratio to dense, with the CPU's bf16 flags.
+would hide nothing but is not a trained model's state). After one warm-up step each, every round times forward +
+backward + AdamW on one fixed batch `[batch_size, seq_len]` for every variant in turn (`bench.timing.round_robin`).
+Prints median seconds per step and each variant's ratio to dense, with the CPU's bf16 flags.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+from functools import partial
 
 import torch
 
+from sparsecraft.bench.timing import Timed, round_robin
 from sparsecraft.hardware import cpu_summary
 from sparsecraft.moe.layers import set_adapter_compute_dtype
 from sparsecraft.moe.probe import PROBE
@@ -56,17 +57,14 @@ def main() -> None:
     batch = recipe.train.batch_size
     ids = torch.randint(0, built.inner.config.vocab_size, (batch, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {v: [] for v in models}
-    for round_ in range(args.rounds + 1):
-        order = list(models) if round_ % 2 == 0 else list(reversed(models))
-        for variant in order:
-            model, optimizer = models[variant]
-            start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if round_:
-                times[variant].append(time.perf_counter() - start)
+    def step(model, optimizer) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    items = [Timed(variant, partial(step, *pair), reset=partial(pair[1].zero_grad, set_to_none=True))
+             for variant, pair in models.items()]
+    round_robin(items, args.rounds, warmup=1, sync=lambda: None, progress=False)
+    times = {item.name: item.times_s for item in items}
     medians = {v: statistics.median(t) for v, t in times.items()}
     result = {"recipe": args.recipe, "overrides": args.overrides, "batch": [batch, args.seq_len],
               "threads": torch.get_num_threads(), **cpu_summary(), "seconds": times,
