@@ -30,9 +30,9 @@ def stack_up(up: torch.Tensor) -> torch.Tensor:
 
 def cached_stacked_up(up: torch.Tensor) -> torch.Tensor | None:
     """`stack_up(up)` made once and reused while `up` (a parameter) is unchanged; None where caching does not
-    apply: outside inference mode, `up` a temporary (a dtype cast), an inference tensor itself (no version
-    counter) or larger than `MAX_CACHED_BYTES`."""
-    if not torch.is_inference_mode_enabled():
+    apply: outside inference mode or under torch.compile, `up` a temporary (a dtype cast), an inference tensor
+    itself (no version counter) or larger than `MAX_CACHED_BYTES`."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():  # traced: no Python-side state
         return None
     if not isinstance(up, nn.Parameter) or up.is_inference() or up.is_meta:
         return None
