@@ -65,6 +65,15 @@ def test_export_and_restore_round_trip():
     assert other.results() == probe.results()
 
 
+@pytest.mark.parametrize("seconds, timed", [(1.0, 3), (5e-4, 4), (1e-4, 20), (1e-6, 25)])
+def test_short_calls_are_timed_more_often(seconds, timed):
+    clock = FakeClock({"dense": seconds, "gathered": 2 * seconds})
+    probe = DispatchProbe(repeats=3, timer=clock, min_seconds=2e-3, max_repeats=25)
+    assert probe.choose(("k",), ["dense", "gathered"], clock.run, torch.device("cpu")) == "dense"
+    # one warm-up each, then until 2 ms are timed (at least 3, at most 25)
+    assert clock.calls.count("dense") == 1 + timed
+
+
 def test_token_bucket():
     assert [token_bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000)] == [1, 1, 2, 4, 64, 128, 1024]
 
