@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import CraftConfig
+from .dropout import dropout as lane_dropout
 from .experts import AdapterExperts, dispatch, expert_compute_dtype
 from .router import route
 
@@ -153,7 +153,7 @@ def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.T
     gates, indices, logits = route(x_flat, router_weight, cfg.top_k, cfg.routing, cfg.normalize_topk,
                                    router_compute_dtype(cfg, x_flat), router_bias)
     dtype = compute_dtype or expert_compute_dtype(f_flat, down.dtype)
-    adapter_in = F.dropout(f_flat.to(dtype), dropout, training)
+    adapter_in = lane_dropout(f_flat.to(dtype), dropout, training)
     if cfg.combine == "per_slot" and f_flat.dtype != torch.float32:
         out = _per_slot_combine(f_flat, adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg)
     else:  # in fp32 sum_j g_j (F + A_j) and F + sum_j g_j A_j agree to rounding: one dispatch for all slots

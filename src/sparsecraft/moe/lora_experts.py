@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import LaneDropout
 from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available
 from .gated import GatedLayout
 from .grouped import sort_pairs, unsort_sum
@@ -115,7 +116,7 @@ class LoraExpertsMoE(RoutedBlock):
         self.layout = layout
         # LoRA factors are fp32 whatever the model dtype: they are what trains (as peft keeps LoRA in fp32)
         self.experts = LoraExpertWeights(shapes, cfg.num_experts, cfg.adapter_dim, site.device, torch.float32)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = LaneDropout(cfg.dropout)
 
     @property
     def scaling(self) -> float:

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..hardware import cpu_bf16
 from ..methods import Method, get_method
 from ..moe.balance import is_balance_bias
+from ..moe.dropout import use_lane_dropout
 from ..moe.layers import set_adapter_compute_dtype
 from ..sources import BaseSource, load_base_model, load_tokenizer, resolve_base
 from ..surgery import is_added_name, is_crafted
@@ -118,6 +119,8 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu") -> BuiltMode
             exclude_modules=r".*\.moe\..*",  # never LoRA inside routers/experts (upcycled FFN copies share names)
         )
         model = get_peft_model(inner, config)
+    # torch's CPU dropout draws a random number per element: 11 % of the quickstart's step (moe/dropout.py)
+    use_lane_dropout(model)
     for name, p in inner.named_parameters():
         if is_added_name(name) and not is_balance_bias(name):  # the selection bias moves by rule, not gradient
             p.requires_grad_(True)
