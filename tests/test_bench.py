@@ -12,11 +12,13 @@ import torch
 
 from sparsecraft.bench import run_bench
 from sparsecraft.bench.flops import ModelDims, MoEDims, block_flops, model_flops
-from sparsecraft.bench.reference import LoopPescBlock
+from sparsecraft.bench.model import build_model_variants
+from sparsecraft.bench.reference import LoopAdapter, LoopPescBlock
 from sparsecraft.bench.settings import METHODS, BenchSettings
 from sparsecraft.bench.timing import Timed, quantile, round_robin, summary_ms
 from sparsecraft.cli import main
 from sparsecraft.config import CraftConfig
+from sparsecraft.moe.dropout import LaneDropout
 from sparsecraft.moe.layers import PescMoE, RouterSite
 
 REQUIRED = ("level", "method", "path", "median_ms", "p10_ms", "p90_ms", "ratio_to_dense", "tokens_per_s",
@@ -183,6 +185,19 @@ def test_the_loop_reference_counts_its_trained_adapters_at_model_level():
                              batch_size=1, repeats=1, warmup=0, memory=False, threads=1, decode_tokens=0)
     records = {r["method"]: r for r in run_bench(settings, progress=False, log=lambda m: None)["records"]}
     assert records["loop"]["flop_floor_ratio"] == records["pesc"]["flop_floor_ratio"]
+
+
+def test_bench_variants_draw_dropout_as_training_does():
+    """Every variant (the loop reference too) draws its LoRA and adapter dropout with `moe.dropout`, as
+    `sparsecraft train` does: timings compare dispatch, not which dropout sampler ran."""
+    settings = BenchSettings(shape="tiny", levels=["model"], methods=["dense", "pesc", "loop"], seq_len=8,
+                             batch_size=1, repeats=1, warmup=0, memory=False, threads=1, decode_tokens=0)
+    variants = build_model_variants(settings, ["dense", "pesc", "loop"], torch.device("cpu"))
+    for variant in variants:
+        dropouts = [m for m in variant.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        assert dropouts and all(isinstance(m, LaneDropout) for m in dropouts), variant.method
+    loop = next(v for v in variants if v.method == "loop").model
+    assert any(isinstance(m, LoopAdapter) and isinstance(m.dropout, LaneDropout) for m in loop.modules())
 
 
 def test_round_robin_interleaves_after_warmup():

@@ -84,6 +84,32 @@ def test_rates_that_round_to_the_ends_use_torch(monkeypatch):
     assert calls == [1e-6, 1.0]
 
 
+@pytest.mark.parametrize("p", [0.0, 1e-6, 1.0, 1.5, -0.1])
+def test_mask_of_a_rate_that_rounds_to_the_ends_is_refused(p):
+    with pytest.raises(ValueError, match="needs 0 < p' < 1"):
+        keep_mask((4,), p)
+
+
+def test_restored_rng_state_redraws_the_same_mask():
+    """What a resumed run does: the checkpointed CPU RNG state gives the next step the same masks."""
+    state = torch.get_rng_state()
+    a = dropout(torch.ones(33, 7), 0.2)
+    torch.set_rng_state(state)
+    b = dropout(torch.ones(33, 7), 0.2)
+    assert torch.equal(a, b)
+
+
+def test_traced_by_torch_compile_it_is_torchs_dropout(monkeypatch):
+    """Inside torch.compile the lane sampler (Python-side RNG buffers) is not traced; `F.dropout` is."""
+    import sparsecraft.moe.dropout as lane
+
+    monkeypatch.setattr(lane, "keep_mask", lambda *a, **k: pytest.fail("lane sampler traced by torch.compile"))
+    torch._dynamo.reset()
+    y = torch.compile(lambda t: lane.dropout(t, 0.5), backend="eager")(torch.ones(64, 64))
+    assert 0.3 < (y == 0).float().mean().item() < 0.7
+    torch._dynamo.reset()
+
+
 def test_activation_checkpointing_replays_the_same_mask():
     """Non-reentrant checkpointing recomputes the forward with the CPU RNG state restored: same mask, same
     gradients as without recomputation."""

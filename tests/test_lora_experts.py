@@ -21,6 +21,7 @@ from sparsecraft import (
 )
 from sparsecraft.errors import ConfigError, CraftError
 from sparsecraft.methods import get_method
+from sparsecraft.moe.dropout import LaneDropout
 from sparsecraft.moe.gated import gated_layout
 from sparsecraft.moe.layers import RoutedBlock
 from sparsecraft.moe.lora_experts import LoraExpertsMoE, is_lora_experts_mlp
@@ -177,6 +178,7 @@ def test_model_is_a_sparsecraft_moe():
     layers = crafted_layers(model)
     assert [i for i, _ in layers] == [0, 1, 2]
     assert all(is_lora_experts_mlp(m) and isinstance(m.moe, RoutedBlock) for _, m in layers)
+    assert all(isinstance(m.moe.dropout, LaneDropout) for _, m in layers)  # the CPU mask training draws cheaply
     assert tuple(layers[0][1].moe.router.weight.shape) == (E, 32)
     names = set(new_parameters(model))
     assert "model.layers.0.mlp.moe.router.weight" in names

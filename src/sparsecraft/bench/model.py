@@ -1,8 +1,9 @@
 """Model level: the whole LoRA-tuned model, one step = forward + backward + AdamW; and greedy decoding.
 
-Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training recipe's alpha and dropout,
-same seed); every other variant crafts every layer with its method (`Method.craft`: `pesc*` and `loop` add
-routers and adapters, `upcycle` replaces every FFN by E trainable copies, `mixlora` adds LoRA experts).
+Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training recipe's alpha and dropout rate,
+masks drawn as training draws them (`moe.dropout`), same seed); every other variant crafts every layer with its
+method (`Method.craft`: `pesc*` and `loop` add routers and adapters, `upcycle` replaces every FFN by E trainable
+copies, `mixlora` adds LoRA experts).
 Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
 
 In one process all variants share the frozen base tensors (embeddings, attention, norms, FFN, `lm_head`): a
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from ..moe.balance import is_balance_bias
 from ..moe.compiled import compile_moe_blocks
+from ..moe.dropout import use_lane_dropout
 from ..surgery import crafted_layers, new_parameters
 from .base import Variant, autocast_for, dispatch_label, load_dense_base
 from .flops import ModelDims, model_dims, model_flops
@@ -90,6 +92,7 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         torch.manual_seed(settings.seed)  # identical LoRA init in every variant
         peft_model = get_peft_model(model, lora_cfg)
+    use_lane_dropout(peft_model)  # the dropout training uses (the loop reference's too: dispatch is compared)
     for key, p in new_parameters(model).items():
         if p.is_floating_point() and not is_balance_bias(key):
             p.requires_grad_(True)

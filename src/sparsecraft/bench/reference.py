@@ -6,7 +6,8 @@ Written from the formula, independently of `sparsecraft.moe` (it must not share 
     y = F + sum_e  index_add( mask_e,  s * up_e(gelu(down_e(dropout(F[mask_e])))) * g_e[mask_e] )
 
 where `mask_e` marks the tokens that have expert `e` among their top-k and `g_e` is that token's gate for `e`.
-Each expert is an `nn.Linear` pair (bias-free) and draws its own dropout mask, as in the published adapters.
+Each expert is an `nn.Linear` pair (bias-free) and draws its own dropout mask, as in the published adapters (with
+`moe.dropout`'s sampler, which PESC uses too: the timings compare dispatch, not mask drawing).
 Only `topk_softmax` routing, the `residual` combine and exact GELU are implemented: what PESC uses.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..moe.dropout import LaneDropout
 from ..moe.layers import PescMoE, RoutingRecord
 
 
@@ -23,7 +25,7 @@ class LoopAdapter(nn.Module):
 
     def __init__(self, hidden: int, adapter_dim: int, dropout: float, device=None, dtype=None) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = LaneDropout(dropout)  # as PESC draws its masks: the bench compares dispatch, not dropout
         self.down = nn.Linear(hidden, adapter_dim, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(adapter_dim, hidden, bias=False, device=device, dtype=dtype)
         self.act = nn.GELU()

@@ -1,13 +1,17 @@
 """Dropout whose mask costs a quarter of torch's on the CPU.
 
-torch's CPU dropout draws one mt19937 number per element (`bernoulli_`: ~1.4 ms for a [512, 576] mask on a 2-core
-Xeon, 11 % of a QLoRA training step of SmolLM2 at 4 x 128 tokens, where peft's LoRA dropout runs 4 times per
-layer and PESC's adapter dropout once more). Here one 64-bit draw gives four 16-bit lanes and an element is
-dropped when its lane is below `round(p * 65536)`: the rate is p rounded to 1/65536, and kept values are scaled
-by 1 / (1 - that rate), so the output is unbiased as torch's is. The draws come from torch's default CPU
-generator, so `torch.manual_seed`, checkpointed RNG state and activation checkpointing's replay govern them as
-they govern `F.dropout`; the backward keeps a bool mask, as torch's does. CUDA tensors (their dropout is one fused
-kernel already), torch.compile and rates that round to 0 or 1 use `F.dropout`.
+torch's CPU dropout takes one 64-bit draw (two mt19937 outputs) per element (`bernoulli_`: ~1.4 ms for a
+[512, 576] mask on a 2-core Xeon, 11 % of a QLoRA training step of SmolLM2 at 4 x 128 tokens, where peft's LoRA
+dropout runs 4 times per layer and PESC's adapter dropout once more). Here one 64-bit draw gives four 16-bit lanes
+(each half of an mt19937 output: uniform and independent); an element is dropped when its lane, shifted to
+[0, 65536), is below `round(p * 65536)`, so the rate is p rounded to 1/65536 and kept values are scaled by 1 / (1 - that
+rate): unbiased, as torch's is. The draws come from torch's default CPU generator, so `torch.manual_seed`,
+checkpointed RNG state and activation checkpointing's replay govern them as they govern `F.dropout`. The backward
+keeps a bool mask (torch's CPU dropout keeps one in the input's dtype: 4 bytes per element in fp32).
+
+CUDA tensors (their dropout is one fused kernel already), torch.compile / torch.export tracing and rates that round
+to 0 or 1 use `F.dropout`. Not supported: torch.func transforms (`grad`, `vmap`) and TorchScript of `LaneDropout`;
+nothing in sparsecraft uses them.
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ class _KeepAndScale(torch.autograd.Function):
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, float]:
     """A CPU bool mask of `shape`, each element True with probability 1 - p' (p' = p rounded to 1/65536), and
-    the scale 1 / (1 - p') that keeps kept values unbiased."""
+    the scale 1 / (1 - p') that keeps kept values unbiased. ValueError when p' is 0 or 1 (or p outside [0, 1])."""
     drop = round(p * LANES)
+    if not 0 < drop < LANES:
+        raise ValueError(f"dropout rate {p!r} rounds to {drop}/{LANES}: needs 0 < p' < 1")
     numel = 1
     for size in shape:
         numel *= size
     bits = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=generator)
-    lanes = bits.view(torch.int16)[:numel].view(shape)  # uniform on [-32768, 32767]
+    lanes = bits.view(torch.int16)[:numel].view(shape)  # signed: uniform on [-32768, 32767]
     return lanes >= drop - LANES // 2, LANES / (LANES - drop)
 
 
@@ -60,15 +66,17 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 class LaneDropout(nn.Dropout):
-    """`nn.Dropout` through `dropout` above (a subclass, so code that checks for `nn.Dropout` still finds it)."""
+    """`nn.Dropout` through `dropout` above (a subclass, so code that checks for `nn.Dropout` still finds it).
+    `inplace` is not honoured: the output is always a new tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
 
 
 def use_lane_dropout(model: nn.Module) -> int:
-    """Swap every plain `nn.Dropout` in `model` (peft's LoRA dropout among them) for `LaneDropout` with the same
-    rate, in place; returns how many were swapped. Dropout has no parameters, so nothing saved changes."""
+    """Swap every plain `nn.Dropout` with a rate above 0 in `model` (peft's LoRA dropout, the base model's own if
+    any) for `LaneDropout` with the same rate, in place; returns how many were swapped. Dropout has no parameters,
+    so nothing saved changes."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Dropout and child.p > 0]
     for parent, name, child in swaps:
