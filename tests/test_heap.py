@@ -1,5 +1,4 @@
-"""glibc's heap in CPU training: `train.trim_heap` (handed back between decoder layers, numerics untouched) and
-`train.steady_heap` (kept for reuse)."""
+"""`train.trim_heap`: freed heap handed back between decoder layers in training only, numerics untouched."""
 
 from __future__ import annotations
 
@@ -102,72 +101,3 @@ def test_a_training_run_with_trims_learns_exactly_as_without(tmp_path, monkeypat
         trims.append(len(calls))
     assert trims[0] == 0 and trims[1] >= 2 * 2  # two steps, forward and backward (trimming needs glibc: Linux CI)
     assert losses[0] == losses[1]
-
-
-# ------------------------------------------------------------------------------ train.steady_heap
-
-
-@pytest.fixture
-def fake_mallopt(monkeypatch):
-    calls = []
-    monkeypatch.setattr(heap, "_mallopt", lambda: (lambda param, value: calls.append((param, value)) or 1))
-    for name in ("GLIBC_TUNABLES", *heap.USER_MALLOC_ENV):
-        monkeypatch.delenv(name, raising=False)
-    return calls
-
-
-def test_steady_heap_fixes_the_mmap_threshold_and_stops_trimming(fake_mallopt):
-    assert heap.keep_heap_steady() is True
-    assert fake_mallopt == [(heap.M_TRIM_THRESHOLD, 2**31 - 1), (heap.M_MMAP_THRESHOLD, 32 * 1024 * 1024)]
-
-
-@pytest.mark.parametrize("name, value, kept", [
-    ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072", True),
-    ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2", False),  # not malloc: still ours to set
-    ("MALLOC_TRIM_THRESHOLD_", "1048576", True),
-    ("MALLOC_MMAP_THRESHOLD_", "131072", True),
-])
-def test_the_users_malloc_settings_are_kept(fake_mallopt, monkeypatch, name, value, kept):
-    monkeypatch.setenv(name, value)
-    assert heap.keep_heap_steady() is (not kept)
-    assert (fake_mallopt == []) is kept
-
-
-def test_without_mallopt_nothing_is_set(monkeypatch):
-    monkeypatch.setattr(heap, "_mallopt", lambda: None)
-    assert heap.keep_heap_steady() is False
-
-
-def test_set_up_heap_picks_trims_steadiness_or_nothing(fake_mallopt, monkeypatch):
-    installed = []
-    monkeypatch.setattr(heap, "install_heap_trims", lambda model: installed.append(model) or ["handle"])
-    model = object()
-    assert heap.set_up_heap(model, torch.device("cuda"), trim=True, steady=True) is None  # GPU: untouched
-    assert installed == [] and fake_mallopt == []
-    assert heap.set_up_heap(model, torch.device("cpu"), trim=True, steady=True) is None  # trimming wins
-    assert installed == [model] and fake_mallopt == []
-    heap.set_up_heap(model, torch.device("cpu"), trim=False, steady=False)
-    assert fake_mallopt == []
-    heap.set_up_heap(model, torch.device("cpu"), trim=False, steady=True)
-    assert len(fake_mallopt) == 2
-    monkeypatch.setattr(heap, "install_heap_trims", lambda model: [])
-    assert "malloc_trim" in heap.set_up_heap(model, torch.device("cpu"), trim=True, steady=True)
-
-
-def test_steady_heap_defaults_on_and_is_typed():
-    assert load_recipe(None, ["data=a.jsonl"]).train.steady_heap is True
-    assert load_recipe(None, ["data=a.jsonl", "train.steady_heap=false"]).train.steady_heap is False
-
-
-def test_steady_heap_is_accepted_by_glibc():
-    """The real mallopt, in a child process (the settings are process-wide)."""
-    import os
-    import subprocess
-    import sys
-
-    if heap._mallopt() is None:
-        pytest.skip("no glibc mallopt here")
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", "from sparsecraft.train.heap import keep_heap_steady as k; "
-                          "print(k())"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "True", out.stderr

@@ -31,7 +31,7 @@ from .batches import BatchPlan, StreamBatches
 from .checkpoints import STREAM_KEY, latest_checkpoint, load_checkpoint, save_checkpoint, saved_recipe, stream_position
 from .engine_checkpoint import load_engine_state, save_engine_state
 from .guards import DivergenceGuard, OutputLock, apply_optimizer_settings, check_finite, check_output_dir, check_resume
-from .heap import set_up_heap
+from .heap import install_heap_trims
 from .metrics import MetricsLog, expert_load, load_imbalance, progress_bar, truncate_after
 from .nll import row_nll
 from .optim import make_optimizer
@@ -235,9 +235,10 @@ def _run(recipe: Recipe, *, resume: bool, apply_changes: bool) -> dict:
         note = compile_note(compile_moe_blocks(built.inner))
         if note and main:
             print(note)
-    note = set_up_heap(built.inner, accelerator.device, recipe.train.trim_heap, recipe.train.steady_heap)
-    if note and main:
-        print(note)
+    if recipe.train.trim_heap and accelerator.device.type == "cpu":  # GPUs: the CUDA caching allocator's memory
+        installed = install_heap_trims(built.inner)
+        if not installed and main:
+            print("note: train.trim_heap needs glibc's malloc_trim, which this C library lacks; not trimming")
     context = context_length(built.inner)
     if context is not None and data_cfg.max_length > context:
         if main:

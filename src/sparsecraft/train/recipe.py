@@ -59,7 +59,6 @@ class TrainSettings:
     precision: str = "auto"  # auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32
     compile: bool = False  # the PESC blocks' math under torch.compile (moe/compiled.py)
     trim_heap: bool = False  # CPU: give freed heap back to the OS between layers (less peak RSS, slower; heap.py)
-    steady_heap: bool = True  # CPU, glibc: keep freed heap for reuse instead of faulting it in again (heap.py)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batches: int = 0  # 0: the whole held-out split
