@@ -1,7 +1,7 @@
 """CUDA paths (`pytest -m gpu`; skipped without CUDA): every dispatch path against the per-expert reference in
 bf16 on the GPU, the grouped kernels really in use on sm90+, crafting and save/load on the GPU, the CPU fp32
 reference against the GPU model, and a whole training step (bf16, gradient checkpointing, NF4 where
-bitsandbytes has CUDA) through `sparsecraft train`."""
+bitsandbytes has CUDA) through `sparsecraft train`; CUDA dropout left to torch's fused kernel."""
 
 from __future__ import annotations
 
@@ -187,3 +187,15 @@ def test_every_bench_variant_steps_on_gpu_in_bf16(level):
         variant.reset()
         variant.step()
         torch.cuda.synchronize()
+
+
+def test_lane_dropout_leaves_cuda_tensors_to_torch(monkeypatch):
+    """CUDA's dropout is one fused kernel already: the CPU lane sampler must not run (its mask is a CPU tensor)."""
+    from sparsecraft.moe import dropout as lane
+
+    monkeypatch.setattr(lane, "keep_mask", lambda *a, **k: pytest.fail("CPU lane sampler ran on a CUDA tensor"))
+    x = torch.ones(256, 256, device=CUDA, dtype=BF16, requires_grad=True)
+    y = lane.LaneDropout(0.25).train()(x)
+    assert y.device.type == "cuda" and 0.2 < (y == 0).float().mean().item() < 0.3
+    y.float().sum().backward()
+    assert torch.equal(x.grad != 0, y.detach() != 0)
