@@ -609,3 +609,22 @@ def test_top1_gate_is_constant_unless_switch_style():
     model(ids).logits.float().pow(2).mean().backward()
     router = next(m for m in model.modules() if isinstance(m, PescMoE)).router.weight
     assert float(router.grad.abs().sum()) > 0  # the kept probability carries the task loss's gradient
+
+
+
+@pytest.mark.parametrize("adapter_dtype, ffn_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_block_output_keeps_the_ffn_dtype_whatever_the_adapters_compute_in(adapter_dtype, ffn_dtype):
+    """bf16 adapters on an fp32 F are added by type promotion (no cast pass); fp32 adapters on a bf16 F are cast
+    down first. Either way the block returns F's dtype and F's gradient comes back in it."""
+    from sparsecraft.moe.layers import RouterSite
+
+    torch.manual_seed(0)
+    block = PescMoE(RouterSite(16, CraftConfig(num_experts=4, top_k=2, adapter_dim=8, dropout=0.0)),
+                    adapter_dtype).train()
+    with torch.no_grad():
+        block.experts.up.normal_()
+    x, f = torch.randn(5, 16, dtype=ffn_dtype), torch.randn(5, 16, dtype=ffn_dtype, requires_grad=True)
+    out = block(x, f)
+    out.float().sum().backward()
+    assert out.dtype == ffn_dtype and f.grad.dtype == ffn_dtype
+    assert (out.float() - f.detach().float()).abs().max() > 0  # the adapters contributed

@@ -158,8 +158,10 @@ def pesc_math(x_flat: torch.Tensor, f_flat: torch.Tensor, router_weight: torch.T
         out = _per_slot_combine(f_flat, adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg)
     else:  # in fp32 sum_j g_j (F + A_j) and F + sum_j g_j A_j agree to rounding: one dispatch for all slots
         delta = dispatch(adapter_in, gates, indices, down.to(dtype), up.to(dtype), cfg.activation, cfg.scaling,
-                         cfg.dispatch).to(f_flat.dtype)
-        out = f_flat + delta
+                         cfg.dispatch)
+        if torch.promote_types(f_flat.dtype, delta.dtype) != f_flat.dtype:
+            delta = delta.to(f_flat.dtype)
+        out = f_flat + delta  # bf16 adapters on an fp32 F: promoted inside the add, no separate cast pass
     return out, gates, indices, logits
 
 
