@@ -16,6 +16,8 @@ nothing in sparsecraft uses them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,9 +47,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Ge
     drop = round(p * LANES)
     if not 0 < drop < LANES:
         raise ValueError(f"dropout rate {p!r} rounds to {drop}/{LANES}: needs 0 < p' < 1")
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     bits = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=generator)
     lanes = bits.view(torch.int16)[:numel].view(shape)  # signed: uniform on [-32768, 32767]
     return lanes >= drop - LANES // 2, LANES / (LANES - drop)

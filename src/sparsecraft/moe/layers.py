@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import CraftConfig
+from .dropout import LaneDropout
 from .dropout import dropout as lane_dropout
 from .experts import AdapterExperts, dispatch, expert_compute_dtype
 from .router import route
@@ -202,7 +203,7 @@ class PescMoE(RoutedBlock):
         super().__init__(site)
         cfg = site.config
         self.experts = AdapterExperts(cfg.num_experts, site.hidden_size, cfg.adapter_dim, site.device, dtype)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = LaneDropout(cfg.dropout)  # its rate; `pesc_math` draws the mask (moe/dropout.py)
         self.compiled = False  # run `pesc_math` compiled (`moe.compiled.compile_moe_blocks`)
         # set for training whose base computes in bf16 (`set_adapter_compute_dtype`): an NF4 base hands its output
         # back in fp32 on the CPU, so the activations alone do not say it

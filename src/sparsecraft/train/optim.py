@@ -26,4 +26,3 @@ def make_optimizer(optim, params, device: torch.device) -> torch.optim.Optimizer
 
     cls = bnb.optim.PagedAdamW8bit if optim.name == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
     return cls(params, **kwargs)
-
