@@ -2,12 +2,14 @@
 drawn as `sparsecraft.moe.dropout` draws it or by torch's own `F.dropout`.
 
     python scripts/adapter_dtype_probe.py configs/quickstart.yaml [--rounds 6] [--seq-len 256] [--out x.json]
-        [--variants dense pesc pesc-fp32-adapters dense-torch-dropout pesc-torch-dropout]
+        [--variants dense pesc pesc-fp32-adapters dense-torch-dropout pesc-torch-dropout pesc-grouped
+                    pesc-masked-dense pesc-padded] [--no-onednn]
 
 Builds the recipe once per variant: `dense`, `pesc` with the adapters computing in the base's compute dtype
 (what `sparsecraft train` does: bf16 under `precision: auto` on bf16 CPUs), `pesc-fp32-adapters` with them forced
 back to fp32, and `dense-` / `pesc-torch-dropout` with torch's dropout put back (peft's LoRA dropout modules and
-PESC's adapter dropout). The experts' up-projections get small random values (they start at zero, which would
+PESC's adapter dropout), and `pesc-grouped` / `pesc-masked-dense` / `pesc-padded` with the dispatch path pinned instead of
+probed. The experts' up-projections get small random values (they start at zero, which would
 hide nothing but is not a trained model's state). After one warm-up step each, every round times forward +
 backward + AdamW on one fixed batch `[batch_size, seq_len]` for every variant in turn (`bench.timing.round_robin`).
 AdamW is fused, as in training. Prints median seconds per step and each variant's ratio to the first, with the
@@ -34,7 +36,10 @@ from sparsecraft.moe.probe import PROBE
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model, trainable_parameters
 
-VARIANTS = ("dense", "pesc", "pesc-fp32-adapters", "dense-torch-dropout", "pesc-torch-dropout")
+VARIANTS = ("dense", "pesc", "pesc-fp32-adapters", "dense-torch-dropout", "pesc-torch-dropout", "pesc-grouped",
+            "pesc-masked-dense", "pesc-padded")
+# variants that pin PESC's dispatch path instead of letting the probe choose (`craft.dispatch`)
+DISPATCH = {"pesc-grouped": "grouped", "pesc-masked-dense": "dense", "pesc-padded": "padded"}
 
 
 def main() -> None:
@@ -45,15 +50,21 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", help="write the figures as JSON here too")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="turn oneDNN off (torch.backends.mkldnn): with ATEN_CPU_CAPABILITY=avx2 "
+                             "ONEDNN_MAX_CPU_ISA=AVX2 this takes the kernels an AVX2-only CPU would run")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]),
                         help="what to time (dense first: the ratios are to it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_onednn:
+        torch.backends.mkldnn.enabled = False
     models = {}
     for variant in args.variants:
         method = variant.split("-")[0]
-        recipe = load_recipe(args.recipe, [*args.overrides, f"method={method}"])
+        pinned = [f"craft.dispatch={DISPATCH[variant]}"] if variant in DISPATCH else []
+        recipe = load_recipe(args.recipe, [*args.overrides, f"method={method}", *pinned])
         built = build_model(recipe)
         if variant == "pesc-fp32-adapters":
             set_adapter_compute_dtype(built.model, None)
@@ -82,6 +93,7 @@ def main() -> None:
     times = {item.name: item.times_s for item in items}
     medians = {v: statistics.median(t) for v, t in times.items()}
     result = {"recipe": args.recipe, "overrides": args.overrides, "batch": [batch, args.seq_len],
+              "onednn": torch.backends.mkldnn.enabled,
               "threads": torch.get_num_threads(), **cpu_summary(), "seconds": times,
               "median_s": medians, "over_dense": {v: m / medians[args.variants[0]] for v, m in medians.items()},
               "dispatch": {"/".join(map(str, key)): r.path for key, r in PROBE.results().items()}}

@@ -119,7 +119,7 @@ def test_no_normalize_topk_and_combine_reach_the_saved_model(capsys, tmp_path):
 @pytest.mark.parametrize("flag, value, message", [
     ("--combine", "sum", "combine must be one of residual, per_slot; got 'sum'"),
     ("--dispatch", "fast",
-     "dispatch must be one of auto, rule, dense, grouped, sorted, gathered, triton, loop; got 'fast'"),
+     "dispatch must be one of auto, rule, dense, grouped, padded, sorted, gathered, triton, loop; got 'fast'"),
     ("--activation", "tanh", "activation must be one of gelu, gelu_tanh, silu, relu; got 'tanh'"),
     ("--router-dtype", "bf16", "router_dtype must be one of float32, model; got 'bf16'"),
     ("--routing", "random", "routing must be one of topk_softmax, softmax_topk; got 'random'"),

@@ -15,7 +15,7 @@ import torch
 from sparsecraft.moe import experts as ex
 from sparsecraft.moe.experts import AdapterExperts, choose_path, dispatch
 
-PATHS = ("dense", "grouped", "sorted", "gathered", "loop", "auto")
+PATHS = ("dense", "grouped", "padded", "sorted", "gathered", "loop", "auto")
 ATOL = 1e-5
 
 

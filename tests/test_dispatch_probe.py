@@ -82,7 +82,7 @@ def test_token_bucket():
 def test_auto_equals_every_fixed_path(n, grad):
     x, gates, idx, down, up = make_call(n, grad=grad)
     auto = dispatch(x, gates, idx, down, up, path="auto")
-    for path in ("loop", "dense", "grouped", "sorted"):
+    for path in ("loop", "dense", "grouped", "padded", "sorted"):
         torch.testing.assert_close(auto, dispatch(x, gates, idx, down, up, path=path), rtol=1e-5, atol=1e-6)
     chosen = probed_choice(n, 8, 2, 16, 64, torch.float32, torch.device("cpu"), grad)
     assert chosen in candidate_paths(x, n, 8, 2, 16)
@@ -119,7 +119,7 @@ def test_rule_never_probes_and_follows_choose_path():
 
 def test_a_rigged_timer_decides_the_auto_path(monkeypatch):
     x, gates, idx, down, up = make_call(300)
-    slow = {"dense": 5.0, "grouped": 1.0, "sorted": 1.0}
+    slow = {"dense": 5.0, "grouped": 1.0, "sorted": 1.0, "padded": 3.0}
     clock = FakeClock(slow)
     calls = []
     real = PROBE.choose
@@ -134,9 +134,12 @@ def test_a_rigged_timer_decides_the_auto_path(monkeypatch):
     monkeypatch.setattr(PROBE, "timer", clock)
     monkeypatch.setattr(PROBE, "choose", choose)
     assert probed_path(x, idx, down, up) in ("grouped", "sorted")
-    clock.durations = {"dense": 0.1, "grouped": 9.0, "sorted": 9.0}
+    clock.durations = {"dense": 0.1, "grouped": 9.0, "sorted": 9.0, "padded": 9.0}
     x2, gates2, idx2, down2, up2 = make_call(300, h=32)  # another shape
     assert probed_path(x2, idx2, down2, up2) == "dense"
+    clock.durations = {"dense": 2.0, "grouped": 9.0, "sorted": 9.0, "padded": 1.0}
+    x3, gates3, idx3, down3, up3 = make_call(300, h=48)
+    assert probed_path(x3, idx3, down3, up3) == "padded"
 
 
 def test_choices_travel_with_training_checkpoints(tmp_path):

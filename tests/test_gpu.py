@@ -47,7 +47,7 @@ def perturb_new_weights(model, seed=1, std=0.05):
             p.add_((torch.randn(p.shape, generator=gen) * std).to(p.device, p.dtype))
 
 
-@pytest.mark.parametrize("path", ["dense", "grouped", "sorted", "gathered", "triton"])
+@pytest.mark.parametrize("path", ["dense", "grouped", "padded", "sorted", "gathered", "triton"])
 def test_adapter_paths_match_the_loop_in_bf16(path):
     if path == "triton":
         pytest.importorskip("triton")

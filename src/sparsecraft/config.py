@@ -16,7 +16,7 @@ from typing import Any, Iterator, NamedTuple
 from .errors import ConfigError
 
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
-DISPATCH_PATHS = ("auto", "rule", "dense", "grouped", "sorted", "gathered", "triton", "loop")
+DISPATCH_PATHS = ("auto", "rule", "dense", "grouped", "padded", "sorted", "gathered", "triton", "loop")
 COMBINE_FORMS = ("residual", "per_slot")
 ROUTER_DTYPES = ("float32", "model")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
@@ -49,7 +49,8 @@ class CraftConfig:
         z_loss_coef: coefficient of the router z-loss (0 disables it being added; it is still reported).
         layers: `"all"`, `"every:N"` (layers 0, N, 2N, ...), or an explicit list of layer indices.
         dispatch: `auto` times the candidate paths per call shape; `rule` picks by a fixed shape rule
-            (reproducible across processes); `dense`, `grouped`, `sorted`, `gathered`, `triton`, `loop` force one.
+            (reproducible across processes); `dense`, `grouped`, `padded`, `sorted`, `gathered`, `triton`,
+            `loop` force one.
     """
 
     # Each field's metadata is its command-line option (see `craft_fields`): `help`, and where needed `flag`

@@ -254,7 +254,7 @@ def unmark_crafted(model: nn.Module) -> nn.Module:
 
 
 def set_dispatch(model: nn.Module, path: str) -> None:
-    """Set the dispatch path (`auto`, `rule`, `dense`, `grouped`, `sorted`, `gathered`, `loop`) of every crafted
+    """Set the dispatch path (`auto`, `rule`, or one of `config.DISPATCH_PATHS`' named paths) of every crafted
     layer (the blocks share the model's config object)."""
     cfg = craft_config_of(model)
     if path not in DISPATCH_PATHS:

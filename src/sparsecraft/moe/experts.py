@@ -11,6 +11,8 @@ for `x: [N, h]`, `gates, idx: [N, k]`, `W_down: [E, r, h]`, `W_up: [E, h, r]`:
   per-token mask in between. No gather/scatter; wasteful once `E/k` or `E*r` is large.
 - `grouped`: (token, slot) pairs sorted by expert, one `torch._grouped_mm` per projection; k/E of the dense
   FLOPs. Falls back to `sorted` where `_grouped_mm` is unavailable for the device/dtype.
+- `padded`: each expert's pairs in a block of C rows (the busiest expert's count), both projections and their
+  gradients one `torch.bmm` each (`padded.py`); C*E rows instead of N*k, never more than the dense path's.
 - `sorted`: the same sorted layout with a per-expert loop over contiguous slices (fallback only).
 
 `dispatch(path="auto")` times the candidate paths once per call shape and keeps the fastest (`moe/probe.py`);
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from .activations import ACTIVATIONS, activation_fn
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
+from .padded import padded_adapters, padded_rows, padding_pays
 from .probe import PROBE, token_bucket
 from .stacked import cached_stacked_up, forget_stacked_up, stack_up
 from .triton_adapters import triton_adapters, triton_available
@@ -139,7 +142,8 @@ def path_by_shape(dispatch: str, num_tokens: int, num_experts: int, top_k: int, 
 def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int,
                     activation: str = "gelu") -> list[str]:
     """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for
-    `grouped` where `torch._grouped_mm` cannot run; `triton` joins on CUDA with Triton installed)."""
+    `grouped` where `torch._grouped_mm` cannot run; `padded` joins from 2E routed pairs up, where its blocks
+    fill; `triton` joins on CUDA with Triton installed)."""
     pairs = num_tokens * top_k
     grouped = "grouped" if grouped_mm_available(x, pairs, adapter_dim) else "sorted"
     kernel = ["triton"] if x.device.type == "cuda" and triton_available(x, activation) else []
@@ -147,7 +151,7 @@ def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: i
         return ["gathered", "dense"]
     if pairs <= 2 * num_experts:
         return ["gathered", "dense", grouped, *kernel]
-    return ["dense", grouped, *kernel]
+    return ["dense", grouped, "padded", *kernel]
 
 
 def _probe_key(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int, dtype: torch.dtype,
@@ -252,10 +256,10 @@ def dispatch(
 
 
 def traceable_path(path: str) -> str:
-    """The path to trace under torch.compile: `gathered` and `sorted` read routing decisions into Python
-    (`.tolist()`, a graph break per call), so the masked-dense path stands in for them; `grouped` stays (its
-    grouped GEMM runs outside the graph where the compiler cannot trace it, see `_grouped`)."""
-    return "dense" if path in ("gathered", "sorted") else path
+    """The path to trace under torch.compile: `gathered`, `sorted` and `padded` read routing decisions into
+    Python (`.tolist()`, the block size: a graph break per call), so the masked-dense path stands in for them;
+    `grouped` stays (its grouped GEMM runs outside the graph where the compiler cannot trace it, see `_grouped`)."""
+    return "dense" if path in ("gathered", "sorted", "padded") else path
 
 
 # `torch._grouped_mm`'s compiler (meta) rules accept bf16 only, while its CPU kernel also runs fp32 / fp16: traced
@@ -364,6 +368,15 @@ def _grouped(x, gates, indices, down, up, act):
     return grouped_adapters(x, gates, indices, down, up, act)
 
 
+def _padded(x, gates, indices, down, up, act):
+    """Batched matmuls over per-expert blocks of padded rows (`padded.py`); routing too uneven for the padding
+    to pay goes to the grouped kernel."""
+    rows, source, capacity = padded_rows(indices, down.shape[0])
+    if not padding_pays(capacity, down.shape[0], indices.numel()):
+        return _grouped(x, gates, indices, down, up, act)
+    return padded_adapters(x, gates, rows, source, down, up, act)
+
+
 def _sorted(x, gates, indices, down, up, act):
     token, gate, counts = sort_by_expert(indices, gates, down.shape[0])
     xs = x.index_select(0, token)
@@ -390,5 +403,5 @@ def _triton(x, gates, indices, down, up, act):
 
 _triton_eager = torch.compiler.disable(triton_adapters)  # its launch stays outside a compiled graph
 
-_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "sorted": _sorted, "gathered": _gathered,
-          "triton": _triton}
+_PATHS = {"loop": _loop, "dense": _dense, "grouped": _grouped, "padded": _padded, "sorted": _sorted,
+          "gathered": _gathered, "triton": _triton}
