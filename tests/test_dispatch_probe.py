@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsecraft.moe import experts as ex
 from sparsecraft.moe.experts import candidate_paths, choose_path, dispatch, probed_choice, probed_path
 from sparsecraft.moe.probe import PROBE, DispatchProbe, token_bucket
 
@@ -184,3 +185,20 @@ def test_bench_labels_auto_with_the_probed_path():
     PROBE.restore([{"key": [2048, 8, 2, 64, 576, "float32", "cpu", True, "gelu"], "path": "dense"}])
     assert pesc_path("auto", 2048, settings, 576, cpu) == "auto:dense"
     assert pesc_path("rule", 2048, settings, 576, cpu) == "rule:grouped"
+
+
+def test_the_probe_times_the_calls_own_routing(monkeypatch):
+    """Uneven routing (a fresh router's) makes the grouped and padded paths slower than uniform random choices
+    would: the probe must time the expert choices the call really makes."""
+    x, gates, idx, down, up = make_call(300)
+    idx = torch.stack([torch.zeros(300, dtype=torch.long), torch.ones(300, dtype=torch.long)], 1)  # all on 0, 1
+    seen = []
+    real_dense = ex._PATHS["dense"]
+
+    def spy(x_, g_, i_, *rest):
+        seen.append(i_.clone())
+        return real_dense(x_, g_, i_, *rest)
+
+    monkeypatch.setitem(ex._PATHS, "dense", spy)
+    probed_path(x, idx, down, up)
+    assert seen and all(torch.equal(i, idx) for i in seen)
