@@ -90,7 +90,7 @@ def test_dense_decoding_after_an_update_uses_the_new_weights():
 def test_switching_to_training_drops_the_kept_layout():
     """A sharded engine may swap a parameter's storage in place (same address, same version) between steps:
     training mode forgets the layout so that the next inference lays it out again."""
-    from sparsecraft.moe.experts import AdapterExperts
+    from sparsecraft.moe.adapter_weights import AdapterExperts
 
     experts = AdapterExperts(4, 8, 2).eval()
     with torch.inference_mode():

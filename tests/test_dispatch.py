@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sparsecraft.moe import experts as ex
-from sparsecraft.moe.experts import AdapterExperts, choose_path, dispatch
+from sparsecraft.moe.adapter_weights import AdapterExperts
+from sparsecraft.moe.experts import choose_path, dispatch
 
 PATHS = ("dense", "grouped", "padded", "sorted", "gathered", "loop", "auto")
 ATOL = 1e-5

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from ..config import CraftConfig
+from .adapter_weights import AdapterExperts
 from .dropout import LaneDropout
 from .dropout import dropout as lane_dropout
-from .experts import AdapterExperts, dispatch, expert_compute_dtype
+from .experts import dispatch, expert_compute_dtype
 from .router import route
 
 
