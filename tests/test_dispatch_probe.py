@@ -201,4 +201,23 @@ def test_the_probe_times_the_calls_own_routing(monkeypatch):
 
     monkeypatch.setitem(ex._PATHS, "dense", spy)
     probed_path(x, idx, down, up)
-    assert seen and all(torch.equal(i, idx) for i in seen)
+    assert len(seen) >= 4
+    for i in seen:  # the call's own choices, with an eighth of the tokens drawn again per timed call
+        changed = (i != idx).any(1)
+        assert 0 < int(changed.sum()) <= 300 // 8
+        assert torch.equal(i[~changed], idx[~changed])
+        assert torch.all(i[:, 0] != i[:, 1]) and int(i.max()) < 8
+    counts = {tuple(torch.bincount(i.reshape(-1), minlength=8).tolist()) for i in seen}
+    assert len(counts) > 1  # per-expert counts vary from call to call, as a real router's do
+
+
+def test_redraw_some_tokens_keeps_choices_distinct_and_leaves_the_global_stream():
+    idx = torch.stack([torch.arange(64) % 4, (torch.arange(64) + 1) % 4], 1)
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    out = ex.redraw_some_tokens(idx, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(2), expected)
+    assert out.shape == idx.shape and torch.all(out[:, 0] != out[:, 1])
+    assert int((out != idx).any(1).sum()) <= 8
+    assert ex.redraw_some_tokens(idx[:0], 4, torch.Generator()).shape == (0, 2)

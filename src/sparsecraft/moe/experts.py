@@ -122,12 +122,14 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
     candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim, activation)
     inputs: list[tuple] = []
     inference = torch.is_inference_mode_enabled()  # per thread: the probe's thread takes the caller's
+    redraw = torch.Generator().manual_seed(1)
 
     def run(path: str) -> None:
         if not inputs:  # built once per probe, from a private generator (the global RNG is not touched)
             inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
                                           training, routing=indices))
         xs, gates, idx, d, u = inputs[0]
+        idx = redraw_some_tokens(idx, num_experts, redraw)  # every timed call a routing of its own, as in training
         with autocast_off(xs), torch.set_grad_enabled(training), torch.inference_mode(inference):
             out = _PATHS[path](xs, gates, idx, d, u, activation_fn(activation))
             if training:
@@ -152,6 +154,24 @@ def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, 
     # parameters, as the real call's are: without a gradient the dense path then times its cached `up` layout
     u = nn.Parameter(u, requires_grad=training)
     return x, gates, idx.to(device), d, u
+
+
+def redraw_some_tokens(indices: torch.Tensor, num_experts: int, gen: torch.Generator,
+                       share: float = 0.125) -> torch.Tensor:
+    """`indices [N, k]` with the choices of a random `share` of the tokens drawn again (distinct per token).
+
+    Each expert's pair count then differs from call to call, as a real router's does from batch to batch. That
+    matters for timing: oneDNN generates a bf16 kernel for every matmul shape it has not seen (2.7 ms against 66
+    us for a known one, docs/benchmarks.md), so a path whose matmul shapes follow the counts (`grouped`) is slow
+    in a real run but not when one routing is timed over and over.
+    """
+    num_tokens, top_k = indices.shape
+    count = max(1, int(num_tokens * share)) if num_tokens else 0
+    rows = torch.randperm(num_tokens, generator=gen)[:count]
+    fresh = torch.rand(count, num_experts, generator=gen).topk(top_k, dim=-1).indices
+    out = indices.clone()
+    out[rows.to(out.device)] = fresh.to(out.device)
+    return out
 
 
 def probed_choice(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int,
