@@ -12,24 +12,56 @@ from sparsecraft.moe.padded import ROW_MULTIPLE, padded_rows, padding_pays
 
 def test_rows_put_each_pair_in_its_experts_block_in_token_order():
     idx = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
-    rows, source, capacity = padded_rows(idx, num_experts=3)
+    layout = padded_rows(idx, num_experts=3)
+    capacity = layout.capacity
     assert capacity == ROW_MULTIPLE  # 3 pairs at most per expert, rounded up to a tile
     # expert 0: tokens 0, 1, 3; expert 1: tokens 1, 2; expert 2: tokens 0, 2, 3
     expected = torch.tensor([[2 * capacity, 0], [1, capacity], [2 * capacity + 1, capacity + 1],
                              [2, 2 * capacity + 2]])
-    assert torch.equal(rows, expected)
-    assert source.shape == (3 * capacity,)
+    assert torch.equal(layout.rows, expected)
+    assert layout.source.shape == (3 * capacity,)
     for n in range(4):
         for j in range(2):
-            assert source[rows[n, j]] == n
+            assert layout.source[layout.rows[n, j]] == n
     used = torch.zeros(3 * capacity, dtype=torch.bool)
-    used[rows.reshape(-1)] = True
-    assert torch.all(source[~used] == 0)  # padding rows read token 0 (their gate is zero)
+    used[layout.rows.reshape(-1)] = True
+    assert torch.equal(layout.spare, (~used).nonzero().squeeze(1))
+    assert layout.spare.numel() == 3 * capacity - 8
+
+
+def test_int32_indices_give_the_same_layout():
+    idx = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
+    a, b = padded_rows(idx, 3), padded_rows(idx.int(), 3)
+    assert torch.equal(a.rows, b.rows) and torch.equal(a.source, b.source) and a.capacity == b.capacity
 
 
 def test_no_pairs_give_an_empty_layout():
-    rows, source, capacity = padded_rows(torch.zeros(0, 2, dtype=torch.long), num_experts=4)
-    assert rows.shape == (0, 2) and source.numel() == 0 and capacity == 0
+    layout = padded_rows(torch.zeros(0, 2, dtype=torch.long), num_experts=4)
+    assert layout.rows.shape == (0, 2) and layout.source.numel() == 0 and layout.capacity == 0
+
+
+def test_a_non_finite_token_stays_in_its_own_experts():
+    """Spare rows read token 0 but are zeroed: an inf in token 0's gradient reaches only the experts token 0
+    chose, as in the per-expert reference (a zero gate alone would give 0 * inf = NaN in every expert)."""
+    g = torch.Generator().manual_seed(0)
+    n, e, h, r = 40, 8, 16, 16
+    x = torch.randn(n, h, generator=g)
+    idx = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(n)])
+    idx[0] = torch.tensor([0, 1])
+    idx[1:][(idx[1:] == 0) | (idx[1:] == 1)] = 5  # only token 0 uses experts 0 and 1 ...
+    idx[1:, 1] = torch.where(idx[1:, 0] == idx[1:, 1], 6, idx[1:, 1])  # ... and choices stay distinct
+    gates = torch.full((n, 2), 0.5)
+    grads = {}
+    for path in ("loop", "padded"):
+        down = (torch.randn(e, r, h, generator=torch.Generator().manual_seed(1)) / 4).requires_grad_(True)
+        up = (torch.randn(e, h, r, generator=torch.Generator().manual_seed(2)) / 4).requires_grad_(True)
+        out = ex.dispatch(x, gates, idx, down, up, "gelu", 1.0, path)
+        weight = torch.ones_like(out)
+        weight[0, 0] = float("inf")
+        (out * weight).sum().backward()
+        grads[path] = (down.grad.isfinite().flatten(1).all(1), up.grad.isfinite().flatten(1).all(1))
+    assert torch.equal(grads["padded"][0], grads["loop"][0]) and torch.equal(grads["padded"][1], grads["loop"][1])
+    assert grads["padded"][0][2:].all() and not grads["padded"][0][:2].all()
 
 
 def test_padding_pays_bounds_the_rows():

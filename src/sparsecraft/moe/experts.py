@@ -11,8 +11,8 @@ for `x: [N, h]`, `gates, idx: [N, k]`, `W_down: [E, r, h]`, `W_up: [E, h, r]`:
   per-token mask in between. No gather/scatter; wasteful once `E/k` or `E*r` is large.
 - `grouped`: (token, slot) pairs sorted by expert, one `torch._grouped_mm` per projection; k/E of the dense
   FLOPs. Falls back to `sorted` where `_grouped_mm` is unavailable for the device/dtype.
-- `padded`: each expert's pairs in a block of C rows (the busiest expert's count), both projections and their
-  gradients one `torch.bmm` each (`padded.py`); C*E rows instead of N*k, never more than the dense path's.
+- `padded`: each expert's pairs in a block of C rows (the busiest expert's count, rounded up to 16), both
+  projections and their gradients one `torch.bmm` each (`padded.py`); C*E rows instead of N*k.
 - `sorted`: the same sorted layout with a per-expert loop over contiguous slices (fallback only).
 
 `dispatch(path="auto")` times the candidate paths once per call shape and keeps the fastest (`moe/probe.py`);
@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS, activation_fn
+from .adapter_weights import AdapterExperts  # noqa: F401  (importable from here as before the move)
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
 from .padded import padded_adapters, padded_rows, padding_pays
 from .probe import PROBE, token_bucket
@@ -83,8 +84,8 @@ def path_by_shape(dispatch: str, num_tokens: int, num_experts: int, top_k: int, 
 def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int,
                     activation: str = "gelu") -> list[str]:
     """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for
-    `grouped` where `torch._grouped_mm` cannot run; `padded` joins from 2E routed pairs up, where its blocks
-    fill; `triton` joins on CUDA with Triton installed)."""
+    `grouped` where `torch._grouped_mm` cannot run; `padded` joins on the CPU above 2E routed pairs, where its
+    blocks fill; `triton` joins on CUDA with Triton installed)."""
     pairs = num_tokens * top_k
     grouped = "grouped" if grouped_mm_available(x, pairs, adapter_dim) else "sorted"
     kernel = ["triton"] if x.device.type == "cuda" and triton_available(x, activation) else []
@@ -92,7 +93,8 @@ def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: i
         return ["gathered", "dense"]
     if pairs <= 2 * num_experts:
         return ["gathered", "dense", grouped, *kernel]
-    return ["dense", grouped, "padded", *kernel]
+    padded = ["padded"] if x.device.type == "cpu" else []  # on CUDA it costs a sync per call, never measured there
+    return ["dense", grouped, *padded, *kernel]
 
 
 def _probe_key(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int, dtype: torch.dtype,
@@ -122,20 +124,27 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
     candidates = candidate_paths(x, num_tokens, num_experts, top_k, adapter_dim, activation)
     inputs: list[tuple] = []
     inference = torch.is_inference_mode_enabled()  # per thread: the probe's thread takes the caller's
-    redraw = torch.Generator().manual_seed(1)
+    routing = indices.detach().clone()  # copied here, in the caller's thread (and CUDA stream)
+    calls: dict[str, int] = {}
 
     def run(path: str) -> None:
-        if not inputs:  # built once per probe, from a private generator (the global RNG is not touched)
+        if not inputs:  # built once per probe, from private generators (the global RNG is not touched)
             inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
-                                          training, routing=indices))
-        xs, gates, idx, d, u = inputs[0]
-        idx = redraw_some_tokens(idx, num_experts, redraw)  # every timed call a routing of its own, as in training
+                                          training, routing=routing))
+            redraw = torch.Generator().manual_seed(1)  # every timed call a routing of its own, as in training
+            inputs.append([redraw_some_tokens(routing, num_experts, redraw) for _ in range(_ROUTINGS)])
+        (xs, gates, _, d, u), routings = inputs
+        calls[path] = calls.get(path, -1) + 1  # each path goes through the same routings, in the same order
+        idx = routings[calls[path] % _ROUTINGS]
         with autocast_off(xs), torch.set_grad_enabled(training), torch.inference_mode(inference):
             out = _PATHS[path](xs, gates, idx, d, u, activation_fn(activation))
             if training:
                 torch.autograd.grad(out.float().sum(), (xs, d, u))
 
     return PROBE.choose(key, candidates, run, x.device)
+
+
+_ROUTINGS = 32  # routings prepared per probe (drawn before timing); a probe times at most 26 calls per path
 
 
 def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, device: torch.device,
@@ -337,10 +346,10 @@ def _grouped(x, gates, indices, down, up, act):
 def _padded(x, gates, indices, down, up, act):
     """Batched matmuls over per-expert blocks of padded rows (`padded.py`); routing too uneven for the padding
     to pay goes to the grouped kernel."""
-    rows, source, capacity = padded_rows(indices, down.shape[0])
-    if not padding_pays(capacity, down.shape[0], indices.numel()):
+    layout = padded_rows(indices, down.shape[0])
+    if not padding_pays(layout.capacity, down.shape[0], indices.numel()):
         return _grouped(x, gates, indices, down, up, act)
-    return padded_adapters(x, gates, rows, source, down, up, act)
+    return padded_adapters(x, gates, layout, down, up, act)
 
 
 def _sorted(x, gates, indices, down, up, act):

@@ -9,8 +9,9 @@ backward as the call will be, and every later call of the shape reuses the winne
 - The key is (token bucket, E, k, r, h, dtype, device, training); token counts are bucketed to powers of two
   so that batches of varying length share a probe.
 - Synthetic values come from a private generator: probing never moves the global random stream, so a
-  seeded run stays reproducible whichever path wins. The expert choices are the call's own: a real router's
-  are uneven, which decides how the paths that group tokens by expert fare.
+  seeded run stays reproducible whichever path wins. The expert choices are the call's own with an eighth of the
+  tokens drawn again for each timed call: a real router's are uneven, which decides how the paths that group
+  tokens by expert fare, and they change from batch to batch, which decides what oneDNN's per-shape kernels cost.
 - The timing runs in a short-lived thread of its own. Autograd's grad mode, autocast and saved-tensor hooks are
   per thread, so the probe neither sees nor disturbs the caller's: activation checkpointing, which counts the
   tensors a forward saves and replays it later (when the cache answers), is not thrown off.
