@@ -8,9 +8,9 @@ drawn as `sparsecraft.moe.dropout` draws it or by torch's own `F.dropout`.
 Builds the recipe once per variant: `dense`, `pesc` with the adapters computing in the base's compute dtype
 (what `sparsecraft train` does: bf16 under `precision: auto` on bf16 CPUs), `pesc-fp32-adapters` with them forced
 back to fp32, and `dense-` / `pesc-torch-dropout` with torch's dropout put back (peft's LoRA dropout modules and
-PESC's adapter dropout), and `pesc-grouped` / `pesc-masked-dense` / `pesc-padded` with the dispatch path pinned instead of
-probed. The experts' up-projections get small random values (they start at zero, which would
-hide nothing but is not a trained model's state). After one warm-up step each, every round times forward +
+PESC's adapter dropout), and `pesc-grouped` / `pesc-masked-dense` / `pesc-padded` with the dispatch path pinned
+instead of probed. The experts' up-projections get small random values (they start at zero, which would hide
+nothing but is not a trained model's state). After one warm-up step each, every round times forward +
 backward + AdamW on one fixed batch `[batch_size, seq_len]` for every variant in turn (`bench.timing.round_robin`).
 AdamW is fused, as in training. Prints median seconds per step and each variant's ratio to the first, with the
 CPU's bf16 flags.

@@ -39,6 +39,20 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def activation_with_vjp(act: Callable[[torch.Tensor], torch.Tensor], pre: torch.Tensor
+                         ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """`act(pre)` (detached) and its vector-Jacobian product `d act -> d pre`, for the custom backwards that save
+    only the pre-activation: the activation is recomputed once under autograd, whatever it is."""
+    with torch.enable_grad():
+        pre_ = pre.detach().requires_grad_(True)
+        activated = act(pre_)
+
+    def vjp(grad: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(activated, pre_, grad)[0]
+
+    return activated.detach(), vjp
+
+
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation called `name` (one of `ACTIVATIONS`)."""
     return ACTIVATIONS[name]

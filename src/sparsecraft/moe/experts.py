@@ -130,8 +130,10 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
     def run(path: str) -> None:
         if not inputs:  # built once per probe, from private generators (the global RNG is not touched)
             inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
-                                          training, routing=routing))
-            redraw = torch.Generator().manual_seed(1)  # every timed call a routing of its own, as in training
+                                          training))
+            # the call's own expert choices (a real router's are uneven: at a fresh craft of SmolLM2 the busiest
+            # expert takes 2-4x its share), an eighth of them drawn again for every timed call, as in training
+            redraw = torch.Generator().manual_seed(1)
             inputs.append([redraw_some_tokens(routing, num_experts, redraw) for _ in range(_ROUTINGS)])
         (xs, gates, _, d, u), routings = inputs
         calls[path] = calls.get(path, -1) + 1  # each path goes through the same routings, in the same order
@@ -148,15 +150,10 @@ _ROUTINGS = 32  # routings prepared per probe (drawn before timing); a probe tim
 
 
 def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, device: torch.device,
-                    training: bool, routing: torch.Tensor | None = None) -> tuple:
-    """Inputs for timing one call of this shape: random values, and the caller's own expert choices `routing`
-    `[n, k]` where given — a real router's are uneven (at a fresh craft of SmolLM2 the busiest expert takes 2-4x
-    its share), which decides how the grouped and padded paths fare; uniform random choices otherwise."""
+                    training: bool) -> tuple:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_(training)
     scores, idx = torch.randn(n, e, generator=gen).topk(k, dim=-1)
-    if routing is not None:
-        idx = routing.detach().clone()
     gates = scores.softmax(-1).to(device, dtype)
     d = (torch.randn(e, r, h, generator=gen) * 0.02).to(device, dtype).requires_grad_(training)
     u = (torch.randn(e, h, r, generator=gen) * 0.02).to(device, dtype)

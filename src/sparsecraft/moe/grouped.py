@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from .activations import activation_with_vjp
+
 
 def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the N*k (token, slot) pairs by expert.
@@ -95,10 +97,7 @@ class GroupedAdapters(torch.autograd.Function):
         num_tokens, k = x.shape[0], ctx.k
         token = torch.div(order, k, rounding_mode="floor")
         grad_ys = grad_out.contiguous().index_select(0, token)  # d out / d ys is a gather: [N*k, h]
-        with torch.enable_grad():
-            pre_ = pre.detach().requires_grad_(True)
-            activated = ctx.act(pre_)
-        act_value = activated.detach()
+        act_value, act_vjp = activation_with_vjp(ctx.act, pre)
         grad_x = grad_gates = grad_down = grad_up = None
         # through up: d(act*gate) = grad_ys @ up[e]  ([N*k, h] x [h, r])
         grad_ag = torch._grouped_mm(grad_ys, up, offs=offs)
@@ -108,7 +107,7 @@ class GroupedAdapters(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_gate_sorted = (grad_ag * act_value).sum(-1)  # [N*k]
             grad_gates = grad_gate_sorted.index_select(0, inverse).view(num_tokens, k)
-        (grad_pre,) = torch.autograd.grad(activated, pre_, grad_ag * gate)
+        grad_pre = act_vjp(grad_ag * gate)
         if ctx.needs_input_grad[3]:
             xs = x.index_select(0, token)  # recomputed rather than saved: a gather, cheap next to a matmul
             grad_down = weight_grad(grad_pre, xs, offs)  # [E, r, h]

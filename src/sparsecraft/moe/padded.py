@@ -26,6 +26,9 @@ from typing import NamedTuple
 
 import torch
 
+from .activations import activation_with_vjp
+from .grouped import sort_pairs, unsort_sum
+
 ROW_MULTIPLE = 16  # AMX / tensor-core tiles take 16 rows
 MAX_PADDING = 2.0  # padded rows allowed per routed pair before the call goes to the grouped kernel
 
@@ -47,12 +50,14 @@ def padded_rows(indices: torch.Tensor, num_experts: int) -> PaddedLayout:
     """The padded layout of the (token, slot) pairs of `indices [N, k]` (expert indices, distinct per row)."""
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1).long()
-    one_hot = torch.nn.functional.one_hot(flat, num_experts)  # [N*k, E]
-    running = one_hot.cumsum(0)  # pairs of each expert so far, in token order
-    counts = running[-1] if flat.numel() else one_hot.sum(0)
+    order, _, offs = sort_pairs(flat.view(num_tokens, top_k), num_experts)  # pairs by expert, token order kept
+    ends = offs.long()
+    counts = ends.diff(prepend=ends.new_zeros(1))
     capacity = -(-int(counts.max()) // ROW_MULTIPLE) * ROW_MULTIPLE if flat.numel() else 0
-    rank = running.gather(1, flat.unsqueeze(1)).squeeze(1) - 1
-    rows = flat * capacity + rank
+    expert = flat.index_select(0, order)
+    rank = torch.arange(flat.numel(), device=flat.device) - (ends - counts).index_select(0, expert)
+    rows = torch.empty_like(flat)
+    rows[order] = expert * capacity + rank
     source = torch.zeros(num_experts * capacity, dtype=torch.long, device=flat.device)
     source[rows] = torch.arange(num_tokens, device=flat.device).repeat_interleave(top_k)
     used = torch.zeros(num_experts * capacity, dtype=torch.bool, device=flat.device)
@@ -68,11 +73,8 @@ def gather_rows(values: torch.Tensor, layout: PaddedLayout, num_experts: int) ->
 
 
 def gather_sum(padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`[E * C, d]` -> `[N, d]`: the sum over each token's k rows (one gather per slot, added in place)."""
-    out = padded.index_select(0, rows[:, 0])
-    for j in range(1, rows.shape[1]):
-        out.add_(padded.index_select(0, rows[:, j]))
-    return out
+    """`[E * C, d]` -> `[N, d]`: the sum over each token's k rows (`grouped.unsort_sum` with the padded rows)."""
+    return unsort_sum(padded, rows.reshape(-1), *rows.shape)
 
 
 class PaddedAdapters(torch.autograd.Function):
@@ -104,10 +106,7 @@ class PaddedAdapters(torch.autograd.Function):
         total = source.numel()
         layout = PaddedLayout(rows, source, spare, total // num_experts)
         grad_ys = gather_rows(grad_out.contiguous(), layout, num_experts)  # [E, C, h]
-        with torch.enable_grad():
-            pre_ = pre.detach().requires_grad_(True)
-            activated = ctx.act(pre_)
-        act_value = activated.detach()
+        act_value, act_vjp = activation_with_vjp(ctx.act, pre)
         grad_x = grad_gates = grad_down = grad_up = None
         grad_ag = torch.bmm(grad_ys, up)  # d(act * gate): [E, C, h] x [E, h, r]
         if ctx.needs_input_grad[6]:
@@ -115,7 +114,7 @@ class PaddedAdapters(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_gate_rows = (grad_ag * act_value).sum(-1).reshape(total)
             grad_gates = grad_gate_rows.index_select(0, rows.reshape(-1)).view(rows.shape)
-        (grad_pre,) = torch.autograd.grad(activated, pre_, grad_ag * gate)
+        grad_pre = act_vjp(grad_ag * gate)
         if ctx.needs_input_grad[5]:
             grad_down = torch.bmm(grad_pre.transpose(1, 2), gather_rows(x, layout, num_experts))  # [E, r, h]
         if ctx.needs_input_grad[0]:

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .activations import activation_with_vjp
 from .grouped import sort_pairs, weight_grad
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 32
@@ -159,14 +160,11 @@ class TritonAdapters(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         # d(gate * act) = grad_ys @ up[e]: the output gradient gathered by token inside the kernel; up[e]^T as W
         grad_ag = grouped_rows(grad_out, up.transpose(1, 2), table, rows, in_rows=token)  # [N*k, r]
-        with torch.enable_grad():
-            pre_ = pre.detach().requires_grad_(True)
-            activated = torch.nn.functional.gelu(pre_)
-        act_value = activated.detach()
+        act_value, act_vjp = activation_with_vjp(torch.nn.functional.gelu, pre)
         grad_x = grad_gates = grad_down = grad_up = None
         if ctx.needs_input_grad[1]:
             grad_gates = (grad_ag * act_value).sum(-1).index_select(0, inverse).view(num_tokens, k)
-        (grad_pre,) = torch.autograd.grad(activated, pre_, grad_ag * gate.unsqueeze(-1))
+        grad_pre = act_vjp(grad_ag * gate.unsqueeze(-1))
         if ctx.needs_input_grad[4]:
             grad_up = weight_grad(grad_out.index_select(0, token), act_value * gate.unsqueeze(-1), offs)
         if ctx.needs_input_grad[3]:
