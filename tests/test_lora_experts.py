@@ -334,3 +334,19 @@ def test_load_in_bf16_keeps_experts_fp32(based, tmp_path):
         want = based(ids_for()).logits
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - want).abs().max() < 0.1
+
+
+def test_bf16_grouped_takes_whole_tiles_and_equals_loop(monkeypatch):
+    """In bf16 on the CPU each expert's rows are padded to whole tiles (zero rows, zero gates): oneDNN then sees
+    repeating shapes, and the outputs and gradients are the loop's."""
+    model = lora_model(adapter_dim=8).to(torch.bfloat16)
+    seen = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm",
+                        lambda a, b, offs: seen.append(offs.tolist()) or real(a, b, offs=offs))
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ref_y, ref_gx, ref_g = block_run(model, "loop", x)
+    y, gx, g = block_run(model, "grouped", x)
+    assert seen and all(end % 16 == 0 for offs in seen for end in offs)
+    for got, want in [(y, ref_y), (gx, ref_gx)] + [(g[n], ref_g[n]) for n in ref_g]:
+        assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm() + 1e-6

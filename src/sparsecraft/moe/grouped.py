@@ -6,7 +6,13 @@ Compared with composing `index_select` / `_grouped_mm` / `index_add` under autog
   through the inverse permutation and a sum over the k slots (`index_add`'s CPU kernel is a slow scatter);
 - saves only the adapter input `x [N, h]` and the bottleneck pre-activation `[N*k, r]` for backward; the sorted
   copy of `x` (`[N*k, h]`) and the activation are recomputed, since they are cheap next to the matmuls;
-- applies the gate between the two projections (`[N*k, r]` multiplies instead of `[N*k, h]`).
+- applies the gate between the two projections (`[N*k, r]` multiplies instead of `[N*k, h]`);
+- in bf16 / fp16 on the CPU, starts every expert's group at a multiple of `ROW_MULTIPLE` rows, padded with zero
+  rows (`place_pairs`): oneDNN generates a kernel for every matmul shape it has not seen (2.7 ms against 66 us
+  for a known one), and a router's per-expert counts change with every batch, so exact-size groups paid that on
+  nearly every call (36.8 ms per layer, forward and backward, at the quickstart's shape with changing routing,
+  against 8.7 ms with groups of whole tiles; docs/benchmarks.md). fp32 runs MKL, which has no such cost, so its
+  groups stay exact.
 
 `experts._sorted` (a loop over expert slices under plain autograd) is the reference it is tested against.
 """
@@ -14,10 +20,13 @@ Compared with composing `index_select` / `_grouped_mm` / `index_add` under autog
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .activations import activation_with_vjp
+
+ROW_MULTIPLE = 16  # AMX / tensor-core tiles take 16 rows
 
 
 def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,6 +41,66 @@ def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     inverse[order] = torch.arange(order.numel(), device=order.device)
     offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0, dtype=torch.int32)
     return order, inverse, offs
+
+
+class PairLayout(NamedTuple):
+    """Where the N*k (token, slot) pairs sit in a `[R, .]` layout grouped by expert (R >= N*k).
+
+    rows `[N, k]`: pair `(n, j)`'s row; source `[R]`: the token each row reads (0 for a spare row); spare `[S]`:
+    the rows no pair uses (zeroed after every gather); offs `[E]` int32: where each expert's rows end.
+    """
+
+    rows: torch.Tensor
+    source: torch.Tensor
+    spare: torch.Tensor
+    offs: torch.Tensor
+
+
+def place_pairs(indices: torch.Tensor, num_experts: int, multiple: int = 1, uniform: bool = False) -> PairLayout:
+    """Lay out the (token, slot) pairs of `indices [N, k]` (expert indices, distinct per row) by expert, token
+    order kept within an expert.
+
+    Each expert's group holds its pair count rounded up to `multiple` rows, or with `uniform` the busiest
+    expert's count rounded up (equal blocks, `padded.py`). `multiple=1` without `uniform` is the exact layout:
+    no spare rows and no data-dependent sizes (it traces under torch.compile).
+    """
+    num_tokens, top_k = indices.shape
+    flat = indices.reshape(-1).long()
+    order, inverse, offs = sort_pairs(flat.view(num_tokens, top_k), num_experts)
+    if multiple == 1 and not uniform:
+        return PairLayout(inverse.view(num_tokens, top_k), torch.div(order, top_k, rounding_mode="floor"),
+                          flat.new_empty(0), offs)
+    ends = offs.long()
+    counts = ends.diff(prepend=ends.new_zeros(1))
+    if uniform:
+        busiest = int(counts.max()) if flat.numel() else 0
+        sizes = torch.full_like(counts, -(-busiest // multiple) * multiple)
+    else:
+        sizes = torch.div(counts + multiple - 1, multiple, rounding_mode="floor") * multiple
+    row_ends = sizes.cumsum(0)
+    shift = (row_ends - sizes) - (ends - counts)  # where an expert's rows start, less where its pairs start
+    rows = inverse + shift.index_select(0, flat)
+    total = int(row_ends[-1]) if num_experts else 0
+    source = flat.new_zeros(total).index_put_((rows,), torch.arange(num_tokens, device=flat.device)
+                                               .repeat_interleave(top_k))
+    used = torch.zeros(total, dtype=torch.bool, device=flat.device).index_fill_(0, rows, True)
+    spare = (~used).nonzero().squeeze(1)
+    return PairLayout(rows.view(num_tokens, top_k), source, spare, row_ends.to(torch.int32))
+
+
+def row_multiple(dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per group step for matmuls in `dtype` on `device`: whole tiles where oneDNN builds a kernel per shape
+    (bf16 / fp16 on the CPU), exact counts elsewhere and under torch.compile (whose graphs want sizes that do not
+    depend on the routing)."""
+    if torch.compiler.is_compiling():
+        return 1
+    return ROW_MULTIPLE if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def gather_rows(values: torch.Tensor, source: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """`[N, d]` -> `[R, d]`: each row's token's values, spare rows zero."""
+    out = values.index_select(0, source)
+    return out.index_fill_(0, spare, 0) if spare.numel() else out
 
 
 def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
@@ -74,51 +143,51 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 class GroupedAdapters(torch.autograd.Function):
     """`out[n] = sum_j gates[n, j] * up[e] @ act(down[e] @ x[n])`, e = indices[n, j], for all n at once.
 
-    Shapes: x `[N, h]`, gates `[N, k]` (scaling already folded in), indices `[N, k]` int64, down `[E, r, h]`,
-    up `[E, h, r]`; returns `[N, h]`. Gradients for x, gates, down and up.
+    Shapes: x `[N, h]`, gates `[N, k]` (scaling already folded in, x's dtype), rows `[N, k]`, source `[R]`,
+    spare `[S]` and offs `[E]` (a `PairLayout`), down `[E, r, h]`, up `[E, h, r]`; returns `[N, h]`. Gradients
+    for x, gates, down and up. Spare rows read zeros and have a zero gate, so they add nothing anywhere.
     """
 
     @staticmethod
-    def forward(ctx, x, gates, indices, down, up, act: Callable):
-        num_tokens, k = indices.shape
-        order, inverse, offs = sort_pairs(indices, down.shape[0])
-        token = torch.div(order, k, rounding_mode="floor")
-        gate = gates.reshape(-1).index_select(0, order).unsqueeze(-1)  # [N*k, 1]
-        xs = x.index_select(0, token)
-        pre = torch._grouped_mm(xs, down.transpose(1, 2), offs=offs)  # [N*k, r]
-        ys = torch._grouped_mm(act(pre) * gate, up.transpose(1, 2), offs=offs)  # [N*k, h]
-        ctx.save_for_backward(x, pre, gate, order, inverse, offs, down, up)
-        ctx.act, ctx.k = act, k
-        return unsort_sum(ys, inverse, num_tokens, k)
+    def forward(ctx, x, gates, rows, source, spare, offs, down, up, act: Callable):
+        num_tokens, k = rows.shape
+        flat_rows = rows.reshape(-1)
+        gate = x.new_zeros(source.numel()).index_put_((flat_rows,), gates.reshape(-1)).unsqueeze(-1)  # [R, 1]
+        xs = gather_rows(x, source, spare)
+        pre = torch._grouped_mm(xs, down.transpose(1, 2), offs=offs)  # [R, r]
+        ys = torch._grouped_mm(act(pre) * gate, up.transpose(1, 2), offs=offs)  # [R, h]
+        ctx.save_for_backward(x, rows, source, spare, offs, pre, gate, down, up)
+        ctx.act = act
+        return unsort_sum(ys, flat_rows, num_tokens, k)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, pre, gate, order, inverse, offs, down, up = ctx.saved_tensors
-        num_tokens, k = x.shape[0], ctx.k
-        token = torch.div(order, k, rounding_mode="floor")
-        grad_ys = grad_out.contiguous().index_select(0, token)  # d out / d ys is a gather: [N*k, h]
+        x, rows, source, spare, offs, pre, gate, down, up = ctx.saved_tensors
+        num_tokens, k = rows.shape
+        grad_ys = gather_rows(grad_out.contiguous(), source, spare)  # d out / d ys is a gather: [R, h]
         act_value, act_vjp = activation_with_vjp(ctx.act, pre)
         grad_x = grad_gates = grad_down = grad_up = None
-        # through up: d(act*gate) = grad_ys @ up[e]  ([N*k, h] x [h, r])
+        # through up: d(act*gate) = grad_ys @ up[e]  ([R, h] x [h, r])
         grad_ag = torch._grouped_mm(grad_ys, up, offs=offs)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[7]:
             # up[e] grad = grad_ys_e^T @ (act*gate)_e  -> [E, h, r]
             grad_up = weight_grad(grad_ys, act_value * gate, offs)
         if ctx.needs_input_grad[1]:
-            grad_gate_sorted = (grad_ag * act_value).sum(-1)  # [N*k]
-            grad_gates = grad_gate_sorted.index_select(0, inverse).view(num_tokens, k)
+            grad_gate_rows = (grad_ag * act_value).sum(-1)  # [R]
+            grad_gates = grad_gate_rows.index_select(0, rows.reshape(-1)).view(num_tokens, k)
         grad_pre = act_vjp(grad_ag * gate)
-        if ctx.needs_input_grad[3]:
-            xs = x.index_select(0, token)  # recomputed rather than saved: a gather, cheap next to a matmul
+        if ctx.needs_input_grad[6]:
+            xs = gather_rows(x, source, spare)  # recomputed rather than saved: a gather, cheap next to a matmul
             grad_down = weight_grad(grad_pre, xs, offs)  # [E, r, h]
         if ctx.needs_input_grad[0]:
-            grad_xs = torch._grouped_mm(grad_pre, down, offs=offs)  # [N*k, r] x [r, h]
-            grad_x = unsort_sum(grad_xs, inverse, num_tokens, k)
-        return grad_x, grad_gates, None, grad_down, grad_up, None
+            grad_xs = torch._grouped_mm(grad_pre, down, offs=offs)  # [R, r] x [r, h]
+            grad_x = unsort_sum(grad_xs, rows.reshape(-1), num_tokens, k)
+        return grad_x, grad_gates, None, None, None, None, grad_down, grad_up, None
 
 
 def grouped_adapters(
     x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: torch.Tensor, act: Callable
 ) -> torch.Tensor:
-    """Functional entry point of `GroupedAdapters` (see its docstring for shapes)."""
-    return GroupedAdapters.apply(x, gates, indices, down.contiguous(), up.contiguous(), act)
+    """Functional entry point of `GroupedAdapters` (see its docstring for shapes; `indices [N, k]`)."""
+    layout = place_pairs(indices, down.shape[0], row_multiple(x.dtype, x.device))
+    return GroupedAdapters.apply(x, gates.to(x.dtype), *layout, down.contiguous(), up.contiguous(), act)

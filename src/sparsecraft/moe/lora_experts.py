@@ -13,7 +13,8 @@ whose forward is `self.moe(x, self)`. New keys:
 `...mlp.moe.experts.B.{proj} [E, out, r]` (all under `.moe.`, so NF4 quantisation and peft LoRA leave
 them alone and they stay fp32 and trainable).
 
-Compute per layer, N tokens, P = N*k (token, slot) pairs sorted by expert (`grouped.sort_pairs`):
+Compute per layer, N tokens, P = N*k (token, slot) pairs sorted by expert (`grouped.place_pairs`; in bf16 on the
+CPU each expert's group padded to whole tiles with zero rows, P a little over N*k):
 
 - gate/up base projections once for the N tokens, gathered to the P pairs;
 - their LoRA terms via `torch._grouped_mm` on the sorted pairs (`[P, in] x A_e^T -> [P, r] x B_e^T`);
@@ -34,7 +35,7 @@ from torch import nn
 from .dropout import LaneDropout
 from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available
 from .gated import GatedLayout
-from .grouped import sort_pairs, unsort_sum
+from .grouped import gather_rows, place_pairs, row_multiple, unsort_sum
 from .layers import RoutedBlock, RouterSite, switched_class
 
 
@@ -135,16 +136,16 @@ class LoraExpertsMoE(RoutedBlock):
     def _lora_dtype(self, activations: torch.Tensor) -> torch.dtype:
         return expert_compute_dtype(activations, self.experts.dtype)
 
-    def _lora(self, proj: str, v: torch.Tensor, offs: torch.Tensor, counts: list[int] | None,
+    def _lora(self, proj: str, v: torch.Tensor, offs: torch.Tensor,
               gate: torch.Tensor | None, grouped: bool) -> torch.Tensor:
         """`s * B_e A_e v` for sorted rows `v: [P, in]` (expert e's rows end at `offs[e]`) -> `[P, out]`.
 
         `gate [P, 1]` (optional) multiplies the rank-r intermediate: by linearity the same as gating the output,
         `out/r` times fewer multiplications."""
         with autocast_off(v):
-            return self._lora_terms(proj, v, offs, counts, gate, grouped)
+            return self._lora_terms(proj, v, offs, gate, grouped)
 
-    def _lora_terms(self, proj: str, v: torch.Tensor, offs: torch.Tensor, counts: list[int] | None,
+    def _lora_terms(self, proj: str, v: torch.Tensor, offs: torch.Tensor,
                     gate: torch.Tensor | None, grouped: bool) -> torch.Tensor:
         a = self.experts.A[proj].to(v.dtype)
         b = self.experts.B[proj].to(v.dtype)
@@ -154,8 +155,8 @@ class LoraExpertsMoE(RoutedBlock):
             t = ContiguousGrad.apply(torch._grouped_mm(v, a.transpose(1, 2), offs=offs))
             t = t * (self.scaling if gate is None else gate * self.scaling)
             return ContiguousGrad.apply(torch._grouped_mm(t, b.transpose(1, 2), offs=offs))
-        if counts is None:  # fallback where `_grouped_mm` cannot run: a loop over the experts' contiguous slices
-            counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+        # fallback where `_grouped_mm` cannot run: a loop over the experts' contiguous slices
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
         scale = v.new_full((rows, 1), self.scaling) if gate is None else gate * self.scaling
         pieces = [
             F.linear(F.linear(ve, ae) * se, be)
@@ -168,19 +169,20 @@ class LoraExpertsMoE(RoutedBlock):
         """Grouped (or sliced-loop) form; `x: [N, h]`, `gates, indices: [N, k]` -> `[N, h]`."""
         lay, targets = self.layout, self.experts.A
         num_tokens, k = indices.shape
-        order, inverse, offs = sort_pairs(indices, self.config.num_experts)
-        counts = None if grouped else torch.bincount(indices.reshape(-1), minlength=self.config.num_experts).tolist()
-        token = torch.div(order, k, rounding_mode="floor")
         dtype = self._lora_dtype(x)
-        gate = gates.reshape(-1).index_select(0, order).unsqueeze(-1)  # [P, 1], router dtype
+        # grouped matmuls in bf16 on the CPU get groups of whole tiles (grouped.row_multiple); spare rows read zeros
+        multiple = row_multiple(dtype, x.device) if grouped else 1
+        rows, source, spare, offs = place_pairs(indices, self.config.num_experts, multiple)
+        rows = rows.reshape(-1)
+        gate = gates.new_zeros(source.numel()).index_put_((rows,), gates.reshape(-1)).unsqueeze(-1)  # [P, 1]
         # dropout once per token on the LoRA input, shared by its k experts (as PESC does)
-        lora_in = self.dropout(x.to(dtype)).index_select(0, token) if any(
+        lora_in = gather_rows(self.dropout(x.to(dtype)), source, spare) if any(
             p in targets for p in lay.projections[:-1]) else None
 
         def project(name: str) -> torch.Tensor:
-            y = getattr(mlp, name)(x).index_select(0, token)  # base once per token, gathered to the pairs
+            y = gather_rows(getattr(mlp, name)(x), source, spare)  # base once per token, gathered to the pairs
             if name in targets:
-                y = y + self._lora(name, lora_in, offs, counts, None, grouped).to(y.dtype)
+                y = y + self._lora(name, lora_in, offs, None, grouped).to(y.dtype)
             return y
 
         act = getattr(mlp, lay.act)
@@ -190,7 +192,7 @@ class LoraExpertsMoE(RoutedBlock):
             g, u = project(lay.gate), project(lay.up)
         a = act(g) * u  # [P, i]
         # down is linear: sum_j g_j W a_j = W (sum_j g_j a_j), so the base matmul runs on N rows, not N*k
-        mixed = unsort_sum(a * gate.to(a.dtype), inverse, num_tokens, k)
+        mixed = unsort_sum(a * gate.to(a.dtype), rows, num_tokens, k)
         down = getattr(mlp, lay.down)
         out = down(mixed)
         bias = getattr(down, "bias", None)
@@ -198,8 +200,8 @@ class LoraExpertsMoE(RoutedBlock):
             # each expert adds the bias once, weighted by its gate: (sum_j g_j) b, of which down() added one b
             out = out + (gates.sum(-1, keepdim=True) - 1).to(out.dtype) * bias.to(out.dtype)
         if lay.down in targets:
-            delta = self._lora(lay.down, self.dropout(a.to(dtype)), offs, counts, gate.to(dtype), grouped)
-            out = out + unsort_sum(delta, inverse, num_tokens, k).to(out.dtype)
+            delta = self._lora(lay.down, self.dropout(a.to(dtype)), offs, gate.to(dtype), grouped)
+            out = out + unsort_sum(delta, rows, num_tokens, k).to(out.dtype)
         return out
 
     def _loop(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, mlp: nn.Module) -> torch.Tensor:

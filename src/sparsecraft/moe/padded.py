@@ -27,9 +27,8 @@ from typing import NamedTuple
 import torch
 
 from .activations import activation_with_vjp
-from .grouped import sort_pairs, unsort_sum
+from .grouped import ROW_MULTIPLE, gather_rows, place_pairs, unsort_sum
 
-ROW_MULTIPLE = 16  # AMX / tensor-core tiles take 16 rows
 MAX_PADDING = 2.0  # padded rows allowed per routed pair before the call goes to the grouped kernel
 
 
@@ -48,27 +47,13 @@ class PaddedLayout(NamedTuple):
 
 def padded_rows(indices: torch.Tensor, num_experts: int) -> PaddedLayout:
     """The padded layout of the (token, slot) pairs of `indices [N, k]` (expert indices, distinct per row)."""
-    num_tokens, top_k = indices.shape
-    flat = indices.reshape(-1).long()
-    order, _, offs = sort_pairs(flat.view(num_tokens, top_k), num_experts)  # pairs by expert, token order kept
-    ends = offs.long()
-    counts = ends.diff(prepend=ends.new_zeros(1))
-    capacity = -(-int(counts.max()) // ROW_MULTIPLE) * ROW_MULTIPLE if flat.numel() else 0
-    expert = flat.index_select(0, order)
-    rank = torch.arange(flat.numel(), device=flat.device) - (ends - counts).index_select(0, expert)
-    rows = torch.empty_like(flat)
-    rows[order] = expert * capacity + rank
-    source = torch.zeros(num_experts * capacity, dtype=torch.long, device=flat.device)
-    source[rows] = torch.arange(num_tokens, device=flat.device).repeat_interleave(top_k)
-    used = torch.zeros(num_experts * capacity, dtype=torch.bool, device=flat.device)
-    used[rows] = True
-    spare = (~used).nonzero().squeeze(1)
-    return PaddedLayout(rows.view(num_tokens, top_k), source, spare, capacity)
+    rows, source, spare, _ = place_pairs(indices, num_experts, ROW_MULTIPLE, uniform=True)
+    return PaddedLayout(rows, source, spare, source.numel() // num_experts if num_experts else 0)
 
 
-def gather_rows(values: torch.Tensor, layout: PaddedLayout, num_experts: int) -> torch.Tensor:
+def gather_blocks(values: torch.Tensor, layout: PaddedLayout, num_experts: int) -> torch.Tensor:
     """`[N, d]` -> `[E, C, d]`: each row's token's values, spare rows zero."""
-    out = values.index_select(0, layout.source).index_fill_(0, layout.spare, 0)
+    out = gather_rows(values, layout.source, layout.spare)
     return out.view(num_experts, layout.capacity, values.shape[-1])
 
 
@@ -90,7 +75,7 @@ class PaddedAdapters(torch.autograd.Function):
         num_experts, adapter_dim, hidden = down.shape
         total = source.numel()
         layout = PaddedLayout(rows, source, spare, total // num_experts)
-        xp = gather_rows(x, layout, num_experts)
+        xp = gather_blocks(x, layout, num_experts)
         gate = x.new_zeros(total).index_put_((rows.reshape(-1),), gates.reshape(-1))
         gate = gate.view(num_experts, layout.capacity, 1)
         pre = torch.bmm(xp, down.transpose(1, 2))  # [E, C, r]
@@ -105,7 +90,7 @@ class PaddedAdapters(torch.autograd.Function):
         num_experts, adapter_dim, hidden = down.shape
         total = source.numel()
         layout = PaddedLayout(rows, source, spare, total // num_experts)
-        grad_ys = gather_rows(grad_out.contiguous(), layout, num_experts)  # [E, C, h]
+        grad_ys = gather_blocks(grad_out.contiguous(), layout, num_experts)  # [E, C, h]
         act_value, act_vjp = activation_with_vjp(ctx.act, pre)
         grad_x = grad_gates = grad_down = grad_up = None
         grad_ag = torch.bmm(grad_ys, up)  # d(act * gate): [E, C, h] x [E, h, r]
@@ -116,7 +101,7 @@ class PaddedAdapters(torch.autograd.Function):
             grad_gates = grad_gate_rows.index_select(0, rows.reshape(-1)).view(rows.shape)
         grad_pre = act_vjp(grad_ag * gate)
         if ctx.needs_input_grad[5]:
-            grad_down = torch.bmm(grad_pre.transpose(1, 2), gather_rows(x, layout, num_experts))  # [E, r, h]
+            grad_down = torch.bmm(grad_pre.transpose(1, 2), gather_blocks(x, layout, num_experts))  # [E, r, h]
         if ctx.needs_input_grad[0]:
             grad_xp = torch.bmm(grad_pre, down)  # [E, C, r] x [E, r, h]
             grad_x = gather_sum(grad_xp.view(total, hidden), rows)
