@@ -71,6 +71,9 @@ CASES = {
     "all_on_one": (7, 4, 1, lambda n: torch.full((n, 1), 2)),
     # the last expert only, leading groups empty
     "all_on_last": (33, 4, 1, lambda n: torch.full((n, 1), 3)),
+    # enough tokens for the training kernels (the masked-dense Function from 64 tokens)
+    "n96_e8_k2": (96, 8, 2, None),
+    "n70_k_equals_e": (70, 4, 4, None),
 }
 
 
@@ -276,3 +279,31 @@ def test_adapter_experts_init():
     assert not torch.equal(experts.down[0], experts.down[1])
     meta = AdapterExperts(2, 8, 4, device="meta")
     assert meta.down.is_meta
+
+
+def test_masked_dense_training_saves_one_activation_sized_tensor(monkeypatch):
+    """With a gradient the masked-dense path is one Function that keeps the pre-activation `[N, E*r]` (not also
+    the activation, the gated activation and the stacked `up`) and recomputes the rest in backward."""
+    from sparsecraft.moe import masked_dense
+
+    x, gates, idx, down, up = make_case(128, 8, 2, h=16, r=8)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gates, down, up)]
+    applied = []
+    real = masked_dense.MaskedDenseAdapters.apply
+    monkeypatch.setattr(masked_dense.MaskedDenseAdapters, "apply", lambda *a: applied.append(1) or real(*a))
+    saved = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = dispatch(leaves[0], leaves[1], idx, leaves[2], leaves[3], "gelu", 1.0, "dense")
+    assert applied
+    inputs = {t.data_ptr() for t in leaves} | {idx.data_ptr()}
+    activations = [t for p, t in saved.items() if p not in inputs and t.numel() >= 128 * 8 * 8]
+    assert len(activations) == 1 and activations[0].shape == (128, 64)
+    out.sum().backward()
+    with torch.no_grad():  # inference keeps the composite path (and its cached `up` layout)
+        dispatch(x, gates, idx, down, up, "gelu", 1.0, "dense")
+    assert len(applied) == 1

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .activations import ACTIVATIONS, activation_fn
 from .adapter_weights import AdapterExperts  # noqa: F401  (importable from here as before the move)
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
+from .masked_dense import masked_dense_adapters
 from .padded import padded_adapters, padded_rows, padding_pays
 from .probe import PROBE, token_bucket
 from .stacked import cached_stacked_up, stack_up
@@ -253,6 +254,9 @@ def _loop(x, gates, indices, down, up, act):
 
 def _dense(x, gates, indices, down, up, act):
     num_tokens = x.shape[0]
+    if (num_tokens >= _DENSE_BMM_TOKENS and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in (x, gates, down, up))):
+        return masked_dense_adapters(x, gates, indices, down, up, act)  # saves 1 of the 3 [N, E*r] tensors
     num_experts, adapter_dim, hidden = down.shape
     # gate_mask[n, e] = gate of expert e for token n (0 where not chosen)
     gate_mask = torch.zeros(num_tokens, num_experts, dtype=x.dtype, device=x.device)
