@@ -307,3 +307,14 @@ def test_masked_dense_training_saves_one_activation_sized_tensor(monkeypatch):
     with torch.no_grad():  # inference keeps the composite path (and its cached `up` layout)
         dispatch(x, gates, idx, down, up, "gelu", 1.0, "dense")
     assert len(applied) == 1
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped", "padded"])
+def test_second_derivatives_raise_rather_than_go_wrong(path):
+    """The training kernels' backwards are written for first derivatives only (`once_differentiable`)."""
+    x, gates, idx, down, up = make_case(96, 8, 2, h=16, r=8)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gates, down, up)]
+    out = dispatch(leaves[0], leaves[1], idx, leaves[2], leaves[3], "gelu", 1.0, path)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()

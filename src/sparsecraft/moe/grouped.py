@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .activations import activation_with_vjp
 
@@ -161,6 +162,7 @@ class GroupedAdapters(torch.autograd.Function):
         return unsort_sum(ys, flat_rows, num_tokens, k)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         x, rows, source, spare, offs, pre, gate, down, up = ctx.saved_tensors
         num_tokens, k = rows.shape

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .activations import activation_with_vjp
 from .stacked import stack_up
@@ -38,6 +39,7 @@ class MaskedDenseAdapters(torch.autograd.Function):
         return gated.view(num_tokens, num_experts * adapter_dim) @ stack_up(up)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         x, pre, mask, indices, down, up = ctx.saved_tensors
         num_tokens = x.shape[0]

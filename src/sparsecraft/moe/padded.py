@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .activations import activation_with_vjp
 from .grouped import ROW_MULTIPLE, gather_rows, place_pairs, unsort_sum
@@ -85,6 +86,7 @@ class PaddedAdapters(torch.autograd.Function):
         return gather_sum(ys.view(total, hidden), rows)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         x, rows, source, spare, pre, gate, down, up = ctx.saved_tensors
         num_experts, adapter_dim, hidden = down.shape

@@ -24,6 +24,7 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .activations import activation_with_vjp
 from .grouped import sort_pairs, weight_grad
@@ -154,6 +155,7 @@ class TritonAdapters(torch.autograd.Function):
         return ys.view(num_tokens, k, -1).sum(1)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a double backward raises instead of going wrong
     def backward(ctx, grad_out):
         x, pre, gate, order, inverse, offs, token, down, up, *table = ctx.saved_tensors
         num_tokens, k, rows = x.shape[0], ctx.k, order.numel()
