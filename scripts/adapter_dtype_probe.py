@@ -3,17 +3,19 @@ drawn as `sparsecraft.moe.dropout` draws it or by torch's own `F.dropout`.
 
     python scripts/adapter_dtype_probe.py configs/quickstart.yaml [--rounds 6] [--seq-len 256] [--out x.json]
         [--variants dense pesc pesc-fp32-adapters dense-torch-dropout pesc-torch-dropout pesc-grouped
-                    pesc-masked-dense pesc-padded] [--no-onednn]
+                    pesc-masked-dense pesc-padded pesc-grouped-exact pesc-masked-dense-composite] [--no-onednn]
 
-Builds the recipe once per variant: `dense`, `pesc` with the adapters computing in the base's compute dtype
-(what `sparsecraft train` does: bf16 under `precision: auto` on bf16 CPUs), `pesc-fp32-adapters` with them forced
-back to fp32, and `dense-` / `pesc-torch-dropout` with torch's dropout put back (peft's LoRA dropout modules and
-PESC's adapter dropout), and `pesc-grouped` / `pesc-masked-dense` / `pesc-padded` with the dispatch path pinned
-instead of probed. The experts' up-projections get small random values (they start at zero, which would hide
-nothing but is not a trained model's state). After one warm-up step each, every round times forward +
-backward + AdamW on one fixed batch `[batch_size, seq_len]` for every variant in turn (`bench.timing.round_robin`).
-AdamW is fused, as in training. Prints median seconds per step and each variant's ratio to the first, with the
-CPU's bf16 flags.
+Builds the recipe once per variant: `dense`, `pesc` with the adapters computing in the base's compute dtype (what
+`sparsecraft train` does: bf16 under `precision: auto` on bf16 CPUs), `pesc-fp32-adapters` with them forced back to
+fp32, and `dense-` / `pesc-torch-dropout` with torch's dropout put back (peft's LoRA dropout modules and PESC's
+adapter dropout), and `pesc-grouped` / `pesc-masked-dense` / `pesc-padded` with the dispatch path pinned instead of
+probed; `pesc-grouped-exact` (groups of exact row counts, not whole tiles, in bf16) and `pesc-masked-dense-composite`
+(the masked-dense path from torch ops under autograd, not the Function) put the earlier kernels back for
+their own steps only. The experts' up-projections get small random values (they start at zero, which would hide
+nothing but is not a trained model's state). After one warm-up step each, every round times forward + backward +
+AdamW on one fixed batch `[batch_size, seq_len]` for every variant in turn (`bench.timing.round_robin`). AdamW is
+fused, as in training. Prints median seconds per step and each variant's ratio to the first, with the CPU's bf16
+flags.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsecraft.moe.experts as experts
+import sparsecraft.moe.grouped as grouped
 import sparsecraft.moe.layers as moe_layers
 from sparsecraft.bench.timing import Timed, round_robin
 from sparsecraft.hardware import cpu_summary
@@ -37,9 +41,15 @@ from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model, trainable_parameters
 
 VARIANTS = ("dense", "pesc", "pesc-fp32-adapters", "dense-torch-dropout", "pesc-torch-dropout", "pesc-grouped",
-            "pesc-masked-dense", "pesc-padded")
+            "pesc-masked-dense", "pesc-padded", "pesc-grouped-exact", "pesc-masked-dense-composite")
 # variants that pin PESC's dispatch path instead of letting the probe choose (`craft.dispatch`)
-DISPATCH = {"pesc-grouped": "grouped", "pesc-masked-dense": "dense", "pesc-padded": "padded"}
+DISPATCH = {"pesc-grouped": "grouped", "pesc-masked-dense": "dense", "pesc-padded": "padded",
+            "pesc-grouped-exact": "grouped", "pesc-masked-dense-composite": "dense"}
+# module attributes swapped for one variant's steps only (the earlier kernels, for same-process A/B)
+PATCHES = {
+    "pesc-grouped-exact": [(grouped, "row_multiple", lambda dtype, device: 1)],  # exact per-expert row counts
+    "pesc-masked-dense-composite": [(experts, "masked_dense_adapters", experts.masked_dense_composite)],
+}
 
 
 def main() -> None:
@@ -80,14 +90,21 @@ def main() -> None:
     batch = recipe.train.batch_size
     ids = torch.randint(0, built.inner.config.vocab_size, (batch, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    def step(model, optimizer, torch_drop: bool) -> None:
+    def step(model, optimizer, torch_drop: bool, patches: list) -> None:
         moe_layers.lane_dropout = F.dropout if torch_drop else lane_dropout
-        model(input_ids=ids, labels=ids).loss.backward()
+        originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+        for module, name, value in patches:
+            setattr(module, name, value)
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+        finally:
+            for module, name, value in originals:
+                setattr(module, name, value)
         optimizer.step()
 
     lane_dropout = moe_layers.lane_dropout
 
-    items = [Timed(variant, partial(step, *pair, variant.endswith("torch-dropout")),
+    items = [Timed(variant, partial(step, *pair, variant.endswith("torch-dropout"), PATCHES.get(variant, [])),
                    reset=partial(pair[1].zero_grad, set_to_none=True)) for variant, pair in models.items()]
     round_robin(items, args.rounds, warmup=1, sync=lambda: None, progress=False)
     times = {item.name: item.times_s for item in items}

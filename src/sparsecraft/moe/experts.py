@@ -253,10 +253,16 @@ def _loop(x, gates, indices, down, up, act):
 
 
 def _dense(x, gates, indices, down, up, act):
-    num_tokens = x.shape[0]
-    if (num_tokens >= _DENSE_BMM_TOKENS and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if (x.shape[0] >= _DENSE_BMM_TOKENS and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(t.requires_grad for t in (x, gates, down, up))):
         return masked_dense_adapters(x, gates, indices, down, up, act)  # saves 1 of the 3 [N, E*r] tensors
+    return masked_dense_composite(x, gates, indices, down, up, act)
+
+
+def masked_dense_composite(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, down: torch.Tensor,
+                           up: torch.Tensor, act) -> torch.Tensor:
+    """The masked-dense path from torch ops (inference, few tokens, tracing): `[N, h]` -> `[N, h]`."""
+    num_tokens = x.shape[0]
     num_experts, adapter_dim, hidden = down.shape
     # gate_mask[n, e] = gate of expert e for token n (0 where not chosen)
     gate_mask = torch.zeros(num_tokens, num_experts, dtype=x.dtype, device=x.device)
