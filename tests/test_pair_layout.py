@@ -8,7 +8,7 @@ import torch
 
 from sparsecraft.moe import experts as ex
 from sparsecraft.moe import grouped
-from sparsecraft.moe.grouped import ROW_MULTIPLE, place_pairs, row_multiple, sort_pairs
+from sparsecraft.moe.grouped import ROW_MULTIPLE, group_rows, place_pairs, row_multiple, sort_pairs
 
 
 def _routing(n: int, e: int, k: int, seed: int) -> torch.Tensor:
@@ -90,3 +90,13 @@ def test_bf16_grouped_keeps_a_non_finite_gradient_in_its_own_experts():
     (out * weight).float().sum().backward()
     finite = down.grad.isfinite().flatten(1).all(1)
     assert not finite[:2].any() and finite[2:].all()
+
+
+def test_group_rows_are_whole_tiles_then_a_32nd_of_the_octave():
+    counts = torch.tensor([0, 1, 16, 17, 511, 513, 1000, 1100, 5000])
+    assert group_rows(counts, 16).tolist() == [0, 16, 16, 32, 512, 528, 1008, 1120, 5120]
+    many = torch.arange(1, 70_000)
+    rows = group_rows(many, 16)
+    assert (rows >= many).all() and (rows % 16 == 0).all()
+    assert ((rows - many).double() <= many.double() / 32 + 16).all()  # at most 1/32 more rows, plus a tile
+    assert rows.unique().numel() <= 32 + 32 * 8  # up to 512, then 32 sizes per octave (8 octaves to 65,536)

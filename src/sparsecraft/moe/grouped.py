@@ -8,7 +8,7 @@ Compared with composing `index_select` / `_grouped_mm` / `index_add` under autog
   copy of `x` (`[N*k, h]`) and the activation are recomputed, since they are cheap next to the matmuls;
 - applies the gate between the two projections (`[N*k, r]` multiplies instead of `[N*k, h]`);
 - in bf16 / fp16 on the CPU, starts every expert's group at a multiple of `ROW_MULTIPLE` rows, padded with zero
-  rows (`place_pairs`): oneDNN generates a kernel for every matmul shape it has not seen (2.7 ms against 66 us
+  rows (`place_pairs`; large groups to a 32nd of their power of two, `group_rows`): oneDNN generates a kernel for every matmul shape it has not seen (2.7 ms against 66 us
   for a known one), and a router's per-expert counts change with every batch, so exact-size groups paid that on
   nearly every call (36.8 ms per layer, forward and backward, at the quickstart's shape with changing routing,
   against 8.7 ms with groups of whole tiles; docs/benchmarks.md). fp32 runs MKL, which has no such cost, so its
@@ -77,7 +77,7 @@ def place_pairs(indices: torch.Tensor, num_experts: int, multiple: int = 1, unif
         busiest = int(counts.max()) if flat.numel() else 0
         sizes = torch.full_like(counts, -(-busiest // multiple) * multiple)
     else:
-        sizes = torch.div(counts + multiple - 1, multiple, rounding_mode="floor") * multiple
+        sizes = group_rows(counts, multiple)
     row_ends = sizes.cumsum(0)
     shift = (row_ends - sizes) - (ends - counts)  # where an expert's rows start, less where its pairs start
     rows = inverse + shift.index_select(0, flat)
@@ -87,6 +87,16 @@ def place_pairs(indices: torch.Tensor, num_experts: int, multiple: int = 1, unif
     used = torch.zeros(total, dtype=torch.bool, device=flat.device).index_fill_(0, rows, True)
     spare = (~used).nonzero().squeeze(1)
     return PairLayout(rows.view(num_tokens, top_k), source, spare, row_ends.to(torch.int32))
+
+
+def group_rows(counts: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Rows given to groups of `counts` pairs: rounded up to `multiple`, and above 32 * multiple to a 32nd of the
+    count's power of two (1,000 -> 1,008, 1,100 -> 1,120), so that however large the batch a group takes one of
+    32 sizes per octave and at most 1/32 more rows than its pairs (+ a tile): oneDNN keeps a bounded number of
+    kernels (1,024 by default), and whole tiles alone would let a large batch ask for thousands of sizes."""
+    octave = torch.log2(counts.clamp(min=1).double()).floor().long()
+    step = torch.pow(2, octave - 5).clamp(min=multiple)
+    return torch.div(counts + step - 1, step, rounding_mode="floor") * step
 
 
 def row_multiple(dtype: torch.dtype, device: torch.device) -> int:
