@@ -8,7 +8,7 @@ import torch
 
 from sparsecraft.moe import experts as ex
 from sparsecraft.moe.experts import candidate_paths, choose_path, dispatch, probed_choice, probed_path
-from sparsecraft.moe.probe import PROBE, DispatchProbe, token_bucket
+from sparsecraft.moe.probe import PROBE, ROUTINGS, DispatchProbe, token_bucket
 
 
 class FakeClock:
@@ -55,6 +55,14 @@ def test_probe_keeps_the_fastest_candidate_and_measures_each_shape_once():
     assert probe.results()[("a",)].seconds == {"dense": 3.0, "grouped": 1.0, "gathered": 2.0}
     before = len(clock.calls)
     assert probe.choose(("c",), ["dense"], clock.run, cpu) == "dense" and len(clock.calls) == before  # no choice
+
+
+def test_warmup_calls_run_untimed_before_the_timed_ones():
+    clock = FakeClock({"dense": 1.0, "grouped": 2.0})
+    probe = DispatchProbe(repeats=3, timer=clock, warmup=5)
+    assert probe.choose(("a",), ["dense", "grouped"], clock.run, torch.device("cpu")) == "dense"
+    assert clock.calls == ["dense"] * 8 + ["grouped"] * 8
+    assert PROBE.warmup == ROUTINGS  # the process-wide probe warms each path on all its routings
 
 
 def test_export_and_restore_round_trip():
@@ -209,6 +217,10 @@ def test_the_probe_times_the_calls_own_routing(monkeypatch):
         assert torch.all(i[:, 0] != i[:, 1]) and int(i.max()) < 8
     counts = {tuple(torch.bincount(i.reshape(-1), minlength=8).tolist()) for i in seen}
     assert len(counts) > 1  # per-expert counts vary from call to call, as a real router's do
+    # steady state: every routing is run untimed first, and the timed calls reuse them (kernels built once)
+    warm, timed = seen[:ROUTINGS], seen[ROUTINGS:]
+    assert len(timed) >= 3 and len({tuple(i.reshape(-1).tolist()) for i in warm}) == ROUTINGS
+    assert all(any(torch.equal(t, w) for w in warm) for t in timed)
 
 
 def test_redraw_some_tokens_keeps_choices_distinct_and_leaves_the_global_stream():

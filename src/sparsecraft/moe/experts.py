@@ -32,7 +32,7 @@ from .adapter_weights import AdapterExperts  # noqa: F401  (importable from here
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
 from .masked_dense import masked_dense_adapters
 from .padded import padded_adapters, padded_rows, padding_pays
-from .probe import PROBE, token_bucket
+from .probe import PROBE, ROUTINGS, token_bucket
 from .stacked import cached_stacked_up, stack_up
 from .triton_adapters import triton_adapters, triton_available
 
@@ -133,21 +133,18 @@ def probed_path(x: torch.Tensor, indices: torch.Tensor, down: torch.Tensor, up: 
             inputs.append(_synthetic_call(num_tokens, num_experts, top_k, adapter_dim, hidden, x.dtype, x.device,
                                           training))
             # the call's own expert choices (a real router's are uneven: at a fresh craft of SmolLM2 the busiest
-            # expert takes 2-4x its share), an eighth of them drawn again for every timed call, as in training
+            # expert takes 2-4x its share), an eighth of them drawn again in each of ROUTINGS routings, as in training
             redraw = torch.Generator().manual_seed(1)
-            inputs.append([redraw_some_tokens(routing, num_experts, redraw) for _ in range(_ROUTINGS)])
+            inputs.append([redraw_some_tokens(routing, num_experts, redraw) for _ in range(ROUTINGS)])
         (xs, gates, _, d, u), routings = inputs
         calls[path] = calls.get(path, -1) + 1  # each path goes through the same routings, in the same order
-        idx = routings[calls[path] % _ROUTINGS]
+        idx = routings[calls[path] % ROUTINGS]  # warmed on all of them, then timed on them again
         with autocast_off(xs), torch.set_grad_enabled(training), torch.inference_mode(inference):
             out = _PATHS[path](xs, gates, idx, d, u, activation_fn(activation))
             if training:
                 torch.autograd.grad(out.float().sum(), (xs, d, u))
 
     return PROBE.choose(key, candidates, run, x.device)
-
-
-_ROUTINGS = 32  # routings prepared per probe (drawn before timing); a probe times at most 26 calls per path
 
 
 def _synthetic_call(n: int, e: int, k: int, r: int, h: int, dtype: torch.dtype, device: torch.device,

@@ -7,12 +7,12 @@ Compared with composing `index_select` / `_grouped_mm` / `index_add` under autog
 - saves only the adapter input `x [N, h]` and the bottleneck pre-activation `[N*k, r]` for backward; the sorted
   copy of `x` (`[N*k, h]`) and the activation are recomputed, since they are cheap next to the matmuls;
 - applies the gate between the two projections (`[N*k, r]` multiplies instead of `[N*k, h]`);
-- in bf16 / fp16 on the CPU, starts every expert's group at a multiple of `ROW_MULTIPLE` rows, padded with zero
-  rows (`place_pairs`; large groups to a 32nd of their power of two, `group_rows`): oneDNN generates a kernel for every matmul shape it has not seen (2.7 ms against 66 us
-  for a known one), and a router's per-expert counts change with every batch, so exact-size groups paid that on
-  nearly every call (36.8 ms per layer, forward and backward, at the quickstart's shape with changing routing,
-  against 8.7 ms with groups of whole tiles; docs/benchmarks.md). fp32 runs MKL, which has no such cost, so its
-  groups stay exact.
+- in bf16 / fp16 on the CPU, starts every expert's group at a multiple of `ROW_MULTIPLE` rows, padded with zero rows
+  (`place_pairs`; large groups to a 32nd of their power of two, `group_rows`): oneDNN generates a kernel for every
+  matmul shape it has not seen (2.7 ms against 66 us for a known one), and a router's per-expert counts change with
+  every batch, so exact-size groups paid that on nearly every call (36.8 ms per layer, forward and backward, at the
+  quickstart's shape with changing routing, against 8.7 ms with groups of whole tiles; docs/benchmarks.md). fp32
+  runs MKL, which has no such cost, so its groups stay exact.
 
 `experts._sorted` (a loop over expert slices under plain autograd) is the reference it is tested against.
 """

@@ -10,8 +10,12 @@ backward as the call will be, and every later call of the shape reuses the winne
   so that batches of varying length share a probe.
 - Synthetic values come from a private generator: probing never moves the global random stream, so a
   seeded run stays reproducible whichever path wins. The expert choices are the call's own with an eighth of the
-  tokens drawn again for each timed call: a real router's are uneven, which decides how the paths that group
-  tokens by expert fare, and they change from batch to batch, which decides what oneDNN's per-shape kernels cost.
+  tokens drawn again, `ROUTINGS` times: a real router's are uneven, which decides how the paths that group tokens
+  by expert fare, and they change from batch to batch. Each path first runs through all of these routings
+  untimed, then is timed on them again: a steady state, as after a few training steps, where oneDNN's bf16
+  kernels exist for the shapes the routings produce (it builds one per new matmul shape, 2.7 ms; the grouped and
+  padded kernels pad their groups to whole tiles in bf16 so that the shapes repeat, and timing each path's first
+  calls would charge it for kernels a run builds once).
 - The timing runs in a short-lived thread of its own. Autograd's grad mode, autocast and saved-tensor hooks are
   per thread, so the probe neither sees nor disturbs the caller's: activation checkpointing, which counts the
   tensors a forward saves and replays it later (when the cache answers), is not thrown off.
@@ -60,9 +64,11 @@ class DispatchProbe:
     """Times candidate paths once per key and remembers the fastest."""
 
     def __init__(self, repeats: int = 3, timer: Timer = time.perf_counter, min_seconds: float = 2e-3,
-                 max_repeats: int = 25):
-        """`repeats` timed calls per candidate at least; calls so short that these take under `min_seconds` in
-        all are repeated further, up to `max_repeats` (a decoding step's ~100 us calls: 3 samples are noise)."""
+                 max_repeats: int = 25, warmup: int = 1):
+        """`warmup` untimed calls per candidate, then `repeats` timed calls at least; calls so short that these
+        take under `min_seconds` in all are repeated further, up to `max_repeats` (a decoding step's ~100 us
+        calls: 3 samples are noise)."""
+        self.warmup = warmup
         self.repeats = repeats
         self.timer = timer
         self.min_seconds = min_seconds
@@ -102,7 +108,7 @@ class DispatchProbe:
         """The fastest of `candidates` for `key`: measured with `run(path)` the first time, then cached.
 
         `run(path)` computes one call of the shape with that path (and its backward when training). Each
-        candidate runs once untimed (warm-up: allocator, kernel selection), then `repeats` timed times.
+        candidate runs `warmup` times untimed (allocator, kernel generation), then `repeats` timed times.
         """
         found = self.cached(key)
         if found is not None:
@@ -118,7 +124,8 @@ class DispatchProbe:
         return result.path
 
     def _time(self, run: Callable[[str], None], path: str, device: torch.device) -> float:
-        run(path)
+        for _ in range(self.warmup):
+            run(path)
         _sync(device)
         samples: list[float] = []
         while len(samples) < self.repeats or (sum(samples) < self.min_seconds and len(samples) < self.max_repeats):
@@ -129,5 +136,9 @@ class DispatchProbe:
         return statistics.median(samples)
 
 
+# Routings a probe prepares per call shape (the call's own, an eighth of the tokens drawn again in each); every
+# path is warmed on all of them, then timed on them again.
+ROUTINGS = 8
+
 # One probe per process: every crafted layer of every model shares what was measured.
-PROBE = DispatchProbe()
+PROBE = DispatchProbe(warmup=ROUTINGS)
