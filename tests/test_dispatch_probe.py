@@ -233,3 +233,38 @@ def test_redraw_some_tokens_keeps_choices_distinct_and_leaves_the_global_stream(
     assert out.shape == idx.shape and torch.all(out[:, 0] != out[:, 1])
     assert int((out != idx).any(1).sum()) <= 8
     assert ex.redraw_some_tokens(idx[:0], 4, torch.Generator()).shape == (0, 2)
+
+
+def test_the_probe_times_in_the_callers_thread_unless_a_mode_is_active():
+    """A second thread's OpenMP team runs small CPU ops at about half speed, so the probe times in the caller's
+    thread; under a torch dispatch mode (which it must not run under) it takes a thread of its own."""
+    import threading
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    where = []
+    probe = DispatchProbe(repeats=1, timer=FakeClock({}), warmup=0)
+    cpu = torch.device("cpu")
+    probe.choose(("a",), ["dense", "grouped"], lambda path: where.append(threading.get_ident()), cpu)
+    assert set(where) == {threading.get_ident()}
+    where.clear()
+    with Passthrough():
+        probe.choose(("b",), ["dense", "grouped"], lambda path: where.append(threading.get_ident()), cpu)
+    assert where and threading.get_ident() not in where
+
+
+def test_the_probes_saved_tensors_bypass_the_callers_hooks():
+    x, gates, idx, down, up = make_call(256, grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        probed_path(x, idx, down, up)  # the probe runs forward and backward of every candidate here
+    assert PROBE.results() and not packed

@@ -16,9 +16,14 @@ backward as the call will be, and every later call of the shape reuses the winne
   kernels exist for the shapes the routings produce (it builds one per new matmul shape, 2.7 ms; the grouped and
   padded kernels pad their groups to whole tiles in bf16 so that the shapes repeat, and timing each path's first
   calls would charge it for kernels a run builds once).
-- The timing runs in a short-lived thread of its own. Autograd's grad mode, autocast and saved-tensor hooks are
-  per thread, so the probe neither sees nor disturbs the caller's: activation checkpointing, which counts the
-  tensors a forward saves and replays it later (when the cache answers), is not thrown off.
+- The timing runs in the caller's thread, under saved-tensor hooks of its own that keep tensors as they are:
+  activation checkpointing, which counts the tensors a forward saves and replays it later (when the cache
+  answers), never sees the probe's. (Grad mode, inference mode and autocast are set per call by `run`.) Not in a
+  thread of its own, which it once did: on the CPU, a second thread's OpenMP team runs elementwise ops at about
+  half speed beside the idle first one (`add_` 261 vs 167 us; the grouped path 10.1 vs 5.6 ms per layer, the
+  masked-dense one 5.5 vs 4.4), which misjudged the paths with many small ops. Only where the caller has torch
+  function or dispatch modes active (FSDP, fake tensors, selective checkpointing), which the probe must not
+  run under, or has saved-tensor hooks disabled, is a short-lived thread used, where none of that applies.
 - `dispatch: rule` (the shape rule, no timing) opts out, for bit-for-bit reproducible path choices; inside
   `torch.compile` tracing the rule is used too.
 - Training checkpoints carry the choices made so far (`export` / `restore`), so a resumed run computes its
@@ -116,12 +121,29 @@ class DispatchProbe:
         if len(candidates) == 1:
             result = ProbeResult(candidates[0], {})
         else:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecraft-probe") as pool:
-                seconds = pool.submit(lambda: {path: self._time(run, path, device) for path in candidates}).result()
+            seconds = self._time_all(candidates, run, device)
             result = ProbeResult(min(candidates, key=lambda p: seconds[p]), seconds)
         with self._lock:
             self._results.setdefault(key, result)
         return result.path
+
+    def _time_all(self, candidates: Sequence[str], run: Callable[[str], None], device: torch.device
+                  ) -> dict[str, float]:
+        """Median seconds per call of each candidate, timed in this thread where that is safe (see above)."""
+        hooks = torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)
+        inline = not _modes_active()
+        if inline:
+            try:
+                hooks.__enter__()
+            except RuntimeError:  # saved-tensor hooks disabled by the caller
+                inline = False
+        if not inline:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecraft-probe") as pool:
+                return pool.submit(lambda: {path: self._time(run, path, device) for path in candidates}).result()
+        try:
+            return {path: self._time(run, path, device) for path in candidates}
+        finally:
+            hooks.__exit__(None, None, None)
 
     def _time(self, run: Callable[[str], None], path: str, device: torch.device) -> float:
         for _ in range(self.warmup):
@@ -134,6 +156,20 @@ class DispatchProbe:
             _sync(device)
             samples.append(self.timer() - start)
         return statistics.median(samples)
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _modes_active() -> bool:
+    """Whether torch function or dispatch modes are active in this thread (the probe then times in another)."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # moved in some torch release: take the thread, which is always safe
+        return True
+    return bool(_get_current_function_mode_stack()) or bool(_get_current_dispatch_mode_stack())
 
 
 # Routings a probe prepares per call shape (the call's own, an eighth of the tokens drawn again in each); every
