@@ -8,11 +8,12 @@ for `x: [N, h]`, `gates, idx: [N, k]`, `W_down: [E, r, h]`, `W_up: [E, h, r]`:
 
 - `loop`: a per-expert Python loop with boolean masks, as the published code does (the reference).
 - `dense`: every expert for every token as two wide matmuls (`[h, E*r]` then `[E*r, h]`) with the gate as a
-  per-token mask in between. No gather/scatter; wasteful once `E/k` or `E*r` is large.
+  per-token mask in between (in training one Function, `masked_dense.py`). No gather/scatter; wasteful once
+  `E/k` or `E*r` is large.
 - `grouped`: (token, slot) pairs sorted by expert, one `torch._grouped_mm` per projection; k/E of the dense
   FLOPs. Falls back to `sorted` where `_grouped_mm` is unavailable for the device/dtype.
 - `padded`: each expert's pairs in a block of C rows (the busiest expert's count, rounded up to 16), both
-  projections and their gradients one `torch.bmm` each (`padded.py`); C*E rows instead of N*k.
+  projections and their gradients one `torch.bmm` each (`padded.py`); C*E rows instead of N*k. Only on request.
 - `sorted`: the same sorted layout with a per-expert loop over contiguous slices (fallback only).
 
 `dispatch(path="auto")` times the candidate paths once per call shape and keeps the fastest (`moe/probe.py`);
@@ -85,8 +86,10 @@ def path_by_shape(dispatch: str, num_tokens: int, num_experts: int, top_k: int, 
 def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: int, adapter_dim: int,
                     activation: str = "gelu") -> list[str]:
     """The paths worth timing for a call of this shape (`loop` never wins; `sorted` only stands in for
-    `grouped` where `torch._grouped_mm` cannot run; `padded` joins on the CPU above 2E routed pairs, where its
-    blocks fill; `triton` joins on CUDA with Triton installed)."""
+    `grouped` where `torch._grouped_mm` cannot run; `triton` joins on CUDA with Triton installed). `padded` is
+    not timed: alone it ties with `grouped`, but in a model its block size follows the busiest expert of each
+    layer, which varies more across 30 layers than one layer's routings show, and it never won a training step
+    (SmolLM2, bf16, E=32: 1.39x dense where `grouped` took 1.26x; docs/benchmarks.md)."""
     pairs = num_tokens * top_k
     grouped = "grouped" if grouped_mm_available(x, pairs, adapter_dim) else "sorted"
     kernel = ["triton"] if x.device.type == "cuda" and triton_available(x, activation) else []
@@ -94,8 +97,7 @@ def candidate_paths(x: torch.Tensor, num_tokens: int, num_experts: int, top_k: i
         return ["gathered", "dense"]
     if pairs <= 2 * num_experts:
         return ["gathered", "dense", grouped, *kernel]
-    padded = ["padded"] if x.device.type == "cpu" else []  # on CUDA it costs a sync per call, never measured there
-    return ["dense", grouped, *padded, *kernel]
+    return ["dense", grouped, *kernel]
 
 
 def _probe_key(num_tokens: int, num_experts: int, top_k: int, adapter_dim: int, hidden: int, dtype: torch.dtype,
