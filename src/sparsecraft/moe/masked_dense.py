@@ -31,7 +31,7 @@ class MaskedDenseAdapters(torch.autograd.Function):
     def forward(ctx, x, gates, indices, down, up, act: Callable):
         num_tokens = x.shape[0]
         num_experts, adapter_dim, hidden = down.shape
-        mask = x.new_zeros(num_tokens, num_experts).scatter_(1, indices, gates)  # [N, E]
+        mask = x.new_zeros(num_tokens, num_experts).scatter_add(1, indices, gates)  # [N, E], as the composite
         pre = x @ down.view(num_experts * adapter_dim, hidden).t()  # [N, E*r]
         gated = act(pre).view(num_tokens, num_experts, adapter_dim).mul_(mask.unsqueeze(-1))
         ctx.save_for_backward(x, pre, mask, indices, down, up)
@@ -53,7 +53,7 @@ class MaskedDenseAdapters(torch.autograd.Function):
             grad_gates = (grad_gated * act_value).sum(-1).gather(1, indices)  # [N, k]
         if ctx.needs_input_grad[4]:
             gated = (act_value * mask.unsqueeze(-1)).view(num_tokens, num_experts * adapter_dim)
-            grad_up = (grad_out.t() @ gated).view(hidden, num_experts, adapter_dim).transpose(0, 1)  # [E, h, r]
+            grad_up = (grad_out.t() @ gated).view(hidden, num_experts, adapter_dim).transpose(0, 1).contiguous()
         grad_pre = act_vjp(grad_gated.mul_(mask.unsqueeze(-1)).view(num_tokens, num_experts * adapter_dim))
         if ctx.needs_input_grad[3]:
             grad_down = (grad_pre.t() @ x).view(num_experts, adapter_dim, hidden)
