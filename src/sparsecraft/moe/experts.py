@@ -166,10 +166,9 @@ def redraw_some_tokens(indices: torch.Tensor, num_experts: int, gen: torch.Gener
                        share: float = 0.125) -> torch.Tensor:
     """`indices [N, k]` with the choices of a random `share` of the tokens drawn again (distinct per token).
 
-    Each expert's pair count then differs from call to call, as a real router's does from batch to batch. That
-    matters for timing: oneDNN generates a bf16 kernel for every matmul shape it has not seen (2.7 ms against 66
-    us for a known one, docs/benchmarks.md), so a path whose matmul shapes follow the counts (`grouped`) is slow
-    in a real run but not when one routing is timed over and over.
+    Each expert's pair count then differs from call to call, as a real router's does from batch to batch, and
+    with it the group sizes of the paths that sort by expert (in bf16 on the CPU whole tiles, for which oneDNN
+    builds its kernels once; the probe warms every path on all its routings before timing them).
     """
     num_tokens, top_k = indices.shape
     count = max(1, int(num_tokens * share)) if num_tokens else 0
@@ -254,7 +253,8 @@ def _loop(x, gates, indices, down, up, act):
 def _dense(x, gates, indices, down, up, act):
     if (x.shape[0] >= _DENSE_BMM_TOKENS and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(t.requires_grad for t in (x, gates, down, up))):
-        return masked_dense_adapters(x, gates, indices, down, up, act)  # saves 1 of the 3 [N, E*r] tensors
+        # saves 1 of the 3 [N, E*r] tensors; fewer tokens keep the composite, whose bmm skips the copy of `up`
+        return masked_dense_adapters(x, gates, indices, down, up, act)
     return masked_dense_composite(x, gates, indices, down, up, act)
 
 

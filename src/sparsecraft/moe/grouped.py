@@ -114,6 +114,11 @@ def gather_rows(values: torch.Tensor, source: torch.Tensor, spare: torch.Tensor)
     return out.index_fill_(0, spare, 0) if spare.numel() else out
 
 
+def place_gates(gates: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """`[N, k]` gates -> `[R]` in gates' dtype: each pair's gate at its row (`rows [N, k]`), zero on spare rows."""
+    return gates.new_zeros(num_rows).index_put_((rows.reshape(-1),), gates.reshape(-1))
+
+
 def unsort_sum(sorted_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
     """`[N*k, d]` rows in expert order -> `[N, d]` sums over each token's k slots.
 
@@ -163,7 +168,7 @@ class GroupedAdapters(torch.autograd.Function):
     def forward(ctx, x, gates, rows, source, spare, offs, down, up, act: Callable):
         num_tokens, k = rows.shape
         flat_rows = rows.reshape(-1)
-        gate = x.new_zeros(source.numel()).index_put_((flat_rows,), gates.reshape(-1)).unsqueeze(-1)  # [R, 1]
+        gate = place_gates(gates, rows, source.numel()).unsqueeze(-1)  # [R, 1]
         xs = gather_rows(x, source, spare)
         pre = torch._grouped_mm(xs, down.transpose(1, 2), offs=offs)  # [R, r]
         ys = torch._grouped_mm(act(pre) * gate, up.transpose(1, 2), offs=offs)  # [R, h]

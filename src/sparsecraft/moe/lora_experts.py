@@ -35,7 +35,7 @@ from torch import nn
 from .dropout import LaneDropout
 from .experts import ContiguousGrad, autocast_off, expert_compute_dtype, grouped_mm_available
 from .gated import GatedLayout
-from .grouped import gather_rows, place_pairs, row_multiple, unsort_sum
+from .grouped import gather_rows, place_gates, place_pairs, row_multiple, unsort_sum
 from .layers import RoutedBlock, RouterSite, switched_class
 
 
@@ -173,8 +173,8 @@ class LoraExpertsMoE(RoutedBlock):
         # grouped matmuls in bf16 on the CPU get groups of whole tiles (grouped.row_multiple); spare rows read zeros
         multiple = row_multiple(dtype, x.device) if grouped else 1
         rows, source, spare, offs = place_pairs(indices, self.config.num_experts, multiple)
+        gate = place_gates(gates, rows, source.numel()).unsqueeze(-1)  # [P, 1], router dtype
         rows = rows.reshape(-1)
-        gate = gates.new_zeros(source.numel()).index_put_((rows,), gates.reshape(-1)).unsqueeze(-1)  # [P, 1]
         # dropout once per token on the LoRA input, shared by its k experts (as PESC does)
         lora_in = gather_rows(self.dropout(x.to(dtype)), source, spare) if any(
             p in targets for p in lay.projections[:-1]) else None

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .activations import activation_with_vjp
-from .grouped import ROW_MULTIPLE, gather_rows, place_pairs, unsort_sum
+from .grouped import ROW_MULTIPLE, gather_rows, place_gates, place_pairs, unsort_sum
 
 MAX_PADDING = 2.0  # padded rows allowed per routed pair before the call goes to the grouped kernel
 
@@ -77,8 +77,7 @@ class PaddedAdapters(torch.autograd.Function):
         total = source.numel()
         layout = PaddedLayout(rows, source, spare, total // num_experts)
         xp = gather_blocks(x, layout, num_experts)
-        gate = x.new_zeros(total).index_put_((rows.reshape(-1),), gates.reshape(-1))
-        gate = gate.view(num_experts, layout.capacity, 1)
+        gate = place_gates(gates, rows, total).view(num_experts, layout.capacity, 1)
         pre = torch.bmm(xp, down.transpose(1, 2))  # [E, C, r]
         ys = torch.bmm(act(pre) * gate, up.transpose(1, 2))  # [E, C, h]
         ctx.save_for_backward(x, rows, source, spare, pre, gate, down, up)
