@@ -200,6 +200,26 @@ def test_bench_variants_draw_dropout_as_training_does():
     assert any(isinstance(m, LoopAdapter) and isinstance(m.dropout, LaneDropout) for m in loop.modules())
 
 
+def test_bench_steps_with_the_optimizer_training_makes(monkeypatch):
+    """The model-level step runs AdamW as `sparsecraft train` makes it (fused on the CPU): the foreach kernel's
+    step-sized temporaries would move both the time and the peak memory the bench reports."""
+    made = []
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    settings = BenchSettings(shape="tiny", levels=["model"], methods=["dense", "pesc"], seq_len=8,
+                             batch_size=1, repeats=1, warmup=0, memory=False, threads=1, decode_tokens=0)
+    variants = build_model_variants(settings, ["dense", "pesc"], torch.device("cpu"))
+    assert len(made) == 2 and all(opt.defaults["fused"] for opt in made)
+    for variant, opt in zip(variants, made):
+        variant.step()
+        assert all(opt.state[p]["step"] == 1 for group in opt.param_groups for p in group["params"]), variant.method
+
+
 def test_round_robin_interleaves_after_warmup():
     calls = []
     items = [Timed(name, (lambda n=name: calls.append(n)), (lambda n=name: calls.append("z" + n)))

@@ -4,7 +4,7 @@ Every method gets the same peft LoRA (rank `--lora-rank`, q/k/v/o, the training 
 masks drawn as training draws them (`moe.dropout`), same seed); every other variant crafts every layer with its
 method (`Method.craft`: `pesc*` and `loop` add routers and adapters, `upcycle` replaces every FFN by E trainable
 copies, `mixlora` adds LoRA experts).
-Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`.
+Trainable = LoRA + routers + adapters/experts, as in `sparsecraft train`, and AdamW is made as it makes it (fused).
 
 In one process all variants share the frozen base tensors (embeddings, attention, norms, FFN, `lm_head`): a
 variant is a deep copy of the base whose parameters are the base's own objects. So the variants start from
@@ -24,6 +24,7 @@ from ..moe.balance import is_balance_bias
 from ..moe.compiled import compile_moe_blocks
 from ..moe.dropout import use_lane_dropout
 from ..surgery import crafted_layers, new_parameters
+from ..train.optim import adamw
 from .base import Variant, autocast_for, dispatch_label, load_dense_base
 from .flops import ModelDims, model_dims, model_flops
 from .reference import LoopPescBlock
@@ -102,7 +103,7 @@ def _model_variant(name: str, model: nn.Module, settings: BenchSettings, dims: M
     if method.builds_moe and not any(p.requires_grad for b in blocks for p in b.experts.parameters()):
         # NF4 copies: only the router trains
         dims = dataclasses.replace(dims, moe=dataclasses.replace(dims.moe, experts_train=False))
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = adamw(trainable, lr=1e-4)  # as `sparsecraft train` makes it (fused where it can be)
     gen = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(dims.vocab, (settings.batch_size, settings.seq_len), generator=gen).to(device)
     autocast = autocast_for(settings, device)
