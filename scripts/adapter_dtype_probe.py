@@ -37,6 +37,7 @@ from sparsecraft.hardware import cpu_summary
 from sparsecraft.moe.dropout import LaneDropout
 from sparsecraft.moe.layers import set_adapter_compute_dtype
 from sparsecraft.moe.probe import PROBE
+from sparsecraft.train.optim import adamw
 from sparsecraft.train.recipe import load_recipe
 from sparsecraft.train.setup import build_model, trainable_parameters
 
@@ -85,7 +86,7 @@ def main() -> None:
             for name, p in built.model.named_parameters():
                 if name.endswith("experts.up"):
                     p.normal_(0.0, 0.02, generator=gen)
-        optimizer = torch.optim.AdamW(list(trainable_parameters(built.model).values()), lr=1e-5, fused=True)
+        optimizer = adamw(trainable_parameters(built.model).values(), lr=1e-5)  # as training makes it
         models[variant] = (built.model, optimizer)
     batch = recipe.train.batch_size
     ids = torch.randint(0, built.inner.config.vocab_size, (batch, args.seq_len),

@@ -258,6 +258,19 @@ def test_the_probe_times_in_the_callers_thread_unless_a_mode_is_active():
     assert where and threading.get_ident() not in where
 
 
+def test_the_probe_takes_a_thread_where_the_caller_disabled_saved_tensor_hooks():
+    """Its own identity hooks cannot be installed there: it times in a thread instead of failing the call."""
+    import threading
+
+    where = []
+    probe = DispatchProbe(repeats=1, timer=FakeClock({}), warmup=0)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        path = probe.choose(("c",), ["dense", "grouped"], lambda path: where.append(threading.get_ident()),
+                            torch.device("cpu"))
+    assert path in ("dense", "grouped")
+    assert where and threading.get_ident() not in where
+
+
 def test_the_probes_saved_tensors_bypass_the_callers_hooks():
     x, gates, idx, down, up = make_call(256, grad=True)
     packed = []

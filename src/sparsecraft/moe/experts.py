@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .activations import ACTIVATIONS, activation_fn
 from .adapter_weights import AdapterExperts  # noqa: F401  (importable from here as before the move)
 from .grouped import cuda_grouped_mm_runs, grouped_adapters
-from .masked_dense import masked_dense_adapters
+from .masked_dense import gate_mask, masked_dense_adapters
 from .padded import padded_adapters, padded_rows, padding_pays
 from .probe import PROBE, ROUTINGS, token_bucket
 from .stacked import cached_stacked_up, stack_up
@@ -263,11 +263,9 @@ def masked_dense_composite(x: torch.Tensor, gates: torch.Tensor, indices: torch.
     """The masked-dense path from torch ops (inference, few tokens, tracing): `[N, h]` -> `[N, h]`."""
     num_tokens = x.shape[0]
     num_experts, adapter_dim, hidden = down.shape
-    # gate_mask[n, e] = gate of expert e for token n (0 where not chosen)
-    gate_mask = torch.zeros(num_tokens, num_experts, dtype=x.dtype, device=x.device)
-    gate_mask = gate_mask.scatter_add(1, indices, gates)
+    mask = gate_mask(indices, gates, num_experts)  # [N, E]
     h = act(F.linear(x, down.reshape(num_experts * adapter_dim, hidden)))
-    h = h.view(num_tokens, num_experts, adapter_dim) * gate_mask.unsqueeze(-1)
+    h = h.view(num_tokens, num_experts, adapter_dim) * mask.unsqueeze(-1)
     stacked = cached_stacked_up(up)  # inference: `up` laid out [E*r, h] once, not per call
     if stacked is None and num_tokens < _DENSE_BMM_TOKENS:
         # few tokens with a gradient (or no cache): one batched matmul per expert on `up` as stored, no copy

@@ -23,6 +23,12 @@ from .activations import activation_with_vjp
 from .stacked import stack_up
 
 
+def gate_mask(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[N, E]` in gates' dtype: the gate of expert e for token n where token n chose it (`indices, gates: [N, k]`),
+    0 elsewhere. Both forms of the masked-dense path build it this one way."""
+    return gates.new_zeros(indices.shape[0], num_experts).scatter_add(1, indices, gates)
+
+
 class MaskedDenseAdapters(torch.autograd.Function):
     """`out[n] = sum_e mask[n, e] * up[e] @ act(down[e] @ x[n])`, mask[n, e] = the gate of expert e if token n
     chose it, else 0. Gradients for x, gates, down and up."""
@@ -31,7 +37,7 @@ class MaskedDenseAdapters(torch.autograd.Function):
     def forward(ctx, x, gates, indices, down, up, act: Callable):
         num_tokens = x.shape[0]
         num_experts, adapter_dim, hidden = down.shape
-        mask = x.new_zeros(num_tokens, num_experts).scatter_add(1, indices, gates)  # [N, E], as the composite
+        mask = gate_mask(indices, gates, num_experts)  # [N, E]
         pre = x @ down.view(num_experts * adapter_dim, hidden).t()  # [N, E*r]
         gated = act(pre).view(num_tokens, num_experts, adapter_dim).mul_(mask.unsqueeze(-1))
         ctx.save_for_backward(x, pre, mask, indices, down, up)

@@ -34,6 +34,7 @@ The timer is injectable so that tests decide the winner.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -130,20 +131,19 @@ class DispatchProbe:
     def _time_all(self, candidates: Sequence[str], run: Callable[[str], None], device: torch.device
                   ) -> dict[str, float]:
         """Median seconds per call of each candidate, timed in this thread where that is safe (see above)."""
-        hooks = torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)
-        inline = not _modes_active()
-        if inline:
-            try:
-                hooks.__enter__()
-            except RuntimeError:  # saved-tensor hooks disabled by the caller
-                inline = False
-        if not inline:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecraft-probe") as pool:
-                return pool.submit(lambda: {path: self._time(run, path, device) for path in candidates}).result()
-        try:
+        def time_all() -> dict[str, float]:
             return {path: self._time(run, path, device) for path in candidates}
-        finally:
-            hooks.__exit__(None, None, None)
+
+        if not _modes_active():
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is))
+                except RuntimeError:  # saved-tensor hooks disabled by the caller: time in a thread
+                    pass
+                else:
+                    return time_all()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecraft-probe") as pool:
+            return pool.submit(time_all).result()
 
     def _time(self, run: Callable[[str], None], path: str, device: torch.device) -> float:
         for _ in range(self.warmup):
